@@ -1,0 +1,283 @@
+"""Configuration: `MHV_*` environment through pydantic-settings, and the YAML files in settings/.
+
+Environment holds deployment facts and secrets (database URLs, key files, ports); the YAML files
+hold what an operator edits and reviews (which repositories exist, which webhook senders are
+declared). `mhv validate-config` loads both and reports the file and line at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mhv_common.errors import ConfigurationError
+
+REPOSITORY_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_REPOS_FILE = _ROOT / "settings" / "repos.yaml"
+DEFAULT_WEBHOOKS_FILE = _ROOT / "settings" / "webhooks.yaml"
+
+# The plan's defaults, per method class; `role:class` and `role:*` keys override them.
+DEFAULT_RATE_LIMITS: dict[str, str] = {
+    "create": "10/minute",
+    "search": "30/minute",
+    "webhook": "100/minute",
+    "general": "60/minute",
+    # Internal callers (the webhook gateway, the outbox relay) act for many people at once.
+    "service:*": "200/second",
+}
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service shares. Environment variables are ``MHV_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="MHV_", extra="ignore", frozen=True)
+
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    bind_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
+
+    auth_jwks: str | None = None
+    auth_jwks_file: Path | None = None
+    auth_issuer: str = "mahavishnu"
+    auth_audience: str = "mahavishnu-api"
+    auth_signing_key_file: Path | None = None
+    auth_signing_key_id: str = "dev-1"
+
+    rate_limit_storage_uri: str = "memory://"
+    rate_limits: dict[str, str] = Field(default_factory=dict)
+
+    default_deadline_seconds: float = 10.0
+    shutdown_grace_seconds: float = 10.0
+
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 10
+    db_acquire_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 30.0
+
+    repos_file: Path = DEFAULT_REPOS_FILE
+    webhooks_file: Path = DEFAULT_WEBHOOKS_FILE
+
+    def effective_rate_limits(self) -> dict[str, str]:
+        """The plan's defaults overlaid with ``MHV_RATE_LIMITS``."""
+        return {**DEFAULT_RATE_LIMITS, **self.rate_limits}
+
+
+class TaskSettings(CommonSettings):
+    """Task service settings."""
+
+    task_database_url: str = ""
+    task_grpc_port: int = 50051
+    task_metrics_port: int = 9101
+    audit_target: str = "127.0.0.1:50052"
+    relay_enabled: bool = True
+    relay_batch_size: int = 200
+    relay_poll_interval_seconds: float = 0.05
+    relay_rpc_timeout_seconds: float = 5.0
+
+
+class AuditSettings(CommonSettings):
+    """Audit service settings."""
+
+    audit_database_url: str = ""
+    audit_grpc_port: int = 50052
+    audit_metrics_port: int = 9102
+
+
+class WebhookSettings(CommonSettings):
+    """Webhook gateway settings."""
+
+    webhook_database_url: str = ""
+    webhook_admin_grpc_port: int = 50053
+    webhook_https_port: int = 8443
+    webhook_metrics_port: int = 9103
+    webhook_tls_cert_file: Path | None = None
+    webhook_tls_key_file: Path | None = None
+    task_target: str = "127.0.0.1:50051"
+    webhook_workers: int = 4
+    webhook_dedup_retention_seconds: int = 4 * 24 * 3600
+    webhook_past_window_seconds: int = 300
+    webhook_future_window_seconds: int = 30
+
+
+# --- settings/repos.yaml --------------------------------------------------------------------
+
+RepositoryName = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=REPOSITORY_NAME_PATTERN)
+]
+
+
+class Repository(BaseModel):
+    """A configured code repository tasks can belong to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: RepositoryName
+    description: str = ""
+    github: str | None = Field(default=None, description="GitHub `owner/name` mapped here.")
+    gitlab: str | None = Field(default=None, description="GitLab `group/name` mapped here.")
+
+
+class RepositoriesFile(BaseModel):
+    """Schema of settings/repos.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repositories: list[Repository]
+
+    @field_validator("repositories")
+    @classmethod
+    def _unique_names(cls, repos: list[Repository]) -> list[Repository]:
+        seen: set[str] = set()
+        for repo in repos:
+            if repo.name in seen:
+                raise ValueError(f"repository {repo.name!r} is listed twice")
+            seen.add(repo.name)
+        return repos
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryCatalog:
+    """The repositories tasks may be filed against."""
+
+    repositories: tuple[Repository, ...]
+
+    def get(self, name: str) -> Repository | None:
+        """Return the repository called `name`, if configured."""
+        return next((r for r in self.repositories if r.name == name), None)
+
+    def by_external(
+        self, *, github: str | None = None, gitlab: str | None = None
+    ) -> Repository | None:
+        """Map a GitHub ``owner/name`` or GitLab ``group/name`` to a configured repository."""
+        for repo in self.repositories:
+            if github is not None and repo.github and repo.github.lower() == github.lower():
+                return repo
+            if gitlab is not None and repo.gitlab and repo.gitlab.lower() == gitlab.lower():
+                return repo
+        return None
+
+    def names(self) -> list[str]:
+        """Configured repository names, in file order."""
+        return [r.name for r in self.repositories]
+
+
+# --- settings/webhooks.yaml -----------------------------------------------------------------
+
+SourceName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+
+
+class WebhookSource(BaseModel):
+    """A declared webhook sender."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: SourceName
+    scheme: Literal["github", "gitlab", "standard"]
+    body_cap_bytes: int = Field(default=1024 * 1024, gt=0, le=64 * 1024 * 1024)
+    rate_limit: str = "100/minute"
+
+
+class WebhooksFile(BaseModel):
+    """Schema of settings/webhooks.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[WebhookSource]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _line_index(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each YAML path (keys and list indexes) to the 1-based line it starts on."""
+    index: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(value, (*path, str(key.value)))
+                index[(*path, str(key.value))] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def load_yaml_model(path: Path, model: type[M]) -> M:
+    """Load and validate a YAML settings file.
+
+    Raises:
+        ConfigurationError: Unreadable file, YAML syntax error or schema violation; the message
+            names the file and the line at fault.
+
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"{path.name}: cannot read the file ({exc.strerror}).") from exc
+    try:
+        data: Any = yaml.safe_load(text)
+        lines = _line_index(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else 0
+        raise ConfigurationError(f"{path.name}:{line}: YAML syntax error: {exc.problem}.") from exc
+    try:
+        return model.model_validate(data)
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        line = 1
+        for depth in range(len(loc), -1, -1):
+            if loc[:depth] in lines:
+                line = lines[loc[:depth]]
+                break
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        raise ConfigurationError(f"{path.name}:{line}: {where}: {first['msg']}.") from exc
+
+
+def load_repositories(path: Path) -> RepositoryCatalog:
+    """Load settings/repos.yaml."""
+    return RepositoryCatalog(tuple(load_yaml_model(path, RepositoriesFile).repositories))
+
+
+def load_webhook_sources(path: Path) -> tuple[WebhookSource, ...]:
+    """Load settings/webhooks.yaml."""
+    sources = load_yaml_model(path, WebhooksFile).sources
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigurationError(f"{path.name}: source {dupes[0]!r} is declared twice.")
+    return tuple(sources)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(factory: Callable[[], S]) -> S:
+    """Build a settings object, turning pydantic's error into MHV-001."""
+    try:
+        return factory()
+    except PydanticValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigurationError(f"environment: MHV_{field.upper()}: {first['msg']}.") from exc
+
+
+def redact_dsn(dsn: str) -> str:
+    """A database URL with its password replaced, safe to log."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)

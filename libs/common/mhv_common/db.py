@@ -1,0 +1,240 @@
+"""asyncpg pool with deadline-aware acquire and transactions.
+
+Every acquire and every transaction is bounded by the current request deadline
+(`mhv_common.context`), so a slow or locked database turns into DEADLINE_EXCEEDED for the
+caller and a rolled-back transaction in the database, never a half-written change. A pool that
+cannot hand out a connection is reported as UNAVAILABLE (MHV-002), with a retry delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import asyncpg
+from prometheus_client import Gauge
+
+from mhv_common import context
+from mhv_common.config import CommonSettings
+from mhv_common.errors import DatabaseConnectionError, DeadlineExceededError
+
+logger = logging.getLogger(__name__)
+
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
+
+DATABASE_CONNECTIONS = Gauge(
+    "database_connections",
+    "Connections of this process's pool that are checked out.",
+    ["database", "pool"],
+)
+DATABASE_POOL_SIZE = Gauge(
+    "database_pool_size",
+    "Maximum connections of this process's pool.",
+    ["database", "pool"],
+)
+
+# Errors that mean "no usable connection", as opposed to an error in the statement itself.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InterfaceError,
+)
+# How long a rollback after a failure may take before the connection is discarded instead.
+_ROLLBACK_TIMEOUT_SECONDS = 5.0
+
+
+class Database:
+    """One service's connection pool.
+
+    Args:
+        dsn: PostgreSQL URL for the service's own login role.
+        name: Pool name for metrics (the service name).
+        min_size: Connections kept open.
+        max_size: Upper bound on connections.
+        acquire_timeout: Longest wait for a free connection when no deadline is tighter.
+        statement_timeout: Server-side backstop for any single statement, in seconds.
+
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        name: str,
+        min_size: int = 2,
+        max_size: int = 10,
+        acquire_timeout: float = 5.0,
+        statement_timeout: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._name = name
+        self._min_size = min_size
+        self._max_size = max_size
+        self._acquire_timeout = acquire_timeout
+        self._statement_timeout = statement_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._in_use = DATABASE_CONNECTIONS.labels(database="postgresql", pool=name)
+        DATABASE_POOL_SIZE.labels(database="postgresql", pool=name).set(max_size)
+
+    @classmethod
+    def for_service(cls, settings: CommonSettings, *, dsn: str, name: str) -> Database:
+        """A pool sized and bounded by the service's settings."""
+        return cls(
+            dsn,
+            name=name,
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            acquire_timeout=settings.db_acquire_timeout_seconds,
+            statement_timeout=settings.db_statement_timeout_seconds,
+        )
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The underlying asyncpg pool (opened)."""
+        if self._pool is None:
+            raise DatabaseConnectionError("The database pool is not open.")
+        return self._pool
+
+    async def open(self, *, timeout: float = 10.0) -> None:
+        """Open the pool, failing with MHV-002 if the database cannot be reached."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=timeout,
+                command_timeout=self._statement_timeout,
+                server_settings={
+                    "application_name": f"mahavishnu-{self._name}",
+                    "statement_timeout": str(int(self._statement_timeout * 1000)),
+                    # A transaction left open by a stuck client must not hold locks forever.
+                    "idle_in_transaction_session_timeout": str(int(self._statement_timeout * 2000)),
+                },
+            )
+        except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            logger.error("database pool open failed", extra={"error": repr(exc)})
+            raise DatabaseConnectionError(retry_after=1.0) from exc
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Close the pool, waiting up to `timeout` for checked-out connections."""
+        if self._pool is None:
+            return
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout)
+        except TimeoutError:
+            self._pool.terminate()
+        self._pool = None
+
+    async def _acquire(self, timeout: float | None) -> asyncpg.Connection:
+        left = context.time_left(None, cap=timeout)
+        deadline_bound = left is not None and left < self._acquire_timeout
+        wait = left if deadline_bound and left is not None else self._acquire_timeout
+        try:
+            conn = await self.pool.acquire(timeout=wait)
+        except TimeoutError as exc:
+            if deadline_bound:
+                raise DeadlineExceededError() from exc
+            raise DatabaseConnectionError(
+                "No database connection became free in time.", retry_after=1.0
+            ) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise DatabaseConnectionError(retry_after=1.0) from exc
+        self._in_use.inc()
+        return conn
+
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        self._in_use.dec()
+        await self.pool.release(conn)
+
+    @asynccontextmanager
+    async def connection(
+        self, *, timeout: float | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """Check out a connection for the enclosed block.
+
+        The wait for a free connection is bounded by `timeout`, the request deadline and the
+        pool's acquire timeout, whichever is tightest.
+
+        Raises:
+            DatabaseConnectionError: No connection could be had in time (MHV-002).
+            DeadlineExceededError: The request deadline passed while waiting (MHV-007).
+        """
+        conn = await self._acquire(timeout)
+        try:
+            yield conn
+        finally:
+            # asyncpg cancels a statement interrupted by cancellation and waits for the server
+            # to confirm before the connection is reused; release is shielded for that.
+            await asyncio.shield(self._release(conn))
+
+    @asynccontextmanager
+    async def transaction(
+        self,
+        *,
+        isolation: Isolation = "read_committed",
+        readonly: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """Run the enclosed block in one transaction on one connection.
+
+        The whole block, commit included, must finish before the request deadline. On any
+        exception (including cancellation and the deadline) the transaction is rolled back; if
+        the rollback itself cannot complete promptly the connection is terminated, which makes
+        the server roll back.
+
+        Raises:
+            DeadlineExceededError: The request deadline passed (MHV-007); nothing committed.
+            DatabaseConnectionError: The connection failed (MHV-002); nothing committed.
+        """
+        conn = await self._acquire(timeout)
+        tx = conn.transaction(isolation=isolation, readonly=readonly)
+        try:
+            async with context.asyncio_timeout():
+                await tx.start()
+                yield conn
+                await tx.commit()
+        except BaseException as exc:
+            # The rollback runs in its own task: if this one is cancelled again while we wait
+            # (the RPC ended, shutdown), the rollback still finishes and the connection still
+            # returns to the pool; it is never abandoned mid-transaction.
+            cleanup = asyncio.ensure_future(self._rollback_and_release(conn, tx))
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceededError() from exc
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise DatabaseConnectionError(retry_after=1.0) from exc
+            raise
+        else:
+            await asyncio.shield(self._release(conn))
+
+    async def _rollback_and_release(
+        self, conn: asyncpg.Connection, tx: asyncpg.transaction.Transaction
+    ) -> None:
+        try:
+            if not conn.is_closed():
+                # asyncpg first waits for the server to confirm the cancellation of an
+                # interrupted statement, then sends ROLLBACK.
+                await asyncio.wait_for(tx.rollback(), _ROLLBACK_TIMEOUT_SECONDS)
+        except Exception:
+            # The rollback failed or timed out, or the transaction never fully started or
+            # already half-committed: we don't know whether the connection is safe for
+            # re-use, hence we terminate it; the server rolls back what is open when the
+            # session ends.
+            conn.terminate()
+        finally:
+            await self._release(conn)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached (as opposed to a bad statement)."""
+    return isinstance(exc, _CONNECTION_ERRORS)

@@ -1,0 +1,312 @@
+"""The gRPC edge: one ordered list of server interceptors, first = outermost.
+
+    OpenTelemetry span  ->  Edge (request context + error mapping, the catch-all)
+      ->  Telemetry (access log + metrics)  ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
+
+The Edge interceptor is the outermost of ours, so nothing a handler or an inner interceptor
+raises reaches the caller unmapped: a `MahavishnuError` becomes its ``google.rpc.Status``, any
+other exception becomes INTERNAL/MHV-008 with none of its text. Telemetry sits inside it and
+labels its log line and metrics with `classify`, the same function the Edge uses, so they record
+the code the caller receives. Health and reflection pass through untouched: they must answer
+without a token and are never rate limited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc import aio
+from grpc_interceptor.server import AsyncServerInterceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import Counter, Histogram
+
+from mhv_common import context
+from mhv_common.auth import Principal, Role, TokenVerifier
+from mhv_common.db import is_connection_error
+from mhv_common.errors import (
+    GRPC_DETAILS_METADATA_KEY,
+    AuthenticationError,
+    AuthorizationError,
+    DatabaseConnectionError,
+    DeadlineExceededError,
+    InternalError,
+    MahavishnuError,
+    NotImplementedRpcError,
+    RequestCancelledError,
+    ServiceUnavailableError,
+)
+from mhv_common.ratelimit import RateLimiter
+
+logger = logging.getLogger("mhv.access")
+
+# Methods every server exposes for operators and tools; never authenticated or limited.
+UNGOVERNED_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+ON_BEHALF_OF_KEY = "x-mhv-on-behalf-of"
+REQUEST_ID_KEY = "x-request-id"
+
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by final status.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_ERRORS = Counter(
+    "mhv_errors_total",
+    "RPCs that ended in an MHV error, by code.",
+    ["grpc_service", "grpc_method", "error_code"],
+)
+GRPC_LATENCY = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from receiving an RPC to sending its status.",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodPolicy:
+    """How the edge governs one RPC.
+
+    Attributes:
+        roles: Roles allowed to call at all (finer checks, such as "own task", belong to the
+            domain). Empty means any authenticated caller.
+        rate_class: Rate-limit class: ``create``, ``search``, ``webhook`` or ``general``.
+        max_deadline: The server's own upper bound on the call, in seconds; the caller's
+            shorter deadline wins.
+
+    """
+
+    roles: frozenset[Role] = frozenset()
+    rate_class: str = "general"
+    max_deadline: float = 10.0
+
+
+def split_method(full: str) -> tuple[str, str]:
+    """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
+    _, service, method = full.split("/", 2)
+    return service, method
+
+
+def classify(exc: BaseException) -> MahavishnuError:
+    """Map any exception to the error the caller will see. Never exposes the exception's text."""
+    if isinstance(exc, MahavishnuError):
+        return exc
+    if isinstance(exc, TimeoutError | asyncpg.exceptions.QueryCanceledError):
+        return DeadlineExceededError()
+    if isinstance(exc, asyncio.CancelledError):
+        return RequestCancelledError()
+    if isinstance(exc, NotImplementedError):
+        # The generated servicer base classes raise this for RPCs a service does not serve.
+        return NotImplementedRpcError()
+    if is_connection_error(exc):
+        return DatabaseConnectionError(retry_after=1.0)
+    if isinstance(exc, aio.AioRpcError):
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineExceededError()
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return ServiceUnavailableError(retry_after=1.0)
+    return InternalError()
+
+
+class _Interceptor(AsyncServerInterceptor):
+    """Base: skips health and reflection, which are streaming and ungoverned."""
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        """Pass ungoverned methods straight through; wrap the rest."""
+        if handler_call_details.method.startswith(UNGOVERNED_PREFIXES):
+            return await continuation(handler_call_details)
+        return await super().intercept_service(continuation, handler_call_details)  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    async def _call(method: Callable[..., Any], request: Any, ctx: aio.ServicerContext) -> Any:
+        response = method(request, ctx)
+        return response if hasattr(response, "__aiter__") else await response
+
+
+def _metadata(ctx: aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in (ctx.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class EdgeInterceptor(_Interceptor):
+    """Binds the request context and maps every exception to a rich gRPC status."""
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Serve one call inside its request context; translate failures at the edge."""
+        meta = _metadata(ctx)
+        request_id = meta.get(REQUEST_ID_KEY, "")[:64] or uuid.uuid4().hex
+        req = context.RequestContext(request_id=request_id, method=name)
+        with context.bind(req):
+            try:
+                ctx.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                return await self._call(method, request, ctx)
+            except aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                # The caller went away; there is nobody to answer.
+                req.error_code = RequestCancelledError.code
+                raise
+            except BaseException as exc:
+                error = classify(exc)
+                req.error_code = error.code
+                if isinstance(error, InternalError) and error is not exc:
+                    logger.error("unhandled exception", exc_info=exc)
+                status = error.to_rpc_status()
+                await ctx.abort(
+                    error.grpc_status,
+                    status.message,
+                    trailing_metadata=(
+                        (GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),
+                        (REQUEST_ID_KEY, request_id),
+                    ),
+                )
+
+
+class TelemetryInterceptor(_Interceptor):
+    """One access-log line and the RPC metrics per call, labelled with the final code."""
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Time the call and record how it ended."""
+        service, rpc = split_method(name)
+        started = time.perf_counter()
+        error: MahavishnuError | None = None
+        try:
+            return await self._call(method, request, ctx)
+        except BaseException as exc:
+            error = classify(exc)
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            code = error.grpc_status.name if error else "OK"
+            GRPC_HANDLED.labels(service, rpc, code).inc()
+            GRPC_LATENCY.labels(service, rpc).observe(elapsed)
+            if error is not None:
+                GRPC_ERRORS.labels(service, rpc, error.code).inc()
+            logger.info(
+                "rpc",
+                extra={
+                    "grpc_code": code,
+                    "error_code": error.code if error else None,
+                    "latency_ms": round(elapsed * 1000, 3),
+                    "peer": ctx.peer(),
+                },
+            )
+
+
+class DeadlineInterceptor(_Interceptor):
+    """Applies min(caller deadline, the method's server maximum) to the whole call."""
+
+    def __init__(self, policies: Mapping[str, MethodPolicy], default: MethodPolicy) -> None:
+        self._policies = policies
+        self._default = default
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Run the handler under the effective deadline."""
+        policy = self._policies.get(name, self._default)
+        budget = policy.max_deadline
+        remaining = ctx.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        req = context.current()
+        if req is not None:
+            req.deadline = time.monotonic() + budget
+        async with asyncio.timeout(budget):
+            return await self._call(method, request, ctx)
+
+
+class AuthInterceptor(_Interceptor):
+    """Authenticates the bearer token and applies the method's role gate."""
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        policies: Mapping[str, MethodPolicy],
+    ) -> None:
+        self._verifier = verifier
+        self._policies = policies
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Refuse unauthenticated or unauthorised calls before the handler runs."""
+        meta = _metadata(ctx)
+        header = meta.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("Missing bearer token in the 'authorization' metadata.")
+        principal = self._verifier.verify(token.strip())
+        policy = self._policies.get(name)
+        if policy is None:
+            # Fail closed: an RPC nobody wrote a policy for is nobody's to call.
+            raise AuthorizationError("No access policy covers this method.")
+        if policy.roles and not principal.has(*policy.roles):
+            raise AuthorizationError(
+                f"This operation needs one of the roles: {', '.join(sorted(policy.roles))}."
+            )
+        on_behalf_of = meta.get(ON_BEHALF_OF_KEY)
+        if on_behalf_of is not None and not principal.is_service:
+            raise AuthorizationError(f"Only service callers may send '{ON_BEHALF_OF_KEY}'.")
+        req = context.current()
+        if req is not None:
+            req.principal = principal
+            if on_behalf_of:
+                req.extra["on_behalf_of"] = on_behalf_of[:64]
+        return await self._call(method, request, ctx)
+
+
+class RateLimitInterceptor(_Interceptor):
+    """Counts each call against the caller's budget for the method's class."""
+
+    def __init__(
+        self, limiter: RateLimiter, policies: Mapping[str, MethodPolicy], default: MethodPolicy
+    ) -> None:
+        self._limiter = limiter
+        self._policies = policies
+        self._default = default
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Refuse the call with MHV-006 when the caller is over budget."""
+        policy = self._policies.get(name, self._default)
+        req = context.current()
+        principal: Principal | None = req.principal if req else None
+        key = principal.subject if principal else (ctx.peer() or "anonymous")
+        roles = [str(r) for r in principal.roles] if principal else []
+        await self._limiter.enforce(key=key, method_class=policy.rate_class, roles=roles)
+        return await self._call(method, request, ctx)
+
+
+def build_interceptors(
+    *,
+    verifier: TokenVerifier,
+    limiter: RateLimiter,
+    policies: Mapping[str, MethodPolicy],
+    default_policy: MethodPolicy | None = None,
+) -> list[aio.ServerInterceptor]:
+    """The ordered interceptor list every service installs (first = outermost)."""
+    default = default_policy or MethodPolicy()
+    return [
+        aio_server_interceptor(),
+        EdgeInterceptor(),
+        TelemetryInterceptor(),
+        DeadlineInterceptor(policies, default),
+        AuthInterceptor(verifier, policies),
+        RateLimitInterceptor(limiter, policies, default),
+    ]
