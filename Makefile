@@ -1,0 +1,62 @@
+# Mahavishnu: `make run` starts the whole system, `make test` runs every check.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install run test lint typecheck buflint generate check-generated lock audit-deps clean
+
+help:
+	@echo "make run       start task, audit and webhook services (and a private PostgreSQL"
+	@echo "               when MHV_DATABASE_URL is unset); Ctrl-C stops everything"
+	@echo "make test      lint, type-check, buf lint, and the whole test suite"
+	@echo "make generate  regenerate protobuf code, error pages, alert rules and dashboards"
+	@echo "make lock      re-resolve requirements.lock from pyproject.toml"
+
+# One locked dependency set for the whole monorepo: requirements.lock pins every package with
+# its hashes; the project itself is installed editable on top of it.
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP) proto/node_modules/.installed
+
+proto/node_modules/.installed: proto/package.json proto/package-lock.json
+	cd proto && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/mhv up
+
+generate: $(STAMP)
+	$(BIN)/python -m mhv_tools.gen_protos
+	$(BIN)/python -m mhv_tools.gen_error_docs
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy libs/common/mhv_common services/task/mhv_task services/audit/mhv_audit \
+		services/webhook/mhv_webhook libs/cli/mhv_cli
+
+buflint: proto/node_modules/.installed
+	cd proto && npx --no-install buf lint
+
+test: install lint typecheck buflint
+	$(BIN)/pytest
+
+lock:
+	$(BIN)/python -m pip install --quiet uv==0.13.9
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+audit-deps: $(STAMP)
+	$(BIN)/pip-audit --strict --progress-spinner off -r requirements.lock
+
+clean:
+	rm -rf $(VENV) proto/node_modules .pytest_cache .mypy_cache .ruff_cache

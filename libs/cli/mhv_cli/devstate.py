@@ -1,0 +1,193 @@
+"""The local deployment's state folder (``.mhv/``, git-ignored; ``MHV_HOME`` moves it).
+
+`mhv up` keeps here what a fresh machine lacks: the private PostgreSQL cluster, a token
+signing key and its JWKS, database role passwords, webhook secrets and a self-signed TLS
+certificate for the gateway. Everything is created on first use, readable by the owner only,
+and reused afterwards, so tokens and secrets stay valid across restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mhv_cli.migrate import SERVICE_SLICES, RoleNames
+from mhv_cli.pgcluster import PrivateCluster
+from mhv_common.auth import generate_signing_key
+
+ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_PRIVATE_PG_PORT = 55432
+DEFAULT_WEBHOOK_SOURCES = ("github", "gitlab", "generic")
+
+
+def home() -> Path:
+    """The state folder."""
+    return Path(os.environ.get("MHV_HOME", ROOT / ".mhv")).resolve()
+
+
+def _private_file(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+
+
+@dataclass(frozen=True)
+class DevState:
+    """Paths and lazily created secrets under one state folder."""
+
+    root: Path
+
+    @property
+    def signing_key(self) -> Path:
+        """Ed25519 private key (PEM) used to sign tokens."""
+        return self.root / "keys" / "signing.pem"
+
+    @property
+    def jwks(self) -> Path:
+        """Public keys for verification."""
+        return self.root / "keys" / "jwks.json"
+
+    @property
+    def tls_cert(self) -> Path:
+        """Gateway certificate (self-signed)."""
+        return self.root / "tls" / "cert.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        """Gateway private key."""
+        return self.root / "tls" / "key.pem"
+
+    @property
+    def secrets_file(self) -> Path:
+        """Generated passwords and webhook secrets."""
+        return self.root / "secrets.json"
+
+    @property
+    def state_file(self) -> Path:
+        """Where `mhv up` records the database URL for other `mhv` commands."""
+        return self.root / "state.json"
+
+    def cluster(self, port: int | None = None) -> PrivateCluster:
+        """The private PostgreSQL cluster of this state folder."""
+        chosen = port or int(os.environ.get("MHV_PRIVATE_PG_PORT", DEFAULT_PRIVATE_PG_PORT))
+        return PrivateCluster(self.root / "pg", chosen)
+
+    def ensure_signing_key(self, key_id: str) -> None:
+        """Create the token signing key and its JWKS unless they exist."""
+        if self.signing_key.exists() and self.jwks.exists():
+            return
+        pem, jwk = generate_signing_key()
+        jwk["kid"] = key_id
+        jwk["use"] = "sig"
+        _private_file(self.signing_key, pem)
+        _private_file(self.jwks, json.dumps({"keys": [jwk]}, indent=2).encode())
+
+    def ensure_tls(self) -> None:
+        """Create a self-signed certificate for localhost unless one exists."""
+        if self.tls_cert.exists() and self.tls_key.exists():
+            return
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        _private_file(
+            self.tls_key,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        _private_file(self.tls_cert, cert.public_bytes(serialization.Encoding.PEM))
+
+    def secrets(self) -> dict[str, Any]:
+        """Generated secrets, created on first use."""
+        if self.secrets_file.exists():
+            data: dict[str, Any] = json.loads(self.secrets_file.read_text())
+        else:
+            data = {}
+        changed = False
+        passwords = data.setdefault("db_passwords", {})
+        for slice_name in SERVICE_SLICES:
+            if slice_name not in passwords:
+                passwords[slice_name] = secrets.token_urlsafe(24)
+                changed = True
+        hooks = data.setdefault("webhook_secrets", {})
+        for source in DEFAULT_WEBHOOK_SOURCES:
+            if source not in hooks:
+                # Standard Webhooks secrets are base64 with a whsec_ prefix; the others are
+                # plain shared strings.
+                token = secrets.token_bytes(32)
+                if source == "generic":
+                    hooks[source] = "whsec_" + base64.b64encode(token).decode()
+                else:
+                    hooks[source] = token.hex()
+                changed = True
+        if changed:
+            _private_file(self.secrets_file, json.dumps(data, indent=2).encode())
+        return data
+
+    def write_state(self, **values: Any) -> None:
+        """Record facts for later `mhv` commands (e.g. the database URL)."""
+        _private_file(self.state_file, json.dumps(values, indent=2).encode())
+
+    def read_state(self) -> dict[str, Any]:
+        """What `mhv up` recorded, or {}."""
+        if not self.state_file.exists():
+            return {}
+        result: dict[str, Any] = json.loads(self.state_file.read_text())
+        return result
+
+
+def role_url(admin_url: str, role: str, password: str | None) -> str:
+    """The admin URL with its credentials replaced by `role`'s."""
+    parts = urlsplit(admin_url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = quote(role, safe="")
+    if password:
+        netloc += ":" + quote(password, safe="")
+    netloc += "@" + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def database_urls(admin_url: str, roles: RoleNames, passwords: dict[str, str]) -> dict[str, str]:
+    """``MHV_<SLICE>_DATABASE_URL`` values for the three services."""
+    return {
+        f"MHV_{s.upper()}_DATABASE_URL": role_url(admin_url, roles.for_slice(s), passwords.get(s))
+        for s in SERVICE_SLICES
+    }

@@ -1,0 +1,287 @@
+"""A small migration runner: ordered up/down SQL files per slice, a lock, and checksums.
+
+Layout: ``migrations/<slice>/<NNNN>_<name>.up.sql`` and the matching ``.down.sql``. Slices run
+in `SLICES` order. Each file runs in its own transaction as the slice's own role (``SET ROLE``)
+so that the role owns what it creates, unless its header says ``-- mhv:run-as admin``.
+
+Applied migrations are recorded in ``mhv_meta.schema_migrations`` with a SHA-256 of the file; a
+file changed after it was applied stops the run (MHV-001) instead of silently diverging. A
+PostgreSQL advisory lock makes concurrent runs (several replicas starting at once) take turns.
+
+Files are templates: ``{{task_role}}`` and friends become quoted identifiers,
+``{{task_role_literal}}`` quoted literals, ``{{database}}`` the current database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from mhv_common.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parents[3]
+MIGRATIONS_DIR = ROOT / "migrations"
+SLICES = ("platform", "task", "audit", "webhook")
+SERVICE_SLICES = ("task", "audit", "webhook")
+# Arbitrary, fixed: all runners against one database serialise on it.
+_LOCK_KEY = 0x6D68765F6D6967  # "mhv_mig"
+_FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(up|down)\.sql$")
+_RUN_AS_RE = re.compile(r"^--\s*mhv:run-as\s+(\w+)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One versioned step of a slice."""
+
+    slice: str
+    version: int
+    name: str
+    up: Path
+    down: Path | None
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the up file as written (before substitution)."""
+        return hashlib.sha256(self.up.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RoleNames:
+    """Database role names for one deployment."""
+
+    prefix: str = "mhv"
+
+    def for_slice(self, slice_name: str) -> str:
+        """The login role that owns `slice_name`."""
+        return f"{self.prefix}_{slice_name}"
+
+    def all(self) -> dict[str, str]:
+        """Template variable -> role name, for every role a migration may mention."""
+        names = {f"{s}_role": self.for_slice(s) for s in SERVICE_SLICES}
+        names["audit_owner_role"] = f"{self.prefix}_audit_owner"
+        return names
+
+
+def discover(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """All migrations on disk, in the order they apply."""
+    found: list[Migration] = []
+    for slice_name in SLICES:
+        folder = directory / slice_name
+        if not folder.is_dir():
+            continue
+        ups: dict[int, tuple[str, Path]] = {}
+        downs: dict[int, Path] = {}
+        for path in sorted(folder.iterdir()):
+            match = _FILE_RE.match(path.name)
+            if match is None:
+                continue
+            version = int(match.group(1))
+            if match.group(3) == "up":
+                if version in ups:
+                    raise ConfigurationError(f"{slice_name}: two migrations numbered {version}.")
+                ups[version] = (match.group(2), path)
+            else:
+                downs[version] = path
+        for version in sorted(ups):
+            name, up = ups[version]
+            found.append(Migration(slice_name, version, name, up, downs.get(version)))
+    return found
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def render(text: str, *, roles: RoleNames, database: str) -> str:
+    """Substitute the template variables of a migration file."""
+    variables: dict[str, str] = {"database": _ident(database)}
+    for key, role in roles.all().items():
+        variables[key] = _ident(role)
+        variables[f"{key}_literal"] = _literal(role)
+
+    def replace(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in variables:
+            raise ConfigurationError(f"Unknown migration variable {{{{{key}}}}}.")
+        return variables[key]
+
+    return re.sub(r"\{\{(\w+)\}\}", replace, text)
+
+
+def _run_as(text: str, slice_name: str, roles: RoleNames) -> str | None:
+    match = _RUN_AS_RE.search(text)
+    who = match.group(1) if match else slice_name
+    if who == "admin" or slice_name == "platform":
+        return None
+    return roles.for_slice(who)
+
+
+async def _enter_slice(conn: asyncpg.Connection, slice_name: str, run_as: str | None) -> None:
+    # Unqualified names in a slice's files mean that slice's schema.
+    if slice_name in SERVICE_SLICES:
+        await conn.execute(f"SET LOCAL search_path TO {_ident(slice_name)}")
+    if run_as is not None:
+        await conn.execute(f"SET LOCAL ROLE {_ident(run_as)}")
+
+
+_META_DDL = """
+CREATE SCHEMA IF NOT EXISTS mhv_meta;
+REVOKE ALL ON SCHEMA mhv_meta FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS mhv_meta.schema_migrations (
+    slice      text        NOT NULL,
+    version    integer     NOT NULL,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slice, version)
+);
+"""
+
+
+async def applied(conn: asyncpg.Connection) -> dict[tuple[str, int], str]:
+    """(slice, version) -> checksum of every applied migration."""
+    rows = await conn.fetch("SELECT slice, version, checksum FROM mhv_meta.schema_migrations")
+    return {(r["slice"], r["version"]): r["checksum"] for r in rows}
+
+
+@asynccontextmanager
+async def _locked(dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
+    """An administrator connection holding the migration lock, and the database name."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        try:
+            await conn.execute(_META_DDL)
+            yield conn, await conn.fetchval("SELECT current_database()")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+async def _run_file(
+    conn: asyncpg.Connection,
+    m: Migration,
+    path: Path,
+    *,
+    roles: RoleNames,
+    database: str,
+    record: tuple[str, tuple[object, ...]],
+) -> None:
+    """Run one migration file and update the history, in one transaction."""
+    text = path.read_text()  # noqa: ASYNC240 - a few KiB, once per migration
+    run_as = _run_as(text, m.slice, roles)
+    async with conn.transaction():
+        await _enter_slice(conn, m.slice, run_as)
+        await conn.execute(render(text, roles=roles, database=database))
+        if run_as is not None:
+            await conn.execute("RESET ROLE")
+        await conn.execute(record[0], *record[1])
+
+
+async def migrate_up(
+    dsn: str,
+    *,
+    roles: RoleNames = RoleNames(),
+    passwords: dict[str, str] | None = None,
+    directory: Path = MIGRATIONS_DIR,
+    target: dict[str, int] | None = None,
+) -> list[Migration]:
+    """Apply every pending migration (up to `target[slice]` where given).
+
+    Args:
+        dsn: Administrator URL (may create roles and schemas).
+        roles: Role names of this deployment.
+        passwords: Slice -> password to set on that slice's login role.
+        directory: Where the migration files are.
+        target: Highest version to apply per slice.
+
+    Returns:
+        The migrations applied by this run.
+
+    Raises:
+        ConfigurationError: A migration file changed after it was applied.
+    """
+    done: list[Migration] = []
+    async with _locked(dsn) as (conn, database):
+        seen = await applied(conn)
+        for m in discover(directory):
+            if target is not None and m.version > target.get(m.slice, 1 << 30):
+                continue
+            recorded = seen.get((m.slice, m.version))
+            if recorded is not None:
+                if recorded != m.checksum:
+                    raise ConfigurationError(
+                        f"migrations/{m.slice}/{m.up.name} changed after it was applied; "
+                        "add a new migration instead of editing an applied one."
+                    )
+                continue
+            insert = (
+                "INSERT INTO mhv_meta.schema_migrations (slice, version, name, checksum)"
+                " VALUES ($1, $2, $3, $4)"
+            )
+            await _run_file(
+                conn,
+                m,
+                m.up,
+                roles=roles,
+                database=database,
+                record=(insert, (m.slice, m.version, m.name, m.checksum)),
+            )
+            done.append(m)
+        for slice_name, password in (passwords or {}).items():
+            await conn.execute(
+                f"ALTER ROLE {_ident(roles.for_slice(slice_name))} PASSWORD {_literal(password)}"
+            )
+    return done
+
+
+async def migrate_down(
+    dsn: str,
+    *,
+    slice_name: str,
+    to_version: int,
+    roles: RoleNames = RoleNames(),
+    directory: Path = MIGRATIONS_DIR,
+) -> list[Migration]:
+    """Revert `slice_name` to `to_version` (0 = nothing applied), newest first."""
+    undone: list[Migration] = []
+    async with _locked(dsn) as (conn, database):
+        seen = await applied(conn)
+        mine = [m for m in discover(directory) if m.slice == slice_name]
+        for m in sorted(mine, key=lambda m: m.version, reverse=True):
+            if m.version <= to_version or (m.slice, m.version) not in seen:
+                continue
+            if m.down is None:
+                raise ConfigurationError(f"migrations/{m.slice}/{m.up.name} has no down migration.")
+            delete = "DELETE FROM mhv_meta.schema_migrations WHERE slice = $1 AND version = $2"
+            await _run_file(
+                conn,
+                m,
+                m.down,
+                roles=roles,
+                database=database,
+                record=(delete, (m.slice, m.version)),
+            )
+            undone.append(m)
+    return undone
+
+
+async def drop_roles(dsn: str, *, roles: RoleNames = RoleNames()) -> None:
+    """Drop this deployment's roles (after every database using them was dropped or reverted)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for role in roles.all().values():
+            await conn.execute(f"DROP ROLE IF EXISTS {_ident(role)}")
+    finally:
+        await conn.close()

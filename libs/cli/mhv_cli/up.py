@@ -1,0 +1,237 @@
+"""`mhv up`: the whole system on one machine, in the foreground, stopped with Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mhv_cli import devstate
+from mhv_cli.main import issuer, role_names
+from mhv_cli.migrate import migrate_up
+from mhv_common.auth import Role
+from mhv_common.config import (
+    AuditSettings,
+    CommonSettings,
+    TaskSettings,
+    WebhookSettings,
+    load_settings,
+    redact_dsn,
+)
+
+HEALTH_TIMEOUT_SECONDS = 60.0
+ADMIN_USERNAME = "admin"
+
+
+@dataclass
+class Child:
+    """A service process started by `mhv up`."""
+
+    name: str
+    module: str
+    grpc_port: int
+    process: asyncio.subprocess.Process | None = None
+
+
+def _say(message: str) -> None:
+    print(f"mhv: {message}", flush=True)
+
+
+async def _ensure_database(cluster_url: str, name: str) -> None:
+    conn = await asyncpg.connect(cluster_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def ensure_admin_user(admin_url: str) -> str:
+    """Create the user ``admin`` unless it exists; return its id."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(
+            "INSERT INTO task.users (username, email, display_name) VALUES ($1, $2, $3)"
+            " ON CONFLICT (username) DO NOTHING",
+            ADMIN_USERNAME,
+            "admin@localhost",
+            "Administrator",
+        )
+        return str(
+            await conn.fetchval("SELECT id FROM task.users WHERE username = $1", ADMIN_USERNAME)
+        )
+    finally:
+        await conn.close()
+
+
+async def wait_healthy(
+    target: str, *, timeout: float, alive: Callable[[], bool] = lambda: True
+) -> bool:
+    """Poll the gRPC health service at `target` until it reports SERVING.
+
+    Gives up early once `alive` says the process behind `target` is gone.
+    """
+    deadline = time.monotonic() + timeout
+    async with aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and alive():
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass
+            await asyncio.sleep(0.2)
+    return False
+
+
+def _child_env(
+    state: devstate.DevState, admin_url: str, secrets: dict[str, object]
+) -> dict[str, str]:
+    env = dict(os.environ)
+    passwords = secrets["db_passwords"]
+    assert isinstance(passwords, dict)
+    for key, value in devstate.database_urls(admin_url, role_names(), passwords).items():
+        env.setdefault(key, value)
+    env.setdefault("MHV_AUTH_JWKS_FILE", str(state.jwks))
+    env.setdefault("MHV_AUTH_SIGNING_KEY_FILE", str(state.signing_key))
+    env.setdefault("MHV_WEBHOOK_TLS_CERT_FILE", str(state.tls_cert))
+    env.setdefault("MHV_WEBHOOK_TLS_KEY_FILE", str(state.tls_key))
+    hooks = secrets["webhook_secrets"]
+    assert isinstance(hooks, dict)
+    for source, secret in hooks.items():
+        env.setdefault(f"MHV_WEBHOOK_SECRETS_{source.upper()}", str(secret))
+    return env
+
+
+async def run_up() -> int:
+    """Start everything, wait for health, print how to call it, run until interrupted."""
+    settings = load_settings(CommonSettings)
+    task_settings = load_settings(TaskSettings)
+    audit_settings = load_settings(AuditSettings)
+    webhook_settings = load_settings(WebhookSettings)
+    state = devstate.DevState(devstate.home())
+    cluster = None
+    admin_url = os.environ.get("MHV_DATABASE_URL", "")
+    if not admin_url:
+        cluster = state.cluster()
+        _say(
+            f"MHV_DATABASE_URL is unset: starting a private PostgreSQL on 127.0.0.1:"
+            f"{cluster.port} (data in {cluster.root})"
+        )
+        await asyncio.to_thread(cluster.start)
+        await _ensure_database(cluster.url("postgres"), "mahavishnu")
+        admin_url = cluster.url("mahavishnu")
+    _say(f"database: {redact_dsn(admin_url)}")
+    secrets = state.secrets()
+    if settings.auth_signing_key_file is None:
+        state.ensure_signing_key(settings.auth_signing_key_id)
+    if webhook_settings.webhook_tls_cert_file is None:
+        state.ensure_tls()
+    applied = await migrate_up(admin_url, roles=role_names(), passwords=secrets["db_passwords"])
+    _say(f"migrations: {len(applied)} applied")
+    await ensure_admin_user(admin_url)
+    state.write_state(database_url=admin_url, role_prefix=role_names().prefix)
+
+    env = _child_env(state, admin_url, secrets)
+    children = [
+        Child("audit", "mhv_audit", audit_settings.audit_grpc_port),
+        Child("task", "mhv_task", task_settings.task_grpc_port),
+        Child("webhook", "mhv_webhook", webhook_settings.webhook_admin_grpc_port),
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for child in children:
+            child.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", child.module, env=env
+            )
+        for child in children:
+            process = child.process
+            assert process is not None
+            healthy = await wait_healthy(
+                f"{settings.bind_host}:{child.grpc_port}",
+                timeout=HEALTH_TIMEOUT_SECONDS,
+                alive=lambda p=process: p.returncode is None and not stop.is_set(),  # type: ignore[misc]
+            )
+            if not healthy:
+                _say(f"{child.name} service did not become healthy; stopping")
+                return 1
+        token = issuer(settings).issue(
+            subject=await ensure_admin_user(admin_url),
+            roles=[Role.ADMIN],
+            ttl_seconds=3600,
+            username=ADMIN_USERNAME,
+        )
+        _print_ready(settings, task_settings, audit_settings, webhook_settings, token)
+        while not stop.is_set():
+            if any(c.process is not None and c.process.returncode is not None for c in children):
+                _say("a service exited; stopping the others")
+                return 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+        _say("stopping")
+        return 0
+    finally:
+        for child in children:
+            if child.process is not None and child.process.returncode is None:
+                child.process.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.process is None:
+                continue
+            try:
+                await asyncio.wait_for(
+                    child.process.wait(), timeout=settings.shutdown_grace_seconds + 5
+                )
+            except TimeoutError:
+                child.process.kill()
+                await child.process.wait()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+            _say("private PostgreSQL stopped")
+
+
+def _print_ready(
+    settings: CommonSettings,
+    task: TaskSettings,
+    audit: AuditSettings,
+    webhook: WebhookSettings,
+    token: str,
+) -> None:
+    host = settings.bind_host
+    lines = [
+        "",
+        "Mahavishnu is up.",
+        f"  task    gRPC  {host}:{task.task_grpc_port}   metrics http://{settings.metrics_host}:"
+        f"{task.task_metrics_port}/metrics",
+        f"  audit   gRPC  {host}:{audit.audit_grpc_port}   metrics http://{settings.metrics_host}:"
+        f"{audit.audit_metrics_port}/metrics",
+        f"  webhook gRPC  {host}:{webhook.webhook_admin_grpc_port}   HTTPS https://{host}:"
+        f"{webhook.webhook_https_port}/webhooks/{{github,gitlab,generic}}   metrics "
+        f"http://{settings.metrics_host}:{webhook.webhook_metrics_port}/metrics",
+        "",
+        "An admin token (valid 1 hour; `mhv token --username admin --role admin` for another):",
+        f"  export TOKEN={token}",
+        "",
+        "Try it:",
+        f"  grpcurl -plaintext {host}:{task.task_grpc_port} list",
+        f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" '
+        f'-d \'{{"title": "Hello", "repository": "demo"}}\' '
+        f"{host}:{task.task_grpc_port} mahavishnu.task.v1.TaskService/CreateTask",
+        "",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(lines), flush=True)
