@@ -1,0 +1,1 @@
+"""The audit service: append-only, hash-chained log of every task change."""

@@ -1,0 +1,1 @@
+"""The task service: users, tasks, their lifecycle, search, and the audit outbox."""

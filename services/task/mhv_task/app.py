@@ -1,0 +1,68 @@
+"""Wiring of the task service: settings, database pool, servicers, policies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from grpc import aio
+
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_common.auth import Role
+from mhv_common.config import TaskSettings, load_settings
+from mhv_common.db import Database
+from mhv_common.interceptors import MethodPolicy
+from mhv_common.server import ServiceDefinition, serve_forever
+
+TASKS = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
+USERS = task_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+
+_READ = frozenset({Role.ADMIN, Role.MEMBER, Role.VIEWER, Role.SERVICE})
+_WRITE = frozenset({Role.ADMIN, Role.MEMBER, Role.SERVICE})
+_ADMIN = frozenset({Role.ADMIN})
+
+POLICIES: dict[str, MethodPolicy] = {
+    f"/{TASKS}/CreateTask": MethodPolicy(_WRITE, rate_class="create"),
+    f"/{TASKS}/GetTask": MethodPolicy(_READ),
+    f"/{TASKS}/ListTasks": MethodPolicy(_READ),
+    f"/{TASKS}/UpdateTask": MethodPolicy(_WRITE),
+    f"/{TASKS}/DeleteTask": MethodPolicy(_ADMIN),
+    f"/{TASKS}/SearchTasks": MethodPolicy(_READ, rate_class="search", max_deadline=5.0),
+    f"/{TASKS}/AssignTask": MethodPolicy(_WRITE),
+    f"/{TASKS}/StartTask": MethodPolicy(_WRITE),
+    f"/{TASKS}/CompleteTask": MethodPolicy(_WRITE),
+    f"/{TASKS}/CancelTask": MethodPolicy(_WRITE),
+    f"/{TASKS}/BlockTask": MethodPolicy(_WRITE),
+    f"/{TASKS}/UnblockTask": MethodPolicy(_WRITE),
+    f"/{USERS}/CreateUser": MethodPolicy(frozenset({Role.ADMIN, Role.SERVICE})),
+    f"/{USERS}/GetUser": MethodPolicy(_READ),
+    f"/{USERS}/ListUsers": MethodPolicy(_READ),
+    f"/{USERS}/DeactivateUser": MethodPolicy(_ADMIN),
+    f"/{USERS}/DeleteUser": MethodPolicy(_ADMIN),
+}
+
+
+def build(settings: TaskSettings) -> ServiceDefinition:
+    """Assemble the task service."""
+    db = Database.for_service(settings, dsn=settings.task_database_url, name="task")
+
+    def register(server: aio.Server) -> Sequence[str]:
+        task_pb2_grpc.add_TaskServiceServicer_to_server(task_pb2_grpc.TaskServiceServicer(), server)
+        task_pb2_grpc.add_UserServiceServicer_to_server(task_pb2_grpc.UserServiceServicer(), server)
+        return [TASKS, USERS]
+
+    return ServiceDefinition(
+        name="task",
+        grpc_port=settings.task_grpc_port,
+        metrics_port=settings.task_metrics_port,
+        register=register,
+        policies=POLICIES,
+        startup=db.open,
+        cleanup=db.close,
+    )
+
+
+def main() -> None:
+    """Run the task service until SIGTERM/SIGINT."""
+    settings = load_settings(TaskSettings)
+    asyncio.run(serve_forever(build(settings), settings))

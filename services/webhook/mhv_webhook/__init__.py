@@ -1,0 +1,1 @@
+"""The webhook gateway: verified HTTPS ingest, replay protection, durable saga processing."""

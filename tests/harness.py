@@ -1,0 +1,297 @@
+"""Test harness: a real PostgreSQL, a throw-away database per test session, keys, processes.
+
+Where the tests find PostgreSQL, in order:
+
+1. ``MHV_TEST_DATABASE_URL`` (an administrator URL of any cluster);
+2. a server on 127.0.0.1:5432 reachable as ``postgres`` without a password;
+3. otherwise a private cluster from the pip-installed build, started in a temporary folder.
+
+Whichever it is, the suite creates its own database and its own uniquely prefixed roles, and
+drops both at the end: it never reads or writes anyone else's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mhv_cli.devstate import database_urls, role_url
+from mhv_cli.migrate import SERVICE_SLICES, RoleNames, drop_roles, migrate_up
+from mhv_cli.pgcluster import PrivateCluster, free_port
+from mhv_common.auth import Role, TokenIssuer, generate_signing_key
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+KEY_ID = "test-1"
+
+
+async def _reachable(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` pointing at another database of the same cluster."""
+    head, _, tail = url.rpartition("/")
+    query = ""
+    if "?" in tail:
+        tail, query = tail.split("?", 1)
+        query = "?" + query
+    return f"{head}/{database}{query}"
+
+
+@dataclass
+class Cluster:
+    """The PostgreSQL cluster the suite uses, and the private one if we had to start it."""
+
+    admin_url: str
+    private: PrivateCluster | None = None
+    tmpdir: Path | None = None
+
+    @classmethod
+    async def find(cls) -> Cluster:
+        """Locate or start a cluster (see the module docstring)."""
+        explicit = os.environ.get("MHV_TEST_DATABASE_URL")
+        if explicit:
+            return cls(explicit)
+        if await _reachable(LOCAL_URL):
+            return cls(LOCAL_URL)
+        return await cls.start_private()
+
+    @classmethod
+    async def start_private(cls) -> Cluster:
+        """Start a private cluster in a fresh temporary folder."""
+        tmp = Path(tempfile.mkdtemp(prefix="mhv-pg-"))
+        cluster = PrivateCluster(tmp, free_port())
+        await asyncio.to_thread(cluster.start)
+        return cls(cluster.url("postgres"), cluster, tmp)
+
+    async def close(self) -> None:
+        """Stop and delete the private cluster, if any."""
+        if self.private is not None:
+            await asyncio.to_thread(self.private.stop, mode="immediate")
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+@dataclass
+class Deployment:
+    """One migrated database with its own service roles, dropped afterwards."""
+
+    cluster: Cluster
+    database: str
+    roles: RoleNames
+    passwords: dict[str, str]
+
+    @classmethod
+    async def create(cls, cluster: Cluster) -> Deployment:
+        """Create the database and roles and apply every migration."""
+        suffix = secrets.token_hex(4)
+        database = f"mhvtest_{suffix}"
+        roles = RoleNames(f"mhvtest_{suffix}")
+        passwords = {s: secrets.token_urlsafe(16) for s in SERVICE_SLICES}
+        conn = await asyncpg.connect(cluster.admin_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{database}"')
+        finally:
+            await conn.close()
+        deployment = cls(cluster, database, roles, passwords)
+        await migrate_up(deployment.admin_url, roles=roles, passwords=passwords)
+        return deployment
+
+    @property
+    def admin_url(self) -> str:
+        """Administrator URL of this deployment's database."""
+        return with_database(self.cluster.admin_url, self.database)
+
+    def role_url(self, slice_name: str) -> str:
+        """URL of `slice_name`'s own login role."""
+        return role_url(
+            self.admin_url, self.roles.for_slice(slice_name), self.passwords[slice_name]
+        )
+
+    def env(self) -> dict[str, str]:
+        """``MHV_<SLICE>_DATABASE_URL`` for the three services."""
+        return database_urls(self.admin_url, self.roles, self.passwords)
+
+    async def drop(self) -> None:
+        """Drop the database (disconnecting everyone) and the roles."""
+        conn = await asyncpg.connect(self.cluster.admin_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        await drop_roles(self.cluster.admin_url, roles=self.roles)
+
+
+@dataclass
+class Keys:
+    """A token signing key and its JWKS, written to a temporary folder."""
+
+    folder: Path
+    signing_key: Path
+    jwks: Path
+    issuer: TokenIssuer
+
+    @classmethod
+    def create(cls, folder: Path, key_id: str = KEY_ID) -> Keys:
+        """Generate a key pair into `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        pem, jwk = generate_signing_key()
+        jwk["kid"] = key_id
+        signing = folder / f"{key_id}.pem"
+        signing.write_bytes(pem)
+        jwks = folder / f"{key_id}.jwks.json"
+        jwks.write_text(json.dumps({"keys": [jwk]}))
+        return cls(folder, signing, jwks, TokenIssuer(pem, key_id=key_id))
+
+    def token(self, role: Role | str, subject: str = "", **kwargs: object) -> str:
+        """A token for `subject` (default: a random user id) with one role."""
+        import uuid
+
+        return self.issuer.issue(
+            subject=subject or str(uuid.uuid4()),
+            roles=[role],
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def env(self) -> dict[str, str]:
+        """Settings pointing services at these keys."""
+        return {
+            "MHV_AUTH_JWKS_FILE": str(self.jwks),
+            "MHV_AUTH_SIGNING_KEY_FILE": str(self.signing_key),
+            "MHV_AUTH_SIGNING_KEY_ID": KEY_ID,
+        }
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying `token`."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+# Generous limits for the suite; the rate-limit tests run their own servers with tight ones.
+RELAXED_LIMITS = json.dumps(
+    {
+        "create": "100000/minute",
+        "search": "100000/minute",
+        "general": "100000/minute",
+        "webhook": "100000/minute",
+    }
+)
+
+
+async def wait_healthy(target: str, *, timeout: float = 30.0, service: str = "") -> None:
+    """Wait until the gRPC health service at `target` says SERVING."""
+    deadline = time.monotonic() + timeout
+    async with aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become healthy")
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class ServiceProcess:
+    """A service running as its own OS process, as in production."""
+
+    module: str
+    env: dict[str, str]
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None)
+
+    @property
+    def target(self) -> str:
+        """host:port of its gRPC listener."""
+        return f"127.0.0.1:{self.grpc_port}"
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        """Start the process and wait for it to report healthy."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=log
+        )
+        log.close()
+        try:
+            await wait_healthy(self.target, timeout=timeout)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(
+                f"{self.module} failed to start:\n{self.log_path.read_text()[-3000:]}"
+            ) from None
+
+    def stop(self, *, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def logs(self) -> str:
+        """Everything the process wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def service_env(
+    deployment: Deployment, keys: Keys, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for a service process of this deployment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MHV_", "OTEL_"))}
+    env.update(deployment.env())
+    env.update(keys.env())
+    env["MHV_RATE_LIMITS"] = RELAXED_LIMITS
+    env["MHV_DB_ROLE_PREFIX"] = deployment.roles.prefix
+    env["MHV_SHUTDOWN_GRACE_SECONDS"] = "5"
+    env.update(extra or {})
+    return env
+
+
+def start_order_ports() -> dict[str, int]:
+    """Free ports for one set of services."""
+    return {
+        "task_grpc": free_port(),
+        "task_metrics": free_port(),
+        "audit_grpc": free_port(),
+        "audit_metrics": free_port(),
+        "webhook_grpc": free_port(),
+        "webhook_metrics": free_port(),
+        "webhook_https": free_port(),
+    }
