@@ -25,9 +25,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -35,6 +37,7 @@ from mhv_cli.devstate import database_urls, role_url
 from mhv_cli.migrate import SERVICE_SLICES, RoleNames, drop_roles, migrate_up
 from mhv_cli.pgcluster import PrivateCluster, free_port
 from mhv_common.auth import Role, TokenIssuer, generate_signing_key
+from mhv_common.errors import GRPC_DETAILS_METADATA_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -295,3 +298,43 @@ def start_order_ports() -> dict[str, int]:
         "webhook_metrics": free_port(),
         "webhook_https": free_port(),
     }
+
+
+def rich_status(error: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status a Mahavishnu server attaches to every error."""
+    for key, value in error.trailing_metadata() or ():
+        if key == GRPC_DETAILS_METADATA_KEY:
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no grpc-status-details-bin trailer")
+
+
+def detail(status: status_pb2.Status, kind: type[Any]) -> Any:
+    """The first detail of type `kind`, or None."""
+    for any_ in status.details:
+        if any_.Is(kind.DESCRIPTOR):
+            message = kind()
+            any_.Unpack(message)
+            return message
+    return None
+
+
+def mhv_code(error: grpc.RpcError) -> str:
+    """The MHV code in an error's ErrorInfo."""
+    info = detail(rich_status(error), error_details_pb2.ErrorInfo)
+    assert info is not None, "no ErrorInfo"
+    return str(info.metadata["error_code"])
+
+
+def violations(error: grpc.RpcError) -> dict[str, str]:
+    """Field -> description of the BadRequest detail."""
+    bad = detail(rich_status(error), error_details_pb2.BadRequest)
+    return {v.field: v.description for v in bad.field_violations} if bad else {}
+
+
+async def rpc_error(call: Any) -> aio.AioRpcError:
+    """Await `call`, which must fail, and return its error."""
+    try:
+        await call
+    except aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded")

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -24,10 +24,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mhv_common.auth import Role, TokenIssuer, generate_signing_key
 from mhv_common.config import CommonSettings
 from mhv_common.db import Database
-from mhv_common.errors import GRPC_DETAILS_METADATA_KEY, FieldViolation, ValidationError
+from mhv_common.errors import FieldViolation, ValidationError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import RunningService, ServiceDefinition
-from tests.harness import Deployment, Keys, bearer
+from tests.harness import Deployment, Keys, bearer, detail, rich_status
 
 PROBE = "mhvtest.Probe"
 ANY_ROLE = frozenset({Role.ADMIN, Role.MEMBER, Role.VIEWER, Role.SERVICE, Role.AUDITOR})
@@ -155,23 +155,6 @@ async def channel(probe: RunningService) -> AsyncIterator[aio.Channel]:
 
 def _method(channel: aio.Channel, name: str) -> Callable[..., Any]:
     return channel.unary_unary(f"/{PROBE}/{name}")
-
-
-def rich_status(error: grpc.RpcError) -> status_pb2.Status:
-    """The google.rpc.Status a Mahavishnu server attaches to every error."""
-    for key, value in error.trailing_metadata() or ():
-        if key == GRPC_DETAILS_METADATA_KEY:
-            return status_pb2.Status.FromString(value)
-    raise AssertionError("no grpc-status-details-bin trailer")
-
-
-def detail(status: status_pb2.Status, kind: type[Any]) -> Any:
-    for any_ in status.details:
-        if any_.Is(kind.DESCRIPTOR):
-            message = kind()
-            any_.Unpack(message)
-            return message
-    return None
 
 
 async def _call_error(call: Any) -> aio.AioRpcError:

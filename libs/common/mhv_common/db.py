@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,11 @@ DATABASE_CONNECTIONS = Gauge(
     "database_connections",
     "Connections of this process's pool that are checked out.",
     ["database", "pool"],
+)
+DATABASE_SIZE_BYTES = Gauge(
+    "database_size_bytes",
+    "Bytes used by a service's schema (tables and indexes), refreshed periodically.",
+    ["schema"],
 )
 DATABASE_POOL_SIZE = Gauge(
     "database_pool_size",
@@ -113,6 +119,7 @@ class Database:
                 max_size=self._max_size,
                 timeout=timeout,
                 command_timeout=self._statement_timeout,
+                init=_init_connection,
                 server_settings={
                     "application_name": f"mahavishnu-{self._name}",
                     "statement_timeout": str(int(self._statement_timeout * 1000)),
@@ -233,6 +240,17 @@ class Database:
             conn.terminate()
         finally:
             await self._release(conn)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # json/jsonb columns come back as Python values and take them as parameters.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name,
+            encoder=lambda v: json.dumps(v, ensure_ascii=False, separators=(",", ":")),
+            decoder=json.loads,
+            schema="pg_catalog",
+        )
 
 
 def is_connection_error(exc: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""Wiring of the task service: settings, database pool, servicers, policies."""
+"""Wiring of the task service: settings, pool, domain, servicers, policies, workers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ from collections.abc import Sequence
 from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
-from mhv_common.auth import Role
-from mhv_common.config import TaskSettings, load_settings
+from mhv_common.auth import Role, ServiceCredentials, TokenIssuer
+from mhv_common.config import TaskSettings, load_repositories, load_settings
 from mhv_common.db import Database
+from mhv_common.errors import ConfigurationError
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, serve_forever
+from mhv_task._api import TaskApi, UserApi
+from mhv_task._relay import OutboxMonitor, OutboxRelay
+from mhv_task._tasks import Tasks
+from mhv_task._users import Users
 
 TASKS = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
 USERS = task_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
@@ -45,10 +50,38 @@ POLICIES: dict[str, MethodPolicy] = {
 def build(settings: TaskSettings) -> ServiceDefinition:
     """Assemble the task service."""
     db = Database.for_service(settings, dsn=settings.task_database_url, name="task")
+    tasks = Tasks(db, load_repositories(settings.repos_file))
+    users = Users(db)
+    workers: list[Worker] = [OutboxMonitor(db)]
+    if settings.relay_enabled:
+        if settings.auth_signing_key_file is None:
+            raise ConfigurationError(
+                "The outbox relay needs MHV_AUTH_SIGNING_KEY_FILE to authenticate to the audit "
+                "service (or set MHV_RELAY_ENABLED=false)."
+            )
+        credentials = ServiceCredentials(
+            TokenIssuer.from_file(
+                settings.auth_signing_key_file,
+                key_id=settings.auth_signing_key_id,
+                issuer=settings.auth_issuer,
+                audience=settings.auth_audience,
+            ),
+            service_name="task",
+        )
+        workers.append(
+            OutboxRelay(
+                db,
+                target=settings.audit_target,
+                credentials=credentials,
+                batch_size=settings.relay_batch_size,
+                poll_interval=settings.relay_poll_interval_seconds,
+                rpc_timeout=settings.relay_rpc_timeout_seconds,
+            )
+        )
 
     def register(server: aio.Server) -> Sequence[str]:
-        task_pb2_grpc.add_TaskServiceServicer_to_server(task_pb2_grpc.TaskServiceServicer(), server)
-        task_pb2_grpc.add_UserServiceServicer_to_server(task_pb2_grpc.UserServiceServicer(), server)
+        task_pb2_grpc.add_TaskServiceServicer_to_server(TaskApi(tasks), server)
+        task_pb2_grpc.add_UserServiceServicer_to_server(UserApi(users), server)
         return [TASKS, USERS]
 
     return ServiceDefinition(
@@ -59,6 +92,7 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         policies=POLICIES,
         startup=db.open,
         cleanup=db.close,
+        workers=workers,
     )
 
 

@@ -1,0 +1,66 @@
+"""Opaque page tokens (AIP-158) for keyset pagination.
+
+A token carries the position after the last item returned (e.g. the last id) and a digest of
+the query's filters. Keyset positions stay correct while rows are inserted: nothing is skipped
+or repeated. A token presented with different filters, or damaged, is refused with MHV-011.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from mhv_common.errors import FieldViolation, InvalidPageTokenError, ValidationError
+
+DEFAULT_PAGE_SIZE = 25
+MAX_PAGE_SIZE = 100
+
+
+def _digest(filters: Mapping[str, Any]) -> str:
+    canonical = json.dumps(filters, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_token(position: Mapping[str, Any], *, filters: Mapping[str, Any]) -> str:
+    """Make a token for the page after `position`, valid only with the same `filters`."""
+    body = json.dumps({"f": _digest(filters), "p": dict(position)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str, *, filters: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Return the position in `token` (None for an empty token, i.e. the first page).
+
+    Raises:
+        InvalidPageTokenError: The token is damaged or was issued for other filters.
+    """
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        body = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        digest, position = body["f"], body["p"]
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InvalidPageTokenError("The page token is not valid.") from exc
+    if not isinstance(position, dict) or digest != _digest(filters):
+        raise InvalidPageTokenError(
+            "The page token was issued for different filters; send the same filters or "
+            "start again without page_token."
+        )
+    return position
+
+
+def page_size(
+    requested: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE
+) -> int:
+    """The page size to use: `default` for 0, at most `maximum`.
+
+    Raises:
+        ValidationError: `requested` is negative.
+    """
+    if requested < 0:
+        raise ValidationError(violations=[FieldViolation("page_size", "must not be negative")])
+    return min(requested or default, maximum)

@@ -1,0 +1,96 @@
+"""Who may do what to which task.
+
+- ``viewer`` reads.
+- ``member`` reads, creates tasks, and changes tasks it created or is assigned to.
+- ``admin`` does everything, including users and DeleteTask.
+- ``service`` (the webhook gateway) creates and changes tasks on behalf of a user it names in
+  the ``x-mhv-on-behalf-of`` metadata; that user is recorded as the actor.
+
+Anything else is PERMISSION_DENIED (MHV-005). The edge's method policies already refuse roles
+that may never call a method; this module adds the per-task rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from mhv_common import context
+from mhv_common.auth import Principal, Role
+from mhv_common.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    FieldViolation,
+    ValidationError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """The user a change is attributed to, and the principal that asked for it."""
+
+    user_id: uuid.UUID
+    principal: Principal
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the caller holds the admin role."""
+        return self.principal.has(Role.ADMIN)
+
+    @property
+    def is_service(self) -> bool:
+        """Whether the caller is a service acting for `user_id`."""
+        return self.principal.is_service
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the current request."""
+    ctx = context.current()
+    if ctx is None or ctx.principal is None:
+        raise AuthenticationError()
+    return ctx.principal
+
+
+def actor_for_change() -> Actor:
+    """The actor of a mutation: the caller, or for services the user they name.
+
+    Raises:
+        ValidationError: A service did not name a valid user to act for.
+        AuthenticationError: A person's token does not name a user id.
+    """
+    principal = current_principal()
+    ctx = context.current()
+    if principal.is_service:
+        named = ctx.extra.get("on_behalf_of") if ctx else None
+        try:
+            return Actor(uuid.UUID(named or ""), principal)
+        except ValueError:
+            raise ValidationError(
+                "Service callers must name the user they act for.",
+                violations=[
+                    FieldViolation(
+                        "x-mhv-on-behalf-of", "must be the id (UUID) of an existing user"
+                    )
+                ],
+            ) from None
+    try:
+        return Actor(uuid.UUID(principal.subject), principal)
+    except ValueError:
+        raise AuthenticationError("The token's subject is not a user id.") from None
+
+
+def ensure_can_change(
+    actor: Actor, *, created_by: uuid.UUID, assigned_to: uuid.UUID | None
+) -> None:
+    """Refuse a member changing a task it neither created nor is assigned to."""
+    if actor.is_admin or actor.is_service:
+        return
+    if actor.principal.has(Role.MEMBER) and actor.user_id in (created_by, assigned_to):
+        return
+    raise AuthorizationError("Members may change only tasks they created or are assigned to.")
+
+
+def ensure_admin(actor_principal: Principal, what: str) -> None:
+    """Refuse anyone but an administrator."""
+    if not actor_principal.has(Role.ADMIN):
+        raise AuthorizationError(f"Only administrators may {what}.")

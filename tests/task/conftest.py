@@ -1,0 +1,115 @@
+"""Fixtures for the task service tests: people with roles, stubs, and a database handle."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+from grpc import aio
+
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_common.auth import Role
+from tests.conftest import Services
+from tests.harness import Deployment, Keys, bearer
+
+
+@dataclass(frozen=True)
+class Person:
+    """A user row and a token for it with one role."""
+
+    id: str
+    username: str
+    role: Role
+    token: str
+
+    def md(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        return (*bearer(self.token), *extra)
+
+
+@dataclass(frozen=True)
+class People:
+    admin: Person
+    alice: Person  # member
+    bob: Person  # member
+    viewer: Person
+    auditor: Person
+    service: Person  # the webhook gateway; acts on behalf of alice unless told otherwise
+
+    def for_service(self, on_behalf_of: str) -> tuple[tuple[str, str], ...]:
+        return self.service.md(("x-mhv-on-behalf-of", on_behalf_of))
+
+
+async def make_user(deployment: Deployment, username: str) -> str:
+    conn = await asyncpg.connect(deployment.admin_url)
+    try:
+        return str(
+            await conn.fetchval(
+                "INSERT INTO task.users (username, email) VALUES ($1, $2) RETURNING id",
+                username,
+                f"{username}@example.test",
+            )
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def people(deployment: Deployment, keys: Keys) -> People:
+    suffix = uuid.uuid4().hex[:6]
+
+    async def person(name: str, role: Role) -> Person:
+        uid = await make_user(deployment, f"{name}-{suffix}")
+        return Person(uid, f"{name}-{suffix}", role, keys.token(role, subject=uid))
+
+    return People(
+        admin=await person("admin", Role.ADMIN),
+        alice=await person("alice", Role.MEMBER),
+        bob=await person("bob", Role.MEMBER),
+        viewer=await person("victor", Role.VIEWER),
+        auditor=await person("audrey", Role.AUDITOR),
+        service=Person(
+            "service:webhook",
+            "service",
+            Role.SERVICE,
+            keys.token(Role.SERVICE, subject="service:webhook"),
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+async def task_channel(services: Services) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(services.task.target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def tasks(task_channel: aio.Channel) -> task_pb2_grpc.TaskServiceStub:
+    return task_pb2_grpc.TaskServiceStub(task_channel)
+
+
+@pytest.fixture(scope="session")
+def users(task_channel: aio.Channel) -> task_pb2_grpc.UserServiceStub:
+    return task_pb2_grpc.UserServiceStub(task_channel)
+
+
+@pytest.fixture
+async def db(deployment: Deployment) -> AsyncIterator[asyncpg.Connection]:
+    """An administrator connection for looking behind the API."""
+    conn = await asyncpg.connect(deployment.admin_url)
+    yield conn
+    await conn.close()
+
+
+async def new_task(
+    tasks: task_pb2_grpc.TaskServiceStub, who: Person, **fields: object
+) -> task_pb2.Task:
+    request = task_pb2.CreateTaskRequest(
+        title=str(fields.pop("title", "A task")),
+        repository=str(fields.pop("repository", "demo")),
+        **fields,  # type: ignore[arg-type]
+    )
+    task: task_pb2.Task = await tasks.CreateTask(request, metadata=who.md())
+    return task

@@ -1,0 +1,74 @@
+"""The task service's /metrics: the plan's names, labels and buckets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from mahavishnu.task.v1 import task_pb2_grpc
+from tests.conftest import Services
+from tests.harness import rpc_error
+from tests.task.conftest import People, new_task
+
+
+async def _samples(services: Services) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{services.task.metrics_port}/metrics")).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _get(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_task_creation_metrics(
+    services: Services, tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    before = await _samples(services)
+    for _ in range(3):
+        await new_task(tasks, people.alice, repository="mahavishnu")
+    await rpc_error(new_task(tasks, people.alice, repository="mahavishnu", title=""))
+    await rpc_error(new_task(tasks, people.alice, repository="nowhere-at-all"))
+    after = await _samples(services)
+    delta = lambda name, **kw: _get(after, name, **kw) - _get(before, name, **kw)  # noqa: E731
+    assert delta("task_creation_total", repository="mahavishnu", status="success") == 3
+    assert delta("task_creation_total", repository="mahavishnu", status="rejected") == 1
+    # Unconfigured names share one label value: callers cannot blow up the label set.
+    assert delta("task_creation_total", repository="_unknown", status="rejected") == 1
+    assert delta("task_creation_duration_seconds_count", repository="mahavishnu") == 4
+    buckets = sorted(
+        float(dict(labels)["le"])
+        for (name, labels) in after
+        if name == "task_creation_duration_seconds_bucket"
+        and dict(labels)["repository"] == "mahavishnu"
+    )
+    assert buckets == [0.05, 0.1, 0.5, 1.0, 5.0, float("inf")]
+
+
+async def test_rpc_and_pool_metrics(
+    services: Services, tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    await new_task(tasks, people.alice)
+    await asyncio.sleep(0)
+    samples = await _samples(services)
+    assert (
+        _get(
+            samples,
+            "grpc_server_handled_total",
+            grpc_service="mahavishnu.task.v1.TaskService",
+            grpc_method="CreateTask",
+            grpc_code="OK",
+        )
+        >= 1
+    )
+    assert _get(samples, "database_pool_size", database="postgresql", pool="task") > 0
+    assert (
+        "database_connections",
+        frozenset({("database", "postgresql"), ("pool", "task")}),
+    ) in samples

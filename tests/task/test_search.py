@@ -1,0 +1,110 @@
+"""SearchTasks: the plan's query rules, then ranked PostgreSQL full-text search."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import grpc
+import httpx
+import pytest
+
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from tests.conftest import Services
+from tests.harness import mhv_code, rpc_error, violations
+from tests.task.conftest import People, new_task
+
+
+def _search_count(text: str, status: str) -> float:
+    match = re.search(rf'^semantic_search_total\{{status="{status}"\}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def _metrics(services: Services) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{services.task.metrics_port}/metrics")).text
+
+
+async def test_search_ranks_title_matches_first_and_filters(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    word = f"zebra{uuid.uuid4().hex[:8]}"
+    in_title = await new_task(tasks, people.alice, title=f"Migrate the {word} cluster")
+    in_body = await new_task(
+        tasks, people.alice, title="Unrelated", description=f"see {word} notes"
+    )
+    other_repo = await new_task(
+        tasks, people.alice, title=f"{word} elsewhere", repository="mahavishnu"
+    )
+    reply = await tasks.SearchTasks(
+        task_pb2.SearchTasksRequest(query=word, repository="demo"), metadata=people.viewer.md()
+    )
+    ids = [r.task.id for r in reply.results]
+    assert ids == [in_title.id, in_body.id]
+    assert reply.results[0].rank > reply.results[1].rank
+    assert other_repo.id not in ids
+    both = await tasks.SearchTasks(
+        task_pb2.SearchTasksRequest(query=word), metadata=people.viewer.md()
+    )
+    assert {r.task.id for r in both.results} == {in_title.id, in_body.id, other_repo.id}
+
+
+async def test_web_search_syntax_and_paging(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    word = f"okapi{uuid.uuid4().hex[:8]}"
+    made = [await new_task(tasks, people.alice, title=f"{word} item {i}") for i in range(5)]
+    excluded = await new_task(tasks, people.alice, title=f"{word} item legacy")
+    seen: list[int] = []
+    token = ""
+    while True:
+        page = await tasks.SearchTasks(
+            task_pb2.SearchTasksRequest(query=f"{word} -legacy", page_size=2, page_token=token),
+            metadata=people.viewer.md(),
+        )
+        seen.extend(r.task.id for r in page.results)
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(t.id for t in made)
+    assert excluded.id not in seen
+    phrase = await tasks.SearchTasks(
+        task_pb2.SearchTasksRequest(query=f'"{word} item legacy"'), metadata=people.viewer.md()
+    )
+    assert [r.task.id for r in phrase.results] == [excluded.id]
+
+
+@pytest.mark.parametrize("query", ["'; DROP TABLE tasks; --", "a -- b", "x /* y", "y */", "a;b"])
+async def test_plan_forbidden_sequences_are_rejected(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People, services: Services, query: str
+) -> None:
+    before = _search_count(await _metrics(services), "rejected")
+    error = await rpc_error(
+        tasks.SearchTasks(task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md())
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert mhv_code(error) == "MHV-003"
+    assert "query" in violations(error)
+    assert _search_count(await _metrics(services), "rejected") == before + 1
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\x00", "q" * 501])
+async def test_query_length_rules(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People, query: str
+) -> None:
+    error = await rpc_error(
+        tasks.SearchTasks(task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md())
+    )
+    assert "query" in violations(error)
+
+
+async def test_hostile_looking_but_legal_queries_are_plain_text(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People, services: Services
+) -> None:
+    before = _search_count(await _metrics(services), "success")
+    for query in ("' OR '1'='1", "1' UNION SELECT * FROM users", "<script>", "\x00drop"):
+        reply = await tasks.SearchTasks(
+            task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md()
+        )
+        assert isinstance(reply, task_pb2.SearchTasksResponse)
+    assert _search_count(await _metrics(services), "success") == before + 4
