@@ -65,7 +65,6 @@ class PrivateCluster:
     Attributes:
         root: Folder holding ``data/``, ``superuser.password`` and ``server.log``.
         port: TCP port on 127.0.0.1.
-
     """
 
     root: Path

@@ -36,7 +36,6 @@ class ErrorSpec:
         recovery: Steps the caller can take, most useful first.
         retryable: Whether the same request may succeed later unchanged; such errors carry
             ``RetryInfo``.
-
     """
 
     code: str

@@ -29,6 +29,7 @@ DEFAULT_ISSUER = "mahavishnu"
 DEFAULT_AUDIENCE = "mahavishnu-api"
 # Clock skew tolerated between issuer and verifier.
 LEEWAY_SECONDS = 30
+_CACHE_SIZE = 4096
 
 
 class Role(enum.StrEnum):
@@ -50,7 +51,6 @@ class Principal:
         roles: Roles granted by the token.
         username: Human-readable name, for logs only.
         token_id: The token's ``jti``, for audit trails.
-
     """
 
     subject: str
@@ -73,7 +73,6 @@ def generate_signing_key() -> tuple[bytes, dict[str, Any]]:
 
     Returns:
         The private key as PEM and the public key as a JWK (without ``kid``).
-
     """
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(
@@ -105,6 +104,9 @@ class TokenVerifier:
             raise ConfigurationError("No token verification keys are configured.")
         self._issuer = issuer
         self._audience = audience
+        # Verified tokens, so a client reusing its token costs one signature check, not one
+        # per call. Entries are dropped at the token's expiry; the dict is bounded.
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
     def from_sources(
@@ -136,8 +138,21 @@ class TokenVerifier:
             AuthenticationError: Malformed, unsigned, wrongly signed, expired, not yet
                 valid, or issued for another issuer or audience. The message says which,
                 without echoing the token.
-
         """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires + LEEWAY_SECONDS:
+                return principal
+            del self._verified[token]
+        principal, expires = self._verify(token)
+        if len(self._verified) >= _CACHE_SIZE:
+            # Oldest first: dicts keep insertion order.
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (principal, expires)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -167,18 +182,22 @@ class TokenVerifier:
             raise AuthenticationError("The bearer token signature is invalid.") from exc
         except jwt.PyJWTError as exc:
             raise AuthenticationError("The bearer token is invalid.") from exc
+        # The same clock as the cache's, so a cached and an uncached check agree.
+        if float(claims["exp"]) + LEEWAY_SECONDS <= time.time():
+            raise AuthenticationError("The bearer token has expired.")
         roles: set[Role] = set()
         for name in claims.get("roles", []):
             try:
                 roles.add(Role(name))
             except ValueError:
                 continue  # roles unknown to this release grant nothing
-        return Principal(
+        principal = Principal(
             subject=str(claims["sub"]),
             roles=frozenset(roles),
             username=str(claims.get("username", "")),
             token_id=str(claims.get("jti", "")),
         )
+        return principal, float(claims["exp"])
 
 
 class TokenIssuer:

@@ -224,7 +224,6 @@ def load_yaml_model(path: Path, model: type[M]) -> M:
     Raises:
         ConfigurationError: Unreadable file, YAML syntax error or schema violation; the message
             names the file and the line at fault.
-
     """
     try:
         text = path.read_text(encoding="utf-8")

@@ -32,7 +32,6 @@ class RequestContext:
         deadline: Absolute deadline on the `time.monotonic` clock, or None for none.
         principal: The authenticated caller, once authentication ran.
         error_code: The MHV code the call ended with, set by the error mapping.
-
     """
 
     request_id: str
@@ -75,7 +74,6 @@ def time_left(default: float | None = None, *, cap: float | None = None) -> floa
 
     Raises:
         DeadlineExceededError: The deadline has already passed.
-
     """
     ctx = _current.get()
     left: float | None = default

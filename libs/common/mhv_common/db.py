@@ -68,7 +68,6 @@ class Database:
         max_size: Upper bound on connections.
         acquire_timeout: Longest wait for a free connection when no deadline is tighter.
         statement_timeout: Server-side backstop for any single statement, in seconds.
-
     """
 
     def __init__(
@@ -120,6 +119,7 @@ class Database:
                 timeout=timeout,
                 command_timeout=self._statement_timeout,
                 init=_init_connection,
+                reset=_keep_session,
                 server_settings={
                     "application_name": f"mahavishnu-{self._name}",
                     "statement_timeout": str(int(self._statement_timeout * 1000)),
@@ -240,6 +240,14 @@ class Database:
             conn.terminate()
         finally:
             await self._release(conn)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset runs RESET ALL, UNLISTEN, CLOSE ALL and advisory unlocks on every
+    # release: a round trip per request. Our code never changes session state outside a
+    # transaction (only SET LOCAL), and asyncpg itself still rolls back an open transaction
+    # before calling this, so there is nothing to reset.
+    return None
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -41,7 +41,6 @@ class FieldViolation:
     Attributes:
         field: Dotted path of the field, e.g. ``title`` or ``task.deadline``.
         description: What is wrong, in words a caller can act on.
-
     """
 
     field: str

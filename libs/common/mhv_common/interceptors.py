@@ -84,7 +84,6 @@ class MethodPolicy:
         rate_class: Rate-limit class: ``create``, ``search``, ``webhook`` or ``general``.
         max_deadline: The server's own upper bound on the call, in seconds; the caller's
             shorter deadline wins.
-
     """
 
     roles: frozenset[Role] = frozenset()

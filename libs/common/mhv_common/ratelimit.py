@@ -46,7 +46,6 @@ class RateLimiter:
             Values use the `limits` notation, e.g. ``10/minute``.
         storage_uri: `limits` storage URI: ``memory://`` or ``redis://host:port``.
         service: Service name, for the rejection metric.
-
     """
 
     def __init__(self, limits: Mapping[str, str], *, storage_uri: str, service: str) -> None:

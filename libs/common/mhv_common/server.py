@@ -76,7 +76,6 @@ class ServiceDefinition:
         startup: Runs before the server accepts calls (open pools, load config).
         cleanup: Runs last, after workers stopped (close pools).
         workers: Background jobs started after startup and drained on shutdown.
-
     """
 
     name: str
@@ -211,7 +210,6 @@ async def serve_forever(
         settings: Its settings.
         extra: Additional servers to run beside gRPC (the webhook HTTPS edge); each receives
             the stop event and must return after it is set.
-
     """
     logs.configure(
         f"mahavishnu-{definition.name}", level=settings.log_level, fmt=settings.log_format

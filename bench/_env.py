@@ -1,0 +1,98 @@
+"""Shared set-up for benchmarks: a throw-away deployment and service processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import asyncpg
+
+from mhv_cli.pgcluster import binary
+from tests.harness import Cluster, Deployment, Keys, ServiceProcess, service_env, start_order_ports
+
+__all__ = [
+    "Cluster",
+    "Deployment",
+    "Keys",
+    "ServiceProcess",
+    "percentile",
+    "pgbench",
+    "service_env",
+    "start_order_ports",
+    "summary",
+]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(latencies_s: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99 in milliseconds."""
+    return {f"p{q}": percentile(latencies_s, q) * 1000 for q in (50, 95, 99)}
+
+
+def pgbench(
+    url: str,
+    script: str,
+    *,
+    clients: int,
+    threads: int,
+    seconds: int,
+    variables: dict[str, str] | None = None,
+) -> tuple[float, list[float]]:
+    """Run pgbench with a custom script; return (transactions/s, per-transaction latencies s)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "script.sql"
+        path.write_text(script)
+        args = [
+            str(binary("pgbench")),
+            "-n",
+            "-M",
+            "prepared",
+            "-f",
+            str(path),
+            "-c",
+            str(clients),
+            "-j",
+            str(threads),
+            "-T",
+            str(seconds),
+            "-l",
+            "--log-prefix",
+            str(Path(tmp) / "log"),
+        ]
+        for key, value in (variables or {}).items():
+            args += ["-D", f"{key}={value}"]
+        env = dict(os.environ)
+        result = subprocess.run(
+            [*args, url], capture_output=True, text=True, check=True, cwd=tmp, env=env
+        )
+        tps_match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", result.stdout)
+        tps = float(tps_match.group(1)) if tps_match else math.nan
+        latencies = []
+        for log in Path(tmp).glob("log*"):
+            for line in log.read_text().splitlines():
+                parts = line.split()
+                if len(parts) >= 3:
+                    latencies.append(int(parts[2]) / 1e6)
+    return tps, latencies
+
+
+async def admin_execute(url: str, sql: str, *args: object) -> object:
+    """Run one statement as administrator."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
