@@ -32,6 +32,8 @@ class RequestContext:
         deadline: Absolute deadline on the `time.monotonic` clock, or None for none.
         principal: The authenticated caller, once authentication ran.
         error_code: The MHV code the call ended with, set by the error mapping.
+        metadata: The call's metadata (lower-case keys, text values only).
+        extra: Facts later layers add (e.g. the user a service acts for).
     """
 
     request_id: str
@@ -39,6 +41,7 @@ class RequestContext:
     deadline: float | None = None
     principal: Principal | None = None
     error_code: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
 
 

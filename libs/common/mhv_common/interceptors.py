@@ -119,13 +119,25 @@ def classify(exc: BaseException) -> MahavishnuError:
 
 
 class _Interceptor(AsyncServerInterceptor):
-    """Base: skips health and reflection, which are streaming and ungoverned."""
+    """Base: skips health and reflection, which are streaming and ungoverned.
+
+    The wrapped handler of a method never changes, so it is built once per method and reused:
+    grpc-interceptor would otherwise rebuild every layer's handler on every call.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         """Pass ungoverned methods straight through; wrap the rest."""
-        if handler_call_details.method.startswith(UNGOVERNED_PREFIXES):
+        method = handler_call_details.method
+        if method.startswith(UNGOVERNED_PREFIXES):
             return await continuation(handler_call_details)
-        return await super().intercept_service(continuation, handler_call_details)  # type: ignore[no-untyped-call]
+        if method not in self._handlers:
+            self._handlers[method] = await super().intercept_service(  # type: ignore[no-untyped-call]
+                continuation, handler_call_details
+            )
+        return self._handlers[method]
 
     @staticmethod
     async def _call(method: Callable[..., Any], request: Any, ctx: aio.ServicerContext) -> Any:
@@ -146,7 +158,7 @@ class EdgeInterceptor(_Interceptor):
         """Serve one call inside its request context; translate failures at the edge."""
         meta = _metadata(ctx)
         request_id = meta.get(REQUEST_ID_KEY, "")[:64] or uuid.uuid4().hex
-        req = context.RequestContext(request_id=request_id, method=name)
+        req = context.RequestContext(request_id=request_id, method=name, metadata=meta)
         with context.bind(req):
             try:
                 ctx.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
@@ -210,6 +222,7 @@ class DeadlineInterceptor(_Interceptor):
     """Applies min(caller deadline, the method's server maximum) to the whole call."""
 
     def __init__(self, policies: Mapping[str, MethodPolicy], default: MethodPolicy) -> None:
+        super().__init__()
         self._policies = policies
         self._default = default
 
@@ -237,6 +250,7 @@ class AuthInterceptor(_Interceptor):
         verifier: TokenVerifier,
         policies: Mapping[str, MethodPolicy],
     ) -> None:
+        super().__init__()
         self._verifier = verifier
         self._policies = policies
 
@@ -244,7 +258,8 @@ class AuthInterceptor(_Interceptor):
         self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
     ) -> Any:
         """Refuse unauthenticated or unauthorised calls before the handler runs."""
-        meta = _metadata(ctx)
+        req = context.current()
+        meta = req.metadata if req is not None else _metadata(ctx)
         header = meta.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -261,7 +276,6 @@ class AuthInterceptor(_Interceptor):
         on_behalf_of = meta.get(ON_BEHALF_OF_KEY)
         if on_behalf_of is not None and not principal.is_service:
             raise AuthorizationError(f"Only service callers may send '{ON_BEHALF_OF_KEY}'.")
-        req = context.current()
         if req is not None:
             req.principal = principal
             if on_behalf_of:
@@ -275,6 +289,7 @@ class RateLimitInterceptor(_Interceptor):
     def __init__(
         self, limiter: RateLimiter, policies: Mapping[str, MethodPolicy], default: MethodPolicy
     ) -> None:
+        super().__init__()
         self._limiter = limiter
         self._policies = policies
         self._default = default
