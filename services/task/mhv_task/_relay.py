@@ -19,12 +19,12 @@ import random
 import time
 
 from google.protobuf import struct_pb2, timestamp_pb2
-from grpc import aio
 from prometheus_client import Counter, Gauge
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common import context
 from mhv_common.auth import ServiceCredentials
+from mhv_common.client import service_channel
 from mhv_common.db import DATABASE_SIZE_BYTES, Database
 from mhv_task import _store as store
 
@@ -90,7 +90,7 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until stopped."""
         backoff = 0.0
-        async with aio.insecure_channel(self._target) as channel:
+        async with service_channel(self._target) as channel:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
             while not self._stop.is_set():
                 try:

@@ -1,0 +1,23 @@
+"""Channels for service-to-service calls.
+
+A channel made here carries the OpenTelemetry client interceptor, so the W3C trace context of the
+current span travels with every call, and callers pass the remaining request deadline as the
+call's timeout (`mhv_common.context.time_left`).
+"""
+
+from __future__ import annotations
+
+from grpc import aio
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+
+
+def service_channel(target: str) -> aio.Channel:
+    """An insecure (loopback / private network) channel to another Mahavishnu service."""
+    return aio.insecure_channel(target, options=_OPTIONS, interceptors=aio_client_interceptors())
