@@ -124,11 +124,21 @@ async def run(args: argparse.Namespace) -> None:
             "MHV_LOG_LEVEL": "WARNING",
         },
     )
-    service = ServiceProcess(
-        "mhv_task", env, ports["task_grpc"], ports["task_metrics"], tmp / "task.log"
-    )
+    env["MHV_GRPC_REUSE_PORT"] = "true" if args.replicas > 1 else "false"
+    replicas = [
+        ServiceProcess(
+            "mhv_task",
+            {**env, "MHV_TASK_METRICS_PORT": str(ports["task_metrics"] + 100 + i)},
+            ports["task_grpc"],
+            ports["task_metrics"] + 100 + i,
+            tmp / f"task{i}.log",
+        )
+        for i in range(args.replicas)
+    ]
+    service = replicas[0]
     try:
-        await service.start()
+        for replica in replicas:
+            await replica.start()
         token = keys.token(Role.MEMBER, subject=user_id, ttl_seconds=3600)
         per_process = max(1, args.clients // args.processes)
         outs = [tmp / f"lat{i}.json" for i in range(args.processes)]
@@ -160,7 +170,8 @@ async def run(args: argparse.Namespace) -> None:
         latencies = [x for out in outs for x in json.loads(out.read_text())]
         service_rps = len(latencies) / args.seconds
         service_lat = summary(latencies)
-        service.stop()
+        for replica in replicas:
+            replica.stop()
 
         script = PGBENCH_SCRIPT.format(insert=_pgbench_statement(user_id))
         pg_tps, pg_latencies = await asyncio.to_thread(
@@ -190,7 +201,8 @@ async def run(args: argparse.Namespace) -> None:
             f"p95 {service_lat['p95']:.1f} ms (SLO < 100 ms)"
         )
     finally:
-        service.stop()
+        for replica in replicas:
+            replica.stop()
         await deployment.drop()
         await cluster.close()
 
@@ -202,6 +214,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--pool", type=int, default=10)
+    parser.add_argument("--replicas", type=int, default=1, help="task service processes")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)

@@ -31,12 +31,14 @@ async def test_access_log_fields_and_no_secrets(
     meta.update({"api_key": api_key, "note": "fine"})
     request_id = uuid.uuid4().hex
     task = await tasks.CreateTask(
-        task_pb2.CreateTaskRequest(title="Logged", repository="demo", description=secret_text,
-                                   metadata=meta),
+        task_pb2.CreateTaskRequest(
+            title="Logged", repository="demo", description=secret_text, metadata=meta
+        ),
         metadata=(*people.alice.md(), ("x-request-id", request_id)),
     )
-    error = await rpc_error(tasks.GetTask(task_pb2.GetTaskRequest(id=10**15),
-                                          metadata=people.alice.md()))
+    error = await rpc_error(
+        tasks.GetTask(task_pb2.GetTaskRequest(id=10**15), metadata=people.alice.md())
+    )
     assert error is not None
     await asyncio.sleep(0.3)  # let the process flush its log
     text = services.task.logs()
