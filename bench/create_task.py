@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,13 @@ def _pgbench_statement(user_id: str) -> str:
     for key in sorted(values, key=len, reverse=True):
         sql = sql.replace(key, values[key])
     return " ".join(sql.split())
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 async def _client(
@@ -165,8 +173,14 @@ async def run(args: argparse.Namespace) -> None:
             )
             for out in outs
         ]
+        cpu_before = sum(_cpu_seconds(r.process.pid) for r in replicas if r.process)
+        client_cpu = 0.0
         for proc in procs:
-            await asyncio.to_thread(proc.wait)
+            # Reap through wait4 to read the child's CPU time.
+            _pid, _status, usage = await asyncio.to_thread(os.wait4, proc.pid, 0)
+            proc.returncode = 0
+            client_cpu += usage.ru_utime + usage.ru_stime
+        cpu_used = sum(_cpu_seconds(r.process.pid) for r in replicas if r.process) - cpu_before
         latencies = [x for out in outs for x in json.loads(out.read_text())]
         service_rps = len(latencies) / args.seconds
         service_lat = summary(latencies)
@@ -185,11 +199,20 @@ async def run(args: argparse.Namespace) -> None:
         pg_lat = summary(pg_latencies)
         print(
             f"CreateTask over gRPC, {per_process * args.processes} clients in "
-            f"{args.processes} processes, {args.seconds}s (after {args.warmup}s warm-up)"
+            f"{args.processes} processes, {args.replicas} service process(es), "
+            f"{args.seconds}s (after {args.warmup}s warm-up)"
         )
         print(
             f"  service : {service_rps:8.0f} creates/s   p50 {service_lat['p50']:6.1f} ms   "
             f"p95 {service_lat['p95']:6.1f} ms   p99 {service_lat['p99']:6.1f} ms"
+        )
+        print(
+            f"  service CPU: {cpu_used / max(len(latencies), 1) * 1e6:6.0f} us per CreateTask "
+            "(all service processes; the count excludes warm-up, the CPU does not)"
+        )
+        print(
+            f"  client CPU: {client_cpu / max(len(latencies), 1) * 1e6:6.0f} us per CreateTask "
+            "(load generators, on the same 2 cores)"
         )
         print(
             f"  pgbench : {pg_tps:8.0f} inserts/s   p50 {pg_lat['p50']:6.1f} ms   "

@@ -1,6 +1,8 @@
 """Rate limiting on the `limits` library: per caller, per method class, per role.
 
-Limits are moving windows, kept in memory by default; point ``MHV_RATE_LIMIT_STORAGE_URI`` at
+Limits are sliding windows (the weighted two-bucket approximation of a moving window: O(1) per
+request; an exact moving window keeps one timestamp per request and costs O(limit)), kept in
+memory by default; point ``MHV_RATE_LIMIT_STORAGE_URI`` at
 Redis (``redis://host:6379``) so that several replicas share one budget per caller.
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 from prometheus_client import Counter
 
@@ -66,7 +68,7 @@ class RateLimiter:
         if not isinstance(storage, Storage):
             raise ConfigurationError("MHV_RATE_LIMIT_STORAGE_URI is not an asyncio storage.")
         self._storage = storage
-        self._limiter = MovingWindowRateLimiter(self._storage)
+        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
         self._service = service
 
     def rule_for(self, method_class: str, roles: Iterable[str]) -> RateLimitItem | None:
