@@ -1,0 +1,120 @@
+"""The TLS listener: uvicorn serving the edge on a socket bound at start-up, TLS 1.2 minimum."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from mhv_common.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+
+def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    """A server TLS context refusing anything older than TLS 1.2.
+
+    Raises:
+        ConfigurationError: Certificate or key unset, unreadable or not matching.
+
+    """
+    if cert_file is None or key_file is None:
+        raise ConfigurationError(
+            "MHV_WEBHOOK_TLS_CERT_FILE and MHV_WEBHOOK_TLS_KEY_FILE must name the gateway's "
+            "certificate and key (PEM); `mhv up` creates a self-signed pair."
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"Cannot load the gateway's TLS certificate {cert_file.name} with key {key_file.name}."
+        ) from exc
+    return ctx
+
+
+class HttpsListener:
+    """Serves an ASGI app over TLS until the service's stop event is set.
+
+    The socket is bound by `bind` during service start-up, so a port that cannot be had stops
+    the service before it reports healthy.
+    """
+
+    def __init__(
+        self, app: Any, *, host: str, port: int, tls: ssl.SSLContext, keep_alive_seconds: int = 5
+    ) -> None:
+        self._app = app
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self._keep_alive = keep_alive_seconds
+        self._socket: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when 0 was asked for)."""
+        if self._socket is None:
+            return 0
+        return int(self._socket.getsockname()[1])
+
+    def bind(self) -> None:
+        """Bind the listening socket.
+
+        Raises:
+            OSError: The address is in use or not allowed.
+
+        """
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._socket = sock
+        logger.info("https listener bound", extra={"https_port": self.port})
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; return after in-flight requests finished."""
+        if self._socket is None:
+            self.bind()
+        assert self._socket is not None
+        config = uvicorn.Config(
+            self._app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            timeout_keep_alive=self._keep_alive,
+            ssl_context_factory=lambda _config, _default: self._tls,
+        )
+        server = uvicorn.Server(config)
+
+        async def request_exit() -> None:
+            await stop.wait()
+            server.should_exit = True
+
+        watcher = asyncio.create_task(request_exit())
+        try:
+            # Server.serve() would install its own SIGTERM/SIGINT handlers and take shutdown
+            # away from the service runtime, which stops the listeners in a fixed order; the
+            # inner _serve runs the same start-up, loop and graceful shutdown without them.
+            await server._serve(sockets=[self._socket])
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            self._socket.close()
+        if not stop.is_set():
+            raise RuntimeError("the HTTPS listener stopped on its own")
