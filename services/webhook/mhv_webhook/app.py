@@ -50,6 +50,7 @@ class Gateway:
     listener: HttpsListener
     edge: WebhookEdge
     inbox: Inbox
+    db: Database
     sources: Mapping[str, Source]
 
 
@@ -117,6 +118,7 @@ def build(
         listener=listener,
         edge=edge,
         inbox=inbox,
+        db=db,
         sources=sources,
     )
 
