@@ -3,18 +3,20 @@ replay protection, limits, and the error body."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import ssl
 import time
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from mhv_webhook._verify import FreshnessWindow, HeaderView, verify_standard
-from tests.webhook.conftest import OFFICIAL_SECRET, EdgeServer, Secrets
+from tests.webhook.conftest import OFFICIAL_SECRET, EdgeServer, Secrets, Tls
 from tests.webhook.signing import (
     github_headers,
     gitlab_token_headers,
@@ -430,40 +432,79 @@ def test_rotation_accepts_old_and_new_refuses_expired_and_reports_the_key(
 CAP = 1024 * 1024
 
 
-def test_declared_oversized_body_is_refused_without_reading_it(
-    client: httpx.Client, hook_secrets: Secrets
-) -> None:
-    read_before = metric("webhook_body_bytes_received_total", source="generic")
-    body = b"{" + b" " * (30 * CAP) + b"}"
-    headers = standard_headers(
-        hook_secrets.generic, body, msg_id="msg_big", timestamp=int(time.time())
+async def _post_while_reading(
+    edge: EdgeServer, tls: Tls, *, total: int, declare_length: bool
+) -> tuple[int, dict[str, object], int]:
+    """POST `total` bytes to the 1 MiB source while reading the answer, as curl does.
+
+    Returns the status, the JSON body and how many body bytes this client managed to send
+    before the gateway answered and closed.
+    """
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", edge.port, ssl=tls.client_context(), server_hostname="localhost"
     )
-    response = client.post("/webhooks/generic", content=body, headers=headers)
-    assert_error(response, 413, "MHV-305")
-    assert metric("webhook_body_bytes_received_total", source="generic") == read_before
+    framing = f"Content-Length: {total}" if declare_length else "Transfer-Encoding: chunked"
+    writer.write(
+        (
+            "POST /webhooks/generic HTTP/1.1\r\nHost: localhost\r\n"
+            f"webhook-id: msg_big\r\nwebhook-timestamp: {int(time.time())}\r\n"
+            f"webhook-signature: v1,AAAA\r\n{framing}\r\n\r\n"
+        ).encode()
+    )
+    chunk = b" " * 65536
+    sent = 0
+
+    async def send_body() -> None:
+        nonlocal sent
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while sent < total:
+                piece = chunk if declare_length else b"10000\r\n" + chunk + b"\r\n"
+                writer.write(piece)
+                await writer.drain()
+                sent += len(chunk)
+
+    sender = asyncio.create_task(send_body())
+    try:
+        answer = await asyncio.wait_for(reader.read(65536), 30)
+        while b"\r\n\r\n" not in answer:
+            answer += await asyncio.wait_for(reader.read(65536), 30)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
+        while len(body) < length:
+            body += await asyncio.wait_for(reader.read(65536), 30)
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    status = int(head.split(b" ")[1])
+    return status, json.loads(body), sent
 
 
-def test_streamed_oversized_body_is_cut_at_the_cap(
-    client: httpx.Client, hook_secrets: Secrets
+async def test_declared_oversized_body_is_refused_without_reading_it(
+    edge: EdgeServer, tls: Tls
 ) -> None:
     read_before = metric("webhook_body_bytes_received_total", source="generic")
-    sent = 0
-    chunk = b" " * 65536
+    status, body, sent = await _post_while_reading(edge, tls, total=30 * CAP, declare_length=True)
+    assert (status, body["error_code"]) == (413, "MHV-305")
+    # Refused on Content-Length alone: not one body byte was read.
+    assert metric("webhook_body_bytes_received_total", source="generic") == read_before
+    assert sent < 30 * CAP
 
-    def thirty_mib() -> Iterator[bytes]:
-        nonlocal sent
-        for _ in range(30 * 16):
-            sent += len(chunk)
-            yield chunk
 
-    headers = {
-        "webhook-id": "msg_stream",
-        "webhook-timestamp": str(int(time.time())),
-        "webhook-signature": "v1,AAAA",
-    }
-    # No Content-Length: chunked transfer, so only the stream tells the size.
-    response = client.post("/webhooks/generic", content=thirty_mib(), headers=headers)
-    assert_error(response, 413, "MHV-305")
+async def test_streamed_oversized_body_is_cut_at_the_cap(edge: EdgeServer, tls: Tls) -> None:
+    read_before = metric("webhook_body_bytes_received_total", source="generic")
+    # Chunked transfer: no Content-Length, only the stream tells the size.
+    status, body, sent = await _post_while_reading(edge, tls, total=30 * CAP, declare_length=False)
+    assert (status, body["error_code"]) == (413, "MHV-305")
     read = metric("webhook_body_bytes_received_total", source="generic") - read_before
     # The server read the cap and at most one more transport read, never the 30 MiB.
     assert CAP < read <= CAP + 256 * 1024

@@ -10,11 +10,57 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mhv_common.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
+
+# How long a connection whose request body was refused unread (413) stays open, not reading,
+# before it is closed.
+LINGER_SECONDS = 2.0
+BACKLOG = 2048
+
+
+class _LingeringTransport:
+    """A transport whose close waits, without reading, when the request body was left unread.
+
+    Closing a TCP socket with unread data in its receive buffer makes the kernel send a reset,
+    and a reset can destroy the 413 answer before the sender has read it. So when the gateway
+    refuses a body it has not read, reading is paused (the sender's window fills and it
+    stalls; nothing more is read or buffered) and the socket closes a moment later, after
+    the sender has had time to read the answer.
+    """
+
+    def __init__(self, inner: asyncio.Transport, protocol: H11Protocol) -> None:
+        self._inner = inner
+        self._protocol = protocol
+        self._closing = False
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._protocol.conn.their_state is h11.SEND_BODY:
+            self._inner.pause_reading()
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, self._inner.close)
+        else:
+            self._inner.close()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._inner.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _LingeringH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol over a `_LingeringTransport`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
 
 
 def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
@@ -49,8 +95,12 @@ class HttpsListener:
     """
 
     def __init__(
-        self, app: Any, *, host: str, port: int, tls: ssl.SSLContext, keep_alive_seconds: int = 5
+        self, app: Any, *, host: str, port: int, tls: ssl.SSLContext, keep_alive_seconds: int = 75
     ) -> None:
+        # Idle connections are kept longer than clients and proxies keep theirs (60 s is
+        # common): the side that closes an idle connection must be the one that would reuse
+        # it, or a request sent just as the server closes is lost in transit ("server
+        # disconnected without sending a response").
         self._app = app
         self._host = host
         self._port = port
@@ -80,6 +130,7 @@ class HttpsListener:
         except OSError:
             sock.close()
             raise
+        sock.listen(BACKLOG)
         sock.setblocking(False)
         self._socket = sock
         logger.info("https listener bound", extra={"https_port": self.port})
@@ -91,6 +142,8 @@ class HttpsListener:
         assert self._socket is not None
         config = uvicorn.Config(
             self._app,
+            http=_LingeringH11Protocol,
+            backlog=BACKLOG,
             lifespan="off",
             log_config=None,
             access_log=False,

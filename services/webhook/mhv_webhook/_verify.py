@@ -226,9 +226,7 @@ def verify_standard(
     assert timestamp is not None
     msg_id = headers.get("webhook-id")
     if not msg_id:
-        raise WebhookSignatureInvalidError(
-            "The webhook-id header is missing."
-        )
+        raise WebhookSignatureInvalidError("The webhook-id header is missing.")
     given = _standard_signatures(signature)
     signed = b".".join((msg_id.encode("utf-8"), timestamp.encode("ascii"), body))
     for secret in _active(secrets, now):
