@@ -181,6 +181,12 @@ def _pgbench(url: str, seconds: int, clients: int, folder: Path) -> dict[str, fl
     return {"tps": tps, "latency_ms": latency}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _run(args: argparse.Namespace) -> None:
     from mhv_cli.devstate import DevState
     from mhv_cli.pgcluster import free_port
@@ -235,6 +241,7 @@ async def _run(args: argparse.Namespace) -> None:
             for _ in range(args.clients)
         ]
         started = time.monotonic()
+        cpu_before = _cpu_seconds(gateway.pid)
         latencies: list[float] = []
         statuses: dict[str, int] = {}
         for client in clients:
@@ -244,6 +251,7 @@ async def _run(args: argparse.Namespace) -> None:
             for status, count in result["statuses"].items():
                 statuses[status] = statuses.get(status, 0) + count
         elapsed = time.monotonic() - started
+        gateway_cpu = _cpu_seconds(gateway.pid) - cpu_before
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -262,6 +270,9 @@ async def _run(args: argparse.Namespace) -> None:
         f"  verified deliveries/s: {rate:,.0f} (202 accepted + 200 repeats;"
         f" {DUPLICATE_SHARE:.0%} repeats sent)",
         f"  ack latency p50 / p99: {p50:.1f} ms / {p99:.1f} ms",
+        f"  gateway CPU:           {gateway_cpu:.1f} s,"
+        f" {gateway_cpu / max(verified, 1) * 1000:.2f} ms per verified delivery (one process:"
+        f" at most {verified / max(gateway_cpu, 1e-9):,.0f}/s per fully used core)",
         f"pgbench, same claim-and-enqueue SQL: {args.pgbench_clients} clients, {args.seconds} s",
         f"  transactions/s:        {pg['tps']:,.0f} (latency avg {pg['latency_ms']:.2f} ms)",
         f"ratio gateway / pgbench: {rate / pg['tps']:.2f}",
