@@ -24,25 +24,52 @@ LINGER_SECONDS = 2.0
 BACKLOG = 2048
 
 
-class _LingeringTransport:
-    """A transport whose close waits, without reading, when the request body was left unread.
+class _GatewayTransport:
+    """uvicorn's transport with two changes: writes are corked, and closing may linger.
 
-    Closing a TCP socket with unread data in its receive buffer makes the kernel send a reset,
-    and a reset can destroy the 413 answer before the sender has read it. So when the gateway
-    refuses a body it has not read, reading is paused (the sender's window fills and it
-    stalls; nothing more is read or buffered) and the socket closes a moment later, after
-    the sender has had time to read the answer.
+    Corking: uvicorn writes a response's head and body separately, and over TLS each write
+    becomes its own record and its own send() system call. Writes made within one turn of the
+    event loop are joined and handed over once, so a response costs one record and one call.
+
+    Lingering: closing a TCP socket with unread data in its receive buffer makes the kernel
+    send a reset, and a reset can destroy the 413 answer before the sender has read it. So
+    when the gateway refuses a body it has not read, reading is paused (the sender's window
+    fills and it stalls; nothing more is read or buffered) and the socket closes a moment
+    later, after the sender has had time to read the answer.
     """
 
     def __init__(self, inner: asyncio.Transport, protocol: H11Protocol) -> None:
         self._inner = inner
         self._protocol = protocol
         self._closing = False
+        self._corked: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._corked:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._corked.append(bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def _flush(self) -> None:
+        if self._corked:
+            data = b"".join(self._corked)
+            self._corked.clear()
+            if not self._inner.is_closing():
+                self._inner.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size() + sum(len(c) for c in self._corked)
 
     def close(self) -> None:
         if self._closing:
             return
         self._closing = True
+        self._flush()
         if self._protocol.conn.their_state is h11.SEND_BODY:
             self._inner.pause_reading()
             asyncio.get_running_loop().call_later(LINGER_SECONDS, self._inner.close)
@@ -56,11 +83,11 @@ class _LingeringTransport:
         return getattr(self._inner, name)
 
 
-class _LingeringH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol over a `_LingeringTransport`."""
+class _GatewayH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol over a `_GatewayTransport`."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+        super().connection_made(_GatewayTransport(transport, self))  # type: ignore[arg-type]
 
 
 def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
@@ -142,7 +169,7 @@ class HttpsListener:
         assert self._socket is not None
         config = uvicorn.Config(
             self._app,
-            http=_LingeringH11Protocol,
+            http=_GatewayH11Protocol,
             backlog=BACKLOG,
             lifespan="off",
             log_config=None,
