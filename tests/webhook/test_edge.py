@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import re
 import ssl
 import time
 import uuid
@@ -509,6 +510,41 @@ async def test_streamed_oversized_body_is_cut_at_the_cap(edge: EdgeServer, tls: 
     # The server read the cap and at most one more transport read, never the 30 MiB.
     assert CAP < read <= CAP + 256 * 1024
     assert sent < 30 * CAP
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n",
+        b"POST /webhooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        b"Content-Length: 2\r\n\r\n",
+    ],
+    ids=["oversized-headers", "garbage", "bad-header-name", "conflicting-lengths"],
+)
+async def test_unparseable_http_gets_the_json_400(
+    edge: EdgeServer, tls: Tls, request_bytes: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", edge.port, ssl=tls.client_context(), server_hostname="localhost"
+    )
+    writer.write(request_bytes)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"content-length: *(\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    payload = json.loads(await asyncio.wait_for(reader.readexactly(length), 10))
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+    status = int(head.split(b" ")[1])
+    # The parser refuses what is not HTTP; a large but well-formed header block reaches the
+    # edge, which refuses the unsigned request. Either way: a 4xx with the JSON body.
+    assert 400 <= status < 500, head
+    assert payload["error_code"] in ("MHV-003", "MHV-300")
+    assert set(payload) == {"error_code", "message", "recovery", "documentation"}
+    if status == 400:
+        assert payload["error_code"] == "MHV-003"
 
 
 def test_rate_limit_per_source_429_with_retry_after(

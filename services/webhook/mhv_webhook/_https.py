@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import ssl
@@ -14,7 +15,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mhv_common.errors import ConfigurationError
+from mhv_common.errors import ConfigurationError, ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,28 @@ class _GatewayH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_GatewayTransport(transport, self))  # type: ignore[arg-type]
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer a request HTTP/1.1 itself cannot parse with the catalog's JSON body.
+
+        uvicorn would answer in plain text (and has logged the event already).
+        """
+        error = ValidationError(
+            "The request is not valid HTTP/1.1 (malformed or oversized request line or headers)."
+        )
+        body = json.dumps(error.to_dict()).encode()
+        head = h11.Response(
+            status_code=400,
+            reason=b"Bad Request",
+            headers=[
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        )
+        for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
 
 
 def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
