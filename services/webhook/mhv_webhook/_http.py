@@ -139,9 +139,9 @@ class WebhookEdge:
         logger.error("unhandled exception at the HTTPS edge", exc_info=exc)
         return error_response(InternalError())
 
-    async def _read_body(self, request: Request, source: Source) -> bytes:
+    async def _read_body(self, request: Request, headers: HeaderView, source: Source) -> bytes:
         cap = source.body_cap_bytes
-        declared = HeaderView(request.scope["headers"]).get("content-length")
+        declared = headers.get("content-length")
         if declared is not None:
             if not _DIGITS.match(declared):
                 raise ValidationError(
@@ -203,7 +203,7 @@ class WebhookEdge:
                         f"Rate limit {decision.limit} for source {source.name} exceeded.",
                         retry_after=decision.retry_after,
                     )
-                body = await self._read_body(request, source)
+                body = await self._read_body(request, headers, source)
                 ctx.deadline = time.monotonic() + self._ack_deadline
                 outgoing: dict[str, str] = {}
                 propagate.inject(outgoing)

@@ -114,6 +114,6 @@ def build_sources(
             verifier=verifier,
             body_cap_bytes=entry.body_cap_bytes,
             limiter=limiter,
-            kept_headers=tuple(getattr(verifier, "kept_headers", ())),
+            kept_headers=verifier.kept_headers,
         )
     return sources

@@ -244,6 +244,7 @@ class Verifier(Protocol):
     """A sender scheme's check of one request."""
 
     scheme: str
+    kept_headers: tuple[str, ...]
 
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Authenticate the raw request and extract its delivery id.
@@ -271,8 +272,8 @@ def _body_digest(body: bytes) -> tuple[str, str]:
 class GitHubVerifier:
     """GitHub: HMAC-SHA256 of the body in ``X-Hub-Signature-256``."""
 
-    scheme = "github"
-    kept_headers = (
+    scheme: str = "github"
+    kept_headers: tuple[str, ...] = (
         "content-type",
         "user-agent",
         "x-github-hook-id",
@@ -316,8 +317,8 @@ class GitHubVerifier:
 class GitLabVerifier:
     """GitLab: secret token and/or signing token (Standard Webhooks form)."""
 
-    scheme = "gitlab"
-    kept_headers = (
+    scheme: str = "gitlab"
+    kept_headers: tuple[str, ...] = (
         "content-type",
         "user-agent",
         "x-gitlab-instance",
@@ -391,8 +392,8 @@ class GitLabVerifier:
 class StandardVerifier:
     """Standard Webhooks v1."""
 
-    scheme = "standard"
-    kept_headers = ("content-type", "user-agent")
+    scheme: str = "standard"
+    kept_headers: tuple[str, ...] = ("content-type", "user-agent")
 
     def __init__(self, secrets: Sequence[Secret], *, window: FreshnessWindow) -> None:
         self._secrets = tuple(secrets)
