@@ -31,6 +31,7 @@ import json
 import os
 import random
 import re
+import resource
 import secrets
 import ssl
 import statistics
@@ -114,7 +115,9 @@ async def _client(port: int, ca: str, key: bytes, seconds: float, connections: i
             for _ in range(connections)
         )
     )
-    print(json.dumps({"latencies": latencies, "statuses": statuses}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    print(json.dumps({"latencies": latencies, "statuses": statuses, "cpu": cpu}))
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -245,10 +248,12 @@ async def _run(args: argparse.Namespace) -> None:
         cpu_before = _cpu_seconds(gateway.pid)
         latencies: list[float] = []
         statuses: dict[str, int] = {}
+        client_cpu = 0.0
         for client in clients:
             out, _ = await client.communicate()
             result = json.loads(out)
             latencies += result["latencies"]
+            client_cpu += result["cpu"]
             for status, count in result["statuses"].items():
                 statuses[status] = statuses.get(status, 0) + count
         elapsed = time.monotonic() - started
@@ -274,6 +279,7 @@ async def _run(args: argparse.Namespace) -> None:
         f"  gateway CPU:           {gateway_cpu:.1f} s,"
         f" {gateway_cpu / max(verified, 1) * 1000:.2f} ms per verified delivery (one process:"
         f" at most {verified / max(gateway_cpu, 1e-9):,.0f}/s per fully used core)",
+        f"  client processes' CPU: {client_cpu:.1f} s (load generation shares the cores)",
         f"pgbench, same claim-and-enqueue SQL: {args.pgbench_clients} clients, {args.seconds} s",
         f"  transactions/s:        {pg['tps']:,.0f} (latency avg {pg['latency_ms']:.2f} ms)",
         f"ratio gateway / pgbench: {rate / pg['tps']:.2f}",

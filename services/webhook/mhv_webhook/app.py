@@ -74,7 +74,11 @@ def build(
         now=clock(),
     )
     tls = tls_context(settings.webhook_tls_cert_file, settings.webhook_tls_key_file)
-    db = Database.for_service(settings, dsn=settings.webhook_database_url, name="webhook")
+    # The gateway never changes session state, so connections skip asyncpg's reset query on
+    # release: one round trip per acknowledgement instead of two.
+    db = Database.for_service(
+        settings, dsn=settings.webhook_database_url, name="webhook", reset_sessions=False
+    )
     inbox = Inbox(db)
     edge = WebhookEdge(
         sources,
