@@ -69,7 +69,7 @@ def rows_for(edge: EdgeServer, source: str, delivery_id: str) -> int:
 # --- Standard Webhooks: the official vectors ----------------------------------------------
 
 
-def test_signing_helper_reproduces_the_official_vector() -> None:
+def test_test_signer_reproduces_the_official_vector() -> None:
     assert (
         standard_signature(OFFICIAL_SECRET, VECTOR_ID, VECTOR_TIMESTAMP, VECTOR_BODY)
         == VECTOR_SIGNATURE
