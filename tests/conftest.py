@@ -15,6 +15,7 @@ from tests.harness import (
     ServiceProcess,
     service_env,
     start_order_ports,
+    webhook_env,
 )
 
 
@@ -67,6 +68,7 @@ async def services(
         "MHV_WEBHOOK_HTTPS_PORT": str(ports["webhook_https"]),
         "MHV_AUDIT_TARGET": f"127.0.0.1:{ports['audit_grpc']}",
         "MHV_TASK_TARGET": f"127.0.0.1:{ports['task_grpc']}",
+        **webhook_env(Path(tmp_path_factory.mktemp("webhook-state"))),
     }
     env = service_env(deployment, keys, common)
     running = Services(

@@ -287,6 +287,22 @@ def service_env(
     return env
 
 
+def webhook_env(folder: Path) -> dict[str, str]:
+    """A throw-away TLS certificate and secrets for the gateway's default sources."""
+    from mhv_cli.devstate import DEFAULT_WEBHOOK_SOURCES, DevState
+
+    state = DevState(folder)
+    state.ensure_tls()
+    env = {
+        "MHV_WEBHOOK_TLS_CERT_FILE": str(state.tls_cert),
+        "MHV_WEBHOOK_TLS_KEY_FILE": str(state.tls_key),
+    }
+    for source, secret in state.secrets()["webhook_secrets"].items():
+        if source in DEFAULT_WEBHOOK_SOURCES:
+            env[f"MHV_WEBHOOK_SECRETS_{source.upper()}"] = str(secret)
+    return env
+
+
 def start_order_ports() -> dict[str, int]:
     """Free ports for one set of services."""
     return {

@@ -110,6 +110,9 @@ class WebhookSettings(CommonSettings):
     webhook_dedup_retention_seconds: int = 4 * 24 * 3600
     webhook_past_window_seconds: int = 300
     webhook_future_window_seconds: int = 30
+    webhook_dedup_purge_interval_seconds: float = 3600.0
+    webhook_gauge_interval_seconds: float = 15.0
+    webhook_body_timeout_seconds: float = 30.0
 
 
 # --- settings/repos.yaml --------------------------------------------------------------------

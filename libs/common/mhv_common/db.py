@@ -68,6 +68,11 @@ class Database:
         max_size: Upper bound on connections.
         acquire_timeout: Longest wait for a free connection when no deadline is tighter.
         statement_timeout: Server-side backstop for any single statement, in seconds.
+        reset_sessions: Run asyncpg's session reset (``RESET ALL``, ``UNLISTEN *``, advisory
+            unlock, ...) each time a connection returns to the pool. That is one more round
+            trip per checkout. Off by default: our services never change session state (no
+            ``SET`` without ``LOCAL``, no ``LISTEN``, no session advisory locks); code that does
+            must turn it on. Open transactions are rolled back on release either way.
     """
 
     def __init__(
@@ -79,8 +84,10 @@ class Database:
         max_size: int = 10,
         acquire_timeout: float = 5.0,
         statement_timeout: float = 30.0,
+        reset_sessions: bool = False,
     ) -> None:
         self._dsn = dsn
+        self._reset_sessions = reset_sessions
         self._name = name
         self._min_size = min_size
         self._max_size = max_size
@@ -91,11 +98,14 @@ class Database:
         DATABASE_POOL_SIZE.labels(database="postgresql", pool=name).set(max_size)
 
     @classmethod
-    def for_service(cls, settings: CommonSettings, *, dsn: str, name: str) -> Database:
+    def for_service(
+        cls, settings: CommonSettings, *, dsn: str, name: str, reset_sessions: bool = False
+    ) -> Database:
         """A pool sized and bounded by the service's settings."""
         return cls(
             dsn,
             name=name,
+            reset_sessions=reset_sessions,
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             acquire_timeout=settings.db_acquire_timeout_seconds,
@@ -119,7 +129,7 @@ class Database:
                 timeout=timeout,
                 command_timeout=self._statement_timeout,
                 init=_init_connection,
-                reset=_keep_session,
+                reset=None if self._reset_sessions else _keep_session,
                 server_settings={
                     "application_name": f"mahavishnu-{self._name}",
                     "statement_timeout": str(int(self._statement_timeout * 1000)),
@@ -242,12 +252,8 @@ class Database:
             await self._release(conn)
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    # asyncpg's default reset runs RESET ALL, UNLISTEN, CLOSE ALL and advisory unlocks on every
-    # release: a round trip per request. Our code never changes session state outside a
-    # transaction (only SET LOCAL), and asyncpg itself still rolls back an open transaction
-    # before calling this, so there is nothing to reset.
-    return None
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool reset hook that leaves the session as it is (see ``reset_sessions``)."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

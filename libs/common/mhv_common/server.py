@@ -209,7 +209,9 @@ async def serve_forever(
         definition: The service.
         settings: Its settings.
         extra: Additional servers to run beside gRPC (the webhook HTTPS edge); each receives
-            the stop event and must return after it is set.
+            the stop event and must return after it is set. One that ends before the stop
+            event (it crashed, or lost its listener) stops the whole service, which then exits
+            with status 1: a process serving only half its listeners must not look healthy.
     """
     logs.configure(
         f"mahavishnu-{definition.name}", level=settings.log_level, fmt=settings.log_format
@@ -221,8 +223,19 @@ async def serve_forever(
     running = RunningService(definition, settings)
     await running.start()
     extra_tasks = [asyncio.create_task(run(stop)) for run in extra]
-    await stop.wait()
+    stop_wait = asyncio.create_task(stop.wait())
+    await asyncio.wait([stop_wait, *extra_tasks], return_when=asyncio.FIRST_COMPLETED)
+    failed = not stop.is_set()
+    if failed:
+        for task in extra_tasks:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                logger.error("a listener stopped unexpectedly; stopping", exc_info=error)
+        stop.set()
+    await stop_wait
     logger.info("shutdown requested")
     if extra_tasks:
         await asyncio.gather(*extra_tasks, return_exceptions=True)
     await running.stop()
+    if failed:
+        raise SystemExit(1)

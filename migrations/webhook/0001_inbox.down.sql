@@ -1,0 +1,3 @@
+DROP TABLE IF EXISTS saga_log;
+DROP TABLE IF EXISTS deliveries;
+DROP TABLE IF EXISTS dedup;

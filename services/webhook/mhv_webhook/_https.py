@@ -1,0 +1,223 @@
+"""The TLS listener: uvicorn serving the edge on a socket bound at start-up, TLS 1.2 minimum."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import ssl
+from pathlib import Path
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from mhv_common.errors import ConfigurationError, ValidationError
+
+logger = logging.getLogger(__name__)
+
+# How long a connection whose request body was refused unread (413) stays open, not reading,
+# before it is closed.
+LINGER_SECONDS = 2.0
+BACKLOG = 2048
+
+
+class _GatewayTransport:
+    """uvicorn's transport with two changes: writes are corked, and closing may linger.
+
+    Corking: uvicorn writes a response's head and body separately, and over TLS each write
+    becomes its own record and its own send() system call. Writes made within one turn of the
+    event loop are joined and handed over once, so a response costs one record and one call.
+
+    Lingering: closing a TCP socket with unread data in its receive buffer makes the kernel
+    send a reset, and a reset can destroy the 413 answer before the sender has read it. So
+    when the gateway refuses a body it has not read, reading is paused (the sender's window
+    fills and it stalls; nothing more is read or buffered) and the socket closes a moment
+    later, after the sender has had time to read the answer.
+    """
+
+    def __init__(self, inner: asyncio.Transport, protocol: H11Protocol) -> None:
+        self._inner = inner
+        self._protocol = protocol
+        self._closing = False
+        self._corked: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._corked:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._corked.append(bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def _flush(self) -> None:
+        if self._corked:
+            data = b"".join(self._corked)
+            self._corked.clear()
+            if not self._inner.is_closing():
+                self._inner.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size() + sum(len(c) for c in self._corked)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._flush()
+        if self._protocol.conn.their_state is h11.SEND_BODY:
+            self._inner.pause_reading()
+            asyncio.get_running_loop().call_later(LINGER_SECONDS, self._inner.close)
+        else:
+            self._inner.close()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._inner.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _GatewayH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol over a `_GatewayTransport`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_GatewayTransport(transport, self))  # type: ignore[arg-type]
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer a request HTTP/1.1 itself cannot parse with the catalog's JSON body.
+
+        uvicorn would answer in plain text (and has logged the event already).
+        """
+        error = ValidationError(
+            "The request is not valid HTTP/1.1 (malformed or oversized request line or headers)."
+        )
+        body = json.dumps(error.to_dict()).encode()
+        head = h11.Response(
+            status_code=400,
+            reason=b"Bad Request",
+            headers=[
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        )
+        for event in (head, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
+def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext:
+    """A server TLS context refusing anything older than TLS 1.2.
+
+    Raises:
+        ConfigurationError: Certificate or key unset, unreadable or not matching.
+
+    """
+    if cert_file is None or key_file is None:
+        raise ConfigurationError(
+            "MHV_WEBHOOK_TLS_CERT_FILE and MHV_WEBHOOK_TLS_KEY_FILE must name the gateway's "
+            "certificate and key (PEM); `mhv up` creates a self-signed pair."
+        )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"Cannot load the gateway's TLS certificate {cert_file.name} with key {key_file.name}."
+        ) from exc
+    return ctx
+
+
+class HttpsListener:
+    """Serves an ASGI app over TLS until the service's stop event is set.
+
+    The socket is bound by `bind` during service start-up, so a port that cannot be had stops
+    the service before it reports healthy.
+    """
+
+    def __init__(
+        self, app: Any, *, host: str, port: int, tls: ssl.SSLContext, keep_alive_seconds: int = 75
+    ) -> None:
+        # Idle connections are kept longer than clients and proxies keep theirs (60 s is
+        # common): the side that closes an idle connection must be the one that would reuse
+        # it, or a request sent just as the server closes is lost in transit ("server
+        # disconnected without sending a response").
+        self._app = app
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self._keep_alive = keep_alive_seconds
+        self._socket: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when 0 was asked for)."""
+        if self._socket is None:
+            return 0
+        return int(self._socket.getsockname()[1])
+
+    def bind(self) -> None:
+        """Bind the listening socket.
+
+        Raises:
+            OSError: The address is in use or not allowed.
+
+        """
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        self._socket = sock
+        logger.info("https listener bound", extra={"https_port": self.port})
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; return after in-flight requests finished."""
+        if self._socket is None:
+            self.bind()
+        assert self._socket is not None
+        config = uvicorn.Config(
+            self._app,
+            http=_GatewayH11Protocol,
+            backlog=BACKLOG,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            timeout_keep_alive=self._keep_alive,
+            ssl_context_factory=lambda _config, _default: self._tls,
+        )
+        server = uvicorn.Server(config)
+
+        async def request_exit() -> None:
+            await stop.wait()
+            server.should_exit = True
+
+        watcher = asyncio.create_task(request_exit())
+        try:
+            # Server.serve() would install its own SIGTERM/SIGINT handlers and take shutdown
+            # away from the service runtime, which stops the listeners in a fixed order; the
+            # inner _serve runs the same start-up, loop and graceful shutdown without them.
+            await server._serve(sockets=[self._socket])
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            self._socket.close()
+        if not stop.is_set():
+            raise RuntimeError("the HTTPS listener stopped on its own")

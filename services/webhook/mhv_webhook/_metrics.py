@@ -1,0 +1,56 @@
+"""Prometheus metrics of the webhook gateway (read in docs/runbooks/webhook-security.md).
+
+Labels stay bounded: ``source`` is a declared source name or ``unknown``, never a path an
+attacker chose.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "bad_signature",
+    "bad_timestamp",
+    "malformed",
+    "too_large",
+    "rate_limited",
+    "error",
+)
+
+REQUESTS = Counter(
+    "webhook_requests_total",
+    "HTTP requests to the webhook gateway, by status code.",
+    ["source", "code"],
+)
+DELIVERIES = Counter(
+    "webhook_deliveries_total", "Webhook deliveries by outcome.", ["source", "outcome"]
+)
+ACK_DURATION = Histogram(
+    "webhook_ack_duration_seconds",
+    "Time from the request's arrival to its answer (202 only after the inbox commit).",
+    ["source"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+SECRET_MATCHES = Counter(
+    "webhook_secret_matches_total",
+    "Verified requests by the secret that matched (its id, or its position: 0 = newest).",
+    ["source", "key"],
+)
+DUPLICATES = Counter(
+    "webhook_duplicates_total",
+    "Repeated deliveries, by what was recognised: delivery_id (a sender retry) or body "
+    "(the same signed body under a new id: a replay).",
+    ["source", "matched"],
+)
+BODY_BYTES = Counter(
+    "webhook_body_bytes_received_total",
+    "Request body bytes the gateway read (at most the source's cap per request).",
+    ["source"],
+)
+INBOX_DEPTH = Gauge("webhook_inbox_depth", "Inbox deliveries in each open state.", ["state"])
+INBOX_LAG = Gauge(
+    "webhook_inbox_lag_seconds", "Age of the oldest delivery still pending (0 when none)."
+)
+DEDUP_PURGED = Counter("webhook_dedup_purged_total", "Dedup records deleted after their retention.")

@@ -1,0 +1,264 @@
+"""The real gateway process: concurrency from several client processes, fail-closed start-up,
+TLS versions, the purge job, trace context, metrics and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.harness import ROOT, Deployment, Keys
+from tests.webhook.conftest import (
+    PROCESS_SOURCES,
+    GatewayProcess,
+    Secrets,
+    Tls,
+    gateway_env,
+    running_gateway,
+)
+from tests.webhook.signing import github_headers, standard_headers
+
+pytestmark = pytest.mark.slow
+
+
+def _client(tls: Tls) -> httpx.AsyncClient:
+    return httpx.AsyncClient(verify=tls.client_context(), timeout=30)
+
+
+async def test_thousand_identical_deliveries_from_several_processes_make_one_row(
+    gateway: GatewayProcess,
+    tls: Tls,
+    hook_secrets: Secrets,
+    webhook_db: asyncpg.Connection,
+    tmp_path: Path,
+) -> None:
+    body = json.dumps({"action": "opened", "issue": {"number": 7}, "n": uuid.uuid4().hex}).encode()
+    delivery = str(uuid.uuid4())
+    request = tmp_path / "request.json"
+    request.write_text(
+        json.dumps(
+            {
+                "headers": github_headers(hook_secrets.github, body, delivery=delivery),
+                "body_hex": body.hex(),
+            }
+        )
+    )
+    processes, per_process = 4, 250
+    senders = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.webhook.sender",
+            f"{gateway.url}/webhooks/github",
+            str(tls.cert),
+            str(request),
+            str(per_process),
+            "50",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(processes)
+    ]
+    statuses: list[int] = []
+    for sender in senders:
+        out, _ = await sender.communicate()
+        assert sender.returncode == 0
+        statuses += json.loads(out)
+    assert len(statuses) == processes * per_process
+    assert all(s in (200, 202) for s in statuses), sorted(set(statuses))
+    assert statuses.count(202) == 1
+    assert (
+        await webhook_db.fetchval(
+            "SELECT count(*) FROM deliveries WHERE source = 'github' AND delivery_id = $1", delivery
+        )
+        == 1
+    )
+
+
+async def test_purge_job_removes_only_expired_dedup_records(
+    gateway: GatewayProcess, webhook_db: asyncpg.Connection
+) -> None:
+    expired, kept = f"purge-old-{uuid.uuid4()}", f"purge-new-{uuid.uuid4()}"
+    await webhook_db.execute(
+        "INSERT INTO dedup (source, key_kind, key, received_at) VALUES"
+        " ('github', 'delivery_id', $1, now() - interval '4 days 1 minute'),"
+        " ('github', 'delivery_id', $2, now() - interval '3 days 23 hours')",
+        expired,
+        kept,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not await webhook_db.fetchval("SELECT count(*) FROM dedup WHERE key = $1", expired):
+            break
+        await asyncio.sleep(0.2)
+    assert await webhook_db.fetchval("SELECT count(*) FROM dedup WHERE key = $1", expired) == 0
+    assert await webhook_db.fetchval("SELECT count(*) FROM dedup WHERE key = $1", kept) == 1
+
+
+async def test_trace_context_and_metrics(
+    gateway: GatewayProcess, tls: Tls, hook_secrets: Secrets, webhook_db: asyncpg.Connection
+) -> None:
+    body = json.dumps({"type": "issue.created", "n": uuid.uuid4().hex}).encode()
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    trace_id = uuid.uuid4().hex
+    headers = standard_headers(
+        hook_secrets.generic, body, msg_id=msg_id, timestamp=int(time.time())
+    )
+    headers["traceparent"] = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    async with _client(tls) as client:
+        response = await client.post(
+            f"{gateway.url}/webhooks/generic", content=body, headers=headers
+        )
+        assert response.status_code == 202, response.text
+        bad = await client.post(
+            f"{gateway.url}/webhooks/generic",
+            content=body,
+            headers={**headers, "webhook-signature": "v1,AAAA"},
+        )
+        assert bad.status_code == 401
+    row = await webhook_db.fetchrow(
+        "SELECT event, traceparent FROM deliveries WHERE id = $1", uuid.UUID(response.json()["id"])
+    )
+    assert row["event"] == "issue.created"
+    # Stored trace context continues the sender's trace.
+    assert row["traceparent"].split("-")[1] == trace_id
+    deadline = time.monotonic() + 15
+    text = ""
+    async with httpx.AsyncClient() as plain:
+        while time.monotonic() < deadline:
+            text = (await plain.get(gateway.metrics_url)).text
+            if 'webhook_inbox_depth{state="pending"}' in text and "database_size_bytes" in text:
+                break
+            await asyncio.sleep(0.3)
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['webhook_requests_total{code="202",source="generic"}'] >= 1
+    assert samples['webhook_requests_total{code="401",source="generic"}'] >= 1
+    assert samples['webhook_deliveries_total{outcome="accepted",source="generic"}'] >= 1
+    assert samples['webhook_deliveries_total{outcome="bad_signature",source="generic"}'] >= 1
+    assert samples['webhook_ack_duration_seconds_count{source="generic"}'] >= 2
+    assert samples['webhook_secret_matches_total{key="0",source="generic"}'] >= 1
+    assert samples['webhook_inbox_depth{state="pending"}'] >= 1
+    assert samples["webhook_inbox_lag_seconds"] >= 0
+    assert samples['database_size_bytes{schema="webhook"}'] > 0
+
+
+async def test_tls_1_2_is_the_minimum(gateway: GatewayProcess, tls: Tls) -> None:
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = tls.client_context()
+        ctx.minimum_version = ctx.maximum_version = version
+        async with httpx.AsyncClient(verify=ctx) as client:
+            assert (await client.get(f"{gateway.url}/healthz")).status_code == 200
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(tls.cert)
+    # Lowering the security level lets this client offer TLS 1.0/1.1 at all, so the refusal
+    # comes from the gateway (an alert or a closed connection), not from the client's own
+    # "no protocols available".
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError) as refused:
+        await asyncio.to_thread(_handshake, old, gateway.https_port)
+    assert refused.value.reason in (
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "UNEXPECTED_EOF_WHILE_READING",
+    ), refused.value
+    # Plain HTTP on the TLS port gets no answer.
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.HTTPError):
+            await client.get(f"http://127.0.0.1:{gateway.https_port}/healthz")
+
+
+def _handshake(ctx: ssl.SSLContext, port: int) -> None:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls_sock,
+    ):
+        tls_sock.do_handshake()
+
+
+def _start_and_wait(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mhv_webhook"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def process_env(
+    deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+) -> dict[str, str]:
+    sources = tmp_path / "webhooks.yaml"
+    sources.write_text(PROCESS_SOURCES)
+    return gateway_env(deployment, keys, tls, hook_secrets, sources)
+
+
+def test_start_refused_without_a_secret(process_env: dict[str, str]) -> None:
+    env = {k: v for k, v in process_env.items() if k != "MHV_WEBHOOK_SECRETS_GITLAB"}
+    result = _start_and_wait(env)
+    assert result.returncode == 1
+    assert "MHV-001" in result.stderr and "MHV_WEBHOOK_SECRETS_GITLAB is not set" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MHV_WEBHOOK_SECRETS_GENERIC", "plain-text-secret-0123456789", "whsec_"),
+        ("MHV_WEBHOOK_SECRETS_GITHUB", "s3cr3tX", "shorter than 16 bytes"),
+        (
+            "MHV_WEBHOOK_SECRETS_GITHUB",
+            "0123456789abcdef0123;expires=2020-01-01T00:00:00Z",
+            "every secret has expired",
+        ),
+        ("MHV_WEBHOOK_SECRETS_GITHUB", "0123456789abcdef0123;expires=soon", "ISO 8601"),
+        ("MHV_WEBHOOK_TLS_CERT_FILE", "/nonexistent/cert.pem", "TLS certificate"),
+    ],
+)
+def test_start_refused_with_unusable_configuration(
+    process_env: dict[str, str], variable: str, value: str, message: str
+) -> None:
+    result = _start_and_wait({**process_env, variable: value})
+    assert result.returncode == 1
+    assert message in result.stderr
+    # The secret itself never appears in the output.
+    if variable.startswith("MHV_WEBHOOK_SECRETS_"):
+        assert value.split(";")[0] not in result.stderr
+
+
+def test_https_port_in_use_stops_the_process(process_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**process_env, "MHV_WEBHOOK_HTTPS_PORT": str(taken.getsockname()[1])}
+        result = _start_and_wait(env)
+    assert result.returncode != 0
+
+
+async def test_sigterm_stops_cleanly(process_env: dict[str, str], tls: Tls, tmp_path: Path) -> None:
+    async with running_gateway(process_env, tmp_path / "gw.log") as running:
+        async with _client(tls) as client:
+            assert (await client.get(f"{running.url}/healthz")).status_code == 200
+        assert running.process.stop() == 0
+    # Nothing listens any more.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", running.https_port), timeout=2).close()
