@@ -40,6 +40,7 @@ run: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/python -m mhv_tools.gen_protos
 	$(BIN)/python -m mhv_tools.gen_error_docs
+	$(BIN)/python -m mhv_tools.gen_rules
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
