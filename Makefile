@@ -41,6 +41,7 @@ generate: $(STAMP)
 	$(BIN)/python -m mhv_tools.gen_protos
 	$(BIN)/python -m mhv_tools.gen_error_docs
 	$(BIN)/python -m mhv_tools.gen_rules
+	$(BIN)/python -m mhv_tools.gen_dashboards
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
