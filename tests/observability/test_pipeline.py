@@ -6,7 +6,7 @@ generated rules; every rule must evaluate without error, every recorded series a
 dashboard panel query must return data, and the always-firing Watchdog must travel from
 Prometheus through a real Alertmanager to the heartbeat receiver.
 
-The same `Prometheus` helper and `panel_queries` serve the test against the running services,
+The same `Prometheus` fixture and `panel_queries` serve the test against the running services,
 which drives real traffic instead of the exporters.
 """
 

@@ -843,7 +843,7 @@ def expected() -> dict[Path, str]:
     return {DASHBOARDS_DIR / name: render(build()) for name, build in BUILDERS.items()}
 
 
-# Helpers for tests and tools that read the committed dashboards.
+# Reading the committed dashboards, for tests and tools.
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,6 @@ JOBS = {
 
 # Severity is the one label Alertmanager routes on (deploy/alertmanager/alertmanager.yml).
 Severity = Literal["page", "warning", "ticket", "none"]
-SEVERITIES: tuple[Severity, ...] = ("page", "warning", "ticket", "none")
 
 # SLI windows computed from raw counters, and those computed from the recorded 5m rates.
 RAW_WINDOWS = ("5m", "30m", "1h", "2h", "6h")
