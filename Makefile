@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install run test lint typecheck buflint generate check-generated lock audit-deps clean
+.PHONY: help install monitoring-tools run test lint typecheck buflint generate check-generated lock audit-deps clean
 
 help:
 	@echo "make run       start task, audit and webhook services (and a private PostgreSQL"
@@ -29,12 +29,19 @@ proto/node_modules/.installed: proto/package.json proto/package-lock.json
 	cd proto && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The tests run the real promtool, prometheus, amtool and alertmanager: Debian's prometheus (2.42)
+# and prometheus-alertmanager (0.25), installed with apt-get when missing.
+monitoring-tools:
+	./deploy/install-tools.sh
+
 run: $(STAMP)
 	$(BIN)/mhv up
 
 generate: $(STAMP)
 	$(BIN)/python -m mhv_tools.gen_protos
 	$(BIN)/python -m mhv_tools.gen_error_docs
+	$(BIN)/python -m mhv_tools.gen_rules
+	$(BIN)/python -m mhv_tools.gen_dashboards
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -47,7 +54,7 @@ typecheck: $(STAMP)
 buflint: proto/node_modules/.installed
 	cd proto && npx --no-install buf lint
 
-test: install lint typecheck buflint
+test: install monitoring-tools lint typecheck buflint
 	$(BIN)/pytest
 
 lock:

@@ -7,12 +7,11 @@ page is missing, stale, or left over from a removed code.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from mhv_common._catalog import CATALOG, ErrorSpec
+from mhv_tools._generated import ROOT, sync
 
-ROOT = Path(__file__).resolve().parents[3]
 DOCS = ROOT / "docs" / "errors"
 NOTICE = "<!-- Generated from libs/common/mhv_common/_catalog.py by `make generate`. -->\n"
 
@@ -87,19 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    want = expected()
-    have = {p: p.read_text() for p in DOCS.glob("*.md")} if DOCS.exists() else {}
-    if args.check:
-        drift = sorted(p.name for p in set(want) | set(have) if want.get(p) != have.get(p))
-        for path in drift:
-            print(f"stale: docs/errors/{path}", file=sys.stderr)
-        return 1 if drift else 0
-    DOCS.mkdir(parents=True, exist_ok=True)
-    for path in set(have) - set(want):
-        path.unlink()
-    for path, text in want.items():
-        path.write_text(text)
-    return 0
+    return sync(expected(), DOCS, "*.md", check=args.check)
 
 
 if __name__ == "__main__":
