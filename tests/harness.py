@@ -278,6 +278,11 @@ def service_env(
 ) -> dict[str, str]:
     """Environment for a service process of this deployment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MHV_", "OTEL_"))}
+    # No test process may reach a service on the default ports (a developer's `mhv up`):
+    # unless a test names them, downstream targets point at a closed port, and the gateway
+    # only receives (no saga workers).
+    env["MHV_TASK_TARGET"] = env["MHV_AUDIT_TARGET"] = "127.0.0.1:1"
+    env["MHV_WEBHOOK_WORKERS"] = "0"
     env.update(deployment.env())
     env.update(keys.env())
     env["MHV_RATE_LIMITS"] = RELAXED_LIMITS

@@ -199,6 +199,7 @@ def edge_settings(deployment: Deployment, tls: Tls, sources_file: Path) -> Webho
         webhook_tls_key_file=tls.key,
         webhook_https_port=0,
         webhook_body_timeout_seconds=5,
+        webhook_workers=0,
         db_pool_min_size=1,
         db_pool_max_size=8,
     )

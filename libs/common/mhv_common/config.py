@@ -113,6 +113,12 @@ class WebhookSettings(CommonSettings):
     webhook_dedup_purge_interval_seconds: float = 3600.0
     webhook_gauge_interval_seconds: float = 15.0
     webhook_body_timeout_seconds: float = 30.0
+    webhook_saga_lease_seconds: float = 30.0
+    webhook_saga_max_attempts: int = 8
+    webhook_saga_retry_base_seconds: float = 1.0
+    webhook_saga_poll_seconds: float = 0.2
+    # Fault injection for crash tests only: SIGKILL the gateway after this saga step commits.
+    webhook_saga_crash_after: str = ""
 
 
 # --- settings/repos.yaml --------------------------------------------------------------------

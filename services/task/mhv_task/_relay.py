@@ -119,6 +119,7 @@ class OutboxRelay:
                     audit_pb2.RecordEventsRequest(events=[to_record(r) for r in rows]),
                     timeout=context.time_left(cap=self._rpc_timeout),
                     metadata=self._credentials.metadata(),
+                    wait_for_ready=True,
                 )
                 await store.mark_delivered(conn, [r["id"] for r in rows])
         OUTBOX_DELIVERED.inc(len(rows))

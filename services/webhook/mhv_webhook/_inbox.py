@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+import asyncpg
 
 from mhv_common.db import Database
 
@@ -242,3 +245,229 @@ class Inbox:
         depth = dict.fromkeys(OPEN_STATES, 0)
         depth.update({r["state"]: int(r["n"]) for r in rows})
         return InboxStats(depth, float(lag), int(size))
+
+
+# --- saga processing -------------------------------------------------------------------------
+
+_CLAIM_SQL = """
+WITH next AS (
+    SELECT id FROM deliveries
+    WHERE state IN ('pending', 'processing') AND next_attempt_at <= now()
+      AND (leased_until IS NULL OR leased_until < now())
+    ORDER BY next_attempt_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d
+SET state = 'processing', leased_by = $1, leased_until = now() + make_interval(secs => $2),
+    attempts = d.attempts + 1, updated_at = now()
+FROM next
+WHERE d.id = next.id
+RETURNING d.id, d.source, d.event, d.action, d.body, d.traceparent, d.tracestate, d.attempts
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery a worker leased, with what its saga has done so far."""
+
+    id: uuid.UUID
+    source: str
+    event: str
+    action: str
+    body: bytes
+    traceparent: str | None
+    tracestate: str | None
+    attempts: int
+    step: str
+    saga_state: str
+    task_id: int | None
+    user_id: uuid.UUID | None
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRow:
+    """The saga log row, read under its lock."""
+
+    step: str
+    state: str
+    task_id: int | None
+    user_id: uuid.UUID | None
+    idempotency_key: str
+
+
+class LeaseLost(Exception):
+    """Another worker holds the delivery now (ours expired); stop working on it."""
+
+
+class SagaStep:
+    """One saga step, inside a transaction that holds the saga log row (FOR UPDATE)."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        delivery: uuid.UUID,
+        worker: str,
+        lease: float,
+        saga: SagaRow,
+    ) -> None:
+        self._conn = conn
+        self._delivery = delivery
+        self._worker = worker
+        self._lease = lease
+        self.saga = saga
+
+    async def record(
+        self,
+        step: str,
+        *,
+        task_id: int | None = None,
+        user_id: uuid.UUID | None = None,
+        link: tuple[str, str] | None = None,
+        state: str = "running",
+    ) -> None:
+        """Record the step as done (committed with the transaction) and renew the lease."""
+        conn = self._conn
+        await conn.execute(
+            "UPDATE saga_log SET step = $2, state = $3, task_id = coalesce($4, task_id),"
+            " user_id = coalesce($5, user_id), updated_at = now() WHERE delivery_id = $1",
+            self._delivery,
+            step,
+            state,
+            task_id,
+            user_id,
+        )
+        if link is not None:
+            await conn.execute(
+                "INSERT INTO issue_links (source, external_key, task_id, delivery)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (source, external_key) DO UPDATE"
+                " SET task_id = EXCLUDED.task_id, delivery = EXCLUDED.delivery,"
+                " updated_at = now()",
+                link[0],
+                link[1],
+                task_id,
+                self._delivery,
+            )
+        await conn.execute(
+            "UPDATE deliveries SET leased_until = now() + make_interval(secs => $2),"
+            " updated_at = now() WHERE id = $1",
+            self._delivery,
+            self._lease,
+        )
+
+
+class Sagas:
+    """SQL for saga workers: claim, step under lock, finish, reschedule, issue links."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def claim(self, *, worker: str, lease_seconds: float) -> Claimed | None:
+        """Lease the next due delivery (SKIP LOCKED: never wait for another worker)."""
+        async with self._db.transaction() as conn:
+            row = await conn.fetchrow(_CLAIM_SQL, worker, float(lease_seconds))
+            if row is None:
+                return None
+            saga = await conn.fetchrow(
+                "INSERT INTO saga_log (delivery_id, idempotency_key) VALUES ($1, $2)"
+                " ON CONFLICT (delivery_id) DO UPDATE SET updated_at = now()"
+                " RETURNING step, state, task_id, user_id, idempotency_key",
+                row["id"],
+                f"webhook:{row['id']}",
+            )
+        return Claimed(
+            id=row["id"],
+            source=row["source"],
+            event=row["event"],
+            action=row["action"],
+            body=bytes(row["body"]),
+            traceparent=row["traceparent"],
+            tracestate=row["tracestate"],
+            attempts=row["attempts"],
+            step=saga["step"],
+            saga_state=saga["state"],
+            task_id=saga["task_id"],
+            user_id=saga["user_id"],
+            idempotency_key=saga["idempotency_key"],
+        )
+
+    @asynccontextmanager
+    async def step(
+        self, delivery: uuid.UUID, *, worker: str, lease_seconds: float
+    ) -> AsyncIterator[SagaStep]:
+        """One saga step, in a transaction holding the saga log row (SELECT ... FOR UPDATE).
+
+        Raises:
+            LeaseLost: Our lease expired and another worker may have the delivery.
+        """
+        async with self._db.transaction() as conn:
+            # The saga row lock: no other worker advances this saga while we hold it.
+            saga = await conn.fetchrow(
+                "SELECT step, state, task_id, user_id, idempotency_key FROM saga_log"
+                " WHERE delivery_id = $1 FOR UPDATE",
+                delivery,
+            )
+            ours = await conn.fetchval(
+                "SELECT leased_by = $2 AND leased_until > now() FROM deliveries WHERE id = $1",
+                delivery,
+                worker,
+            )
+            if saga is None or not ours:
+                raise LeaseLost()
+            yield SagaStep(conn, delivery, worker, lease_seconds, SagaRow(**dict(saga)))
+
+    async def link(self, source: str, external_key: str) -> tuple[int, uuid.UUID] | None:
+        """(task id, delivery that linked it) for an issue, if any."""
+        async with self._db.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT task_id, delivery FROM issue_links WHERE source = $1 AND external_key = $2",
+                source,
+                external_key,
+            )
+        return (int(row["task_id"]), row["delivery"]) if row is not None else None
+
+    async def finish(
+        self, delivery: uuid.UUID, *, worker: str, state: str, saga_state: str, error: str = ""
+    ) -> bool:
+        """End the delivery in `state`; False when our lease was lost meanwhile."""
+        async with self._db.transaction() as conn:
+            done = await conn.fetchval(
+                "UPDATE deliveries SET state = $3, last_error = $4, leased_by = NULL,"
+                " leased_until = NULL, updated_at = now()"
+                " WHERE id = $1 AND leased_by = $2 RETURNING id",
+                delivery,
+                worker,
+                state,
+                error[:500],
+            )
+            if done is None:
+                return False
+            await conn.execute(
+                "UPDATE saga_log SET state = $2, updated_at = now() WHERE delivery_id = $1",
+                delivery,
+                saga_state,
+            )
+        return True
+
+    async def reschedule(
+        self, delivery: uuid.UUID, *, worker: str, delay_seconds: float, dead: bool, error: str
+    ) -> None:
+        """Give the delivery back for a later attempt, or dead-letter it."""
+        async with self._db.transaction() as conn:
+            done = await conn.fetchval(
+                "UPDATE deliveries SET state = $3, last_error = $4, leased_by = NULL,"
+                " leased_until = NULL, next_attempt_at = now() + make_interval(secs => $5),"
+                " updated_at = now() WHERE id = $1 AND leased_by = $2 RETURNING id",
+                delivery,
+                worker,
+                "dead_letter" if dead else "pending",
+                error[:500],
+                float(delay_seconds),
+            )
+            if done is not None and dead:
+                await conn.execute(
+                    "UPDATE saga_log SET state = 'failed', updated_at = now()"
+                    " WHERE delivery_id = $1",
+                    delivery,
+                )

@@ -14,19 +14,26 @@ from grpc import aio
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common import logs
-from mhv_common.auth import Role
-from mhv_common.config import WebhookSettings, load_settings, load_webhook_sources
+from mhv_common.auth import Role, ServiceCredentials, TokenIssuer
+from mhv_common.config import (
+    WebhookSettings,
+    load_repositories,
+    load_settings,
+    load_webhook_sources,
+)
 from mhv_common.db import Database
-from mhv_common.errors import MahavishnuError
+from mhv_common.errors import ConfigurationError, MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, serve_forever
 from mhv_webhook._admin import WebhookAdminServicer
 from mhv_webhook._http import WebhookEdge
 from mhv_webhook._https import HttpsListener, tls_context
-from mhv_webhook._inbox import Inbox
+from mhv_webhook._inbox import Inbox, Sagas
 from mhv_webhook._ingest import Ingestor
 from mhv_webhook._jobs import DedupPurger, InboxGauges
+from mhv_webhook._saga import SagaWorker
 from mhv_webhook._sources import Source, build_sources
+from mhv_webhook._taskclient import TaskClient
 from mhv_webhook._verify import Clock
 
 logger = logging.getLogger(__name__)
@@ -94,10 +101,57 @@ def build(
         )
         return [SERVICE]
 
+    # Saga workers call the task service as the "webhook" service principal.
+    client: TaskClient | None = None
+    saga_workers: list[SagaWorker] = []
+    if settings.webhook_workers > 0:
+        if settings.auth_signing_key_file is None:
+            raise ConfigurationError(
+                "The webhook gateway's saga workers need MHV_AUTH_SIGNING_KEY_FILE to call the "
+                "task service (or set MHV_WEBHOOK_WORKERS=0 to only receive)."
+            )
+        client = TaskClient(
+            settings.task_target,
+            ServiceCredentials(
+                TokenIssuer.from_file(
+                    settings.auth_signing_key_file,
+                    key_id=settings.auth_signing_key_id,
+                    issuer=settings.auth_issuer,
+                    audience=settings.auth_audience,
+                ),
+                service_name="webhook",
+            ),
+        )
+        sagas = Sagas(db)
+        repositories = load_repositories(settings.repos_file)
+        schemes = {name: source.scheme for name, source in sources.items()}
+        saga_workers = [
+            SagaWorker(
+                sagas,
+                client,
+                repositories,
+                schemes,
+                index=i,
+                lease_seconds=settings.webhook_saga_lease_seconds,
+                max_attempts=settings.webhook_saga_max_attempts,
+                retry_base_seconds=settings.webhook_saga_retry_base_seconds,
+                poll_seconds=settings.webhook_saga_poll_seconds,
+                crash_after=settings.webhook_saga_crash_after,
+            )
+            for i in range(settings.webhook_workers)
+        ]
+
     async def startup() -> None:
         await db.open()
+        if client is not None:
+            await client.open()
         # Bound before health turns SERVING: a port we cannot have stops the start.
         listener.bind()
+
+    async def cleanup() -> None:
+        if client is not None:
+            await client.close()
+        await db.close()
 
     return Gateway(
         definition=ServiceDefinition(
@@ -107,8 +161,9 @@ def build(
             register=register,
             policies=POLICIES,
             startup=startup,
-            cleanup=db.close,
+            cleanup=cleanup,
             workers=[
+                *saga_workers,
                 DedupPurger(
                     inbox,
                     retention_seconds=settings.webhook_dedup_retention_seconds,

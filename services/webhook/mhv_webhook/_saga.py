@@ -1,0 +1,341 @@
+"""Processing deliveries: the saga that turns an issue event into task changes.
+
+A worker leases a delivery (``SELECT ... FOR UPDATE SKIP LOCKED``), then advances its saga one
+step at a time. Each step runs in a transaction that holds the delivery's ``saga_log`` row with
+``SELECT ... FOR UPDATE``, makes its call to the task service, and records the step before
+committing. The steps:
+
+1. ``actor``: the user who made the change exists (created if missing);
+2. ``task``: the issue's task exists (created with an idempotency key derived from the
+   delivery, so a repeated step never creates a second task) and the issue is linked to it;
+3. ``change``: the change is applied (edit, close, assign; nothing more for opened/reopened);
+4. the delivery is marked completed.
+
+A worker that dies at any step boundary stops renewing its lease; another worker then resumes
+from the last recorded step. A call that fails for a reason retrying can fix is retried with
+exponential backoff, then dead-lettered (WebhookAdminService.RetryDelivery re-queues it). A
+call that can never succeed ends the saga compensated: a task this saga created is cancelled,
+so nothing is left half-done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import uuid
+from collections.abc import Mapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from mahavishnu.task.v1 import task_pb2
+from mhv_common import context
+from mhv_common.config import RepositoryCatalog
+from mhv_common.errors import MahavishnuError
+from mhv_webhook._events import IgnoredEvent, IssueChange, Kind, interpret
+from mhv_webhook._inbox import Claimed, LeaseLost, Sagas
+from mhv_webhook._metrics import SAGA_OUTCOMES
+from mhv_webhook._taskclient import PermanentError, TaskClient, TransientError
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("mahavishnu.webhook.saga")
+
+STEPS = ("started", "actor", "task", "change", "done")
+# Answers that mean "the change no longer applies", which completes the saga: e.g. closing an
+# issue whose task was completed already.
+_ALREADY = frozenset({"MHV-104", "MHV-106"})
+
+
+def _after(step: str, done: str) -> bool:
+    return STEPS.index(step) > STEPS.index(done)
+
+
+class SagaWorker:
+    """One worker: claims deliveries and runs their sagas until stopped.
+
+    Args:
+        sagas: The saga store.
+        client: The task service client.
+        repositories: Repository mapping for incoming issues.
+        schemes: Source name -> scheme (github, gitlab, standard).
+        index: Worker number, for its name.
+        lease_seconds: How long a claim lasts without renewal.
+        max_attempts: Attempts before a delivery is dead-lettered.
+        retry_base_seconds: First retry delay; doubled each attempt (with jitter), capped.
+        poll_seconds: Pause when there is nothing to do.
+        crash_after: Fault injection for crash tests: SIGKILL this process right after the
+            named step commits. Empty in production.
+    """
+
+    def __init__(
+        self,
+        sagas: Sagas,
+        client: TaskClient,
+        repositories: RepositoryCatalog,
+        schemes: Mapping[str, str],
+        *,
+        index: int,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 8,
+        retry_base_seconds: float = 1.0,
+        poll_seconds: float = 0.2,
+        crash_after: str = "",
+    ) -> None:
+        self.name = f"saga-worker-{index}"
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{index}"
+        self._sagas = sagas
+        self._client = client
+        self._repos = repositories
+        self._schemes = schemes
+        self._lease = lease_seconds
+        self._max_attempts = max_attempts
+        self._retry_base = retry_base_seconds
+        self._poll = poll_seconds
+        self._crash_after = crash_after
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the current saga step and return."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Claim and process deliveries until stopped."""
+        while not self._stop.is_set():
+            try:
+                claimed = await self._sagas.claim(worker=self._id, lease_seconds=self._lease)
+            except Exception as exc:  # the database is down: wait and try again
+                logger.warning("saga claim failed", extra={"error": type(exc).__name__})
+                claimed = None
+            if claimed is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self._poll)
+                continue
+            try:
+                await self.process(claimed)
+            except Exception:
+                # Never lose the worker: the delivery's lease runs out and it is retried.
+                logger.exception("saga failed unexpectedly", extra={"delivery": str(claimed.id)})
+
+    async def process(self, claimed: Claimed) -> None:
+        """Run one delivery's saga to its end or to its next retry."""
+        carrier = {"traceparent": claimed.traceparent or ""}
+        if claimed.tracestate:
+            carrier["tracestate"] = claimed.tracestate
+        # Continue the trace of the request that delivered the webhook.
+        token = otel_context.attach(propagate.extract(carrier))
+        req = context.RequestContext(request_id=str(claimed.id), method="webhook.saga")
+        try:
+            with (
+                context.bind(req),
+                tracer.start_as_current_span(
+                    "webhook.saga",
+                    attributes={
+                        "webhook.delivery": str(claimed.id),
+                        "webhook.source": claimed.source,
+                    },
+                ),
+            ):
+                await self._process(claimed)
+        finally:
+            otel_context.detach(token)
+
+    async def _process(self, claimed: Claimed) -> None:
+        intent = interpret(
+            scheme=self._schemes.get(claimed.source, ""),
+            source=claimed.source,
+            event=claimed.event,
+            body=claimed.body,
+            repositories=self._repos,
+        )
+        try:
+            if isinstance(intent, IgnoredEvent):
+                await self._end(claimed, "ignored", "completed", intent.reason)
+                return
+            await self._run(claimed, intent)
+            await self._end(claimed, "completed", "completed")
+        except LeaseLost:
+            logger.warning(
+                "saga lease lost; another worker resumes it", extra={"delivery": str(claimed.id)}
+            )
+        except PermanentError as exc:
+            await self._compensate(claimed, intent, exc)
+        except TransientError as exc:
+            await self._retry(claimed, str(exc))
+        except MahavishnuError as exc:
+            # Our own database or deadline (MHV-002, MHV-007): try again later.
+            await self._retry(claimed, f"[{exc.code}] {exc.message}")
+
+    async def _run(self, claimed: Claimed, change: IssueChange) -> None:
+        with context.deadline_scope(self._lease / 2):
+            async with self._sagas.step(
+                claimed.id, worker=self._id, lease_seconds=self._lease
+            ) as step:
+                actor = step.saga.user_id
+                if not _after(step.saga.step, "started"):
+                    actor = uuid.UUID(await self._client.ensure_user(change.actor))
+                    await step.record("actor", user_id=actor)
+        self._failpoint("actor")
+        assert actor is not None
+        with context.deadline_scope(self._lease / 2):
+            async with self._sagas.step(
+                claimed.id, worker=self._id, lease_seconds=self._lease
+            ) as step:
+                if not _after(step.saga.step, "actor"):
+                    task_id = await self._ensure_task(claimed, change, str(actor))
+                    await step.record(
+                        "task", task_id=task_id, link=(change.source, change.external_key)
+                    )
+        self._failpoint("task")
+        with context.deadline_scope(self._lease / 2):
+            async with self._sagas.step(
+                claimed.id, worker=self._id, lease_seconds=self._lease
+            ) as step:
+                if not _after(step.saga.step, "task"):
+                    assert step.saga.task_id is not None
+                    await self._apply(change, step.saga.task_id, str(actor))
+                    await step.record("change")
+        self._failpoint("change")
+
+    async def _ensure_task(self, claimed: Claimed, change: IssueChange, actor: str) -> int:
+        if change.kind != Kind.REOPENED:
+            linked = await self._sagas.link(change.source, change.external_key)
+            if linked is not None and await self._client.get_task(linked[0]) is not None:
+                return linked[0]
+        # Opened, reopened (a closed task stays closed; the issue gets a new one), or an issue
+        # that began before this gateway knew it.
+        return await self._client.create_task(
+            request_id=claimed.idempotency_key,
+            title=change.title.strip() or change.external_key,
+            description=change.description,
+            repository=change.repository,
+            actor=actor,
+        )
+
+    async def _apply(self, change: IssueChange, task_id: int, actor: str) -> None:
+        try:
+            if change.kind == Kind.EDITED:
+                await self._client.call(
+                    "UpdateTask",
+                    task_pb2.UpdateTaskRequest(
+                        task=task_pb2.Task(
+                            id=task_id,
+                            title=change.title.strip() or change.external_key,
+                            description=change.description,
+                        ),
+                        update_mask={"paths": ["title", "description"]},
+                    ),
+                    actor=actor,
+                )
+            elif change.kind == Kind.CLOSED:
+                await self._close(task_id, actor, not_planned=change.not_planned)
+            elif change.kind == Kind.ASSIGNED:
+                assignee = (
+                    await self._client.ensure_user(change.assignee) if change.assignee else ""
+                )
+                await self._client.call(
+                    "AssignTask",
+                    task_pb2.AssignTaskRequest(id=task_id, assigned_to=assignee),
+                    actor=actor,
+                )
+        except PermanentError as exc:
+            if exc.code not in _ALREADY:
+                raise
+
+    async def _close(self, task_id: int, actor: str, *, not_planned: bool) -> None:
+        """Drive the task to cancelled or completed from wherever it is (safe to repeat)."""
+        if not_planned:
+            await self._client.call(
+                "CancelTask",
+                task_pb2.CancelTaskRequest(id=task_id, reason="issue closed as not planned"),
+                actor=actor,
+            )
+            return
+        for _ in range(4):
+            task = await self._client.get_task(task_id)
+            if task is None or task.status in (
+                task_pb2.TASK_STATUS_COMPLETED,
+                task_pb2.TASK_STATUS_CANCELLED,
+            ):
+                return
+            if task.status == task_pb2.TASK_STATUS_BLOCKED:
+                await self._client.call(
+                    "UnblockTask", task_pb2.UnblockTaskRequest(id=task_id), actor=actor
+                )
+            elif task.status == task_pb2.TASK_STATUS_PENDING:
+                await self._client.call(
+                    "StartTask", task_pb2.StartTaskRequest(id=task_id), actor=actor
+                )
+            else:
+                await self._client.call(
+                    "CompleteTask",
+                    task_pb2.CompleteTaskRequest(
+                        id=task_id,
+                        quality_gate=task_pb2.QualityGateResult(passed=True, checks_run=0),
+                    ),
+                    actor=actor,
+                )
+
+    async def _compensate(
+        self, claimed: Claimed, intent: IssueChange | IgnoredEvent, error: PermanentError
+    ) -> None:
+        """Undo what this saga did (cancel a task it created), then end it compensated."""
+        reason = f"{error}"
+        if isinstance(intent, IssueChange):
+            linked = await self._sagas.link(intent.source, intent.external_key)
+            if linked is not None and linked[1] == claimed.id:
+                try:
+                    await self._client.call(
+                        "CancelTask",
+                        task_pb2.CancelTaskRequest(
+                            id=linked[0], reason=f"webhook delivery {claimed.id} failed"
+                        ),
+                        actor=str(await self._client.ensure_user(intent.actor)),
+                    )
+                except PermanentError as exc:
+                    if exc.code not in _ALREADY:
+                        reason += f"; compensation: {exc}"
+                except TransientError as exc:
+                    # The undo itself must happen: retry the whole saga later, which fails
+                    # the same way and compensates again.
+                    await self._retry(claimed, f"{error}; compensation: {exc}")
+                    return
+        logger.warning("saga compensated", extra={"delivery": str(claimed.id), "reason": reason})
+        await self._end(claimed, "compensated", "compensated", reason)
+
+    async def _end(self, claimed: Claimed, state: str, saga_state: str, error: str = "") -> None:
+        if await self._sagas.finish(
+            claimed.id, worker=self._id, state=state, saga_state=saga_state, error=error
+        ):
+            SAGA_OUTCOMES.labels(state).inc()
+            self._failpoint("done")
+
+    async def _retry(self, claimed: Claimed, error: str) -> None:
+        dead = claimed.attempts >= self._max_attempts
+        delay = min(self._retry_base * 2 ** (claimed.attempts - 1), 300.0)
+        delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not security
+        await self._sagas.reschedule(
+            claimed.id, worker=self._id, delay_seconds=delay, dead=dead, error=error
+        )
+        if dead:
+            SAGA_OUTCOMES.labels("dead_letter").inc()
+        logger.warning(
+            "saga step failed; %s",
+            "dead-lettered" if dead else "will retry",
+            extra={
+                "delivery": str(claimed.id),
+                "attempt": claimed.attempts,
+                "retry_in_s": None if dead else round(delay, 2),
+                "error": error,
+            },
+        )
+
+    def _failpoint(self, step: str) -> None:
+        if self._crash_after == step:
+            # Fault injection for the crash tests: die exactly at this step boundary, the way a
+            # killed process would, with no cleanup.
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,423 @@
+"""Processing: deliveries become task changes through the saga, against a real task service.
+
+The module runs its own deployment (database, task service, gateways) because it stops the
+task service and kills gateways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from grpc import aio
+
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
+from mhv_cli.pgcluster import free_port
+from mhv_common.auth import Role
+from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+from tests.webhook.conftest import (
+    PROCESS_SOURCES,
+    GatewayProcess,
+    Secrets,
+    Tls,
+    gateway_env,
+    running_gateway,
+)
+from tests.webhook.signing import github_headers, gitlab_token_headers
+
+pytestmark = pytest.mark.slow
+
+SAGA_SETTINGS = {
+    "MHV_WEBHOOK_WORKERS": "2",
+    "MHV_WEBHOOK_SAGA_LEASE_SECONDS": "1.5",
+    "MHV_WEBHOOK_SAGA_POLL_SECONDS": "0.05",
+    "MHV_WEBHOOK_SAGA_RETRY_BASE_SECONDS": "0.2",
+    "MHV_WEBHOOK_SAGA_MAX_ATTEMPTS": "5",
+}
+
+
+@dataclass
+class SagaSystem:
+    deployment: Deployment
+    keys: Keys
+    tls: Tls
+    secrets: Secrets
+    folder: Path
+    task: ServiceProcess
+    gateway_env: dict[str, str]
+
+    def gateway(self, **extra: str) -> Any:
+        env = {
+            **self.gateway_env,
+            **extra,
+            "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(free_port()),
+            "MHV_WEBHOOK_METRICS_PORT": str(free_port()),
+            "MHV_WEBHOOK_HTTPS_PORT": str(free_port()),
+        }
+        return running_gateway(env, self.folder / f"gateway-{uuid.uuid4().hex[:6]}.log")
+
+
+@pytest.fixture(scope="module")
+async def system(
+    cluster: Cluster,
+    keys: Keys,
+    tls: Tls,
+    hook_secrets: Secrets,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[SagaSystem]:
+    folder = Path(tmp_path_factory.mktemp("saga"))
+    deployment = await Deployment.create(cluster)
+    task_port, task_metrics = free_port(), free_port()
+    task_env = service_env(
+        deployment,
+        keys,
+        {
+            "MHV_TASK_GRPC_PORT": str(task_port),
+            "MHV_TASK_METRICS_PORT": str(task_metrics),
+            "MHV_RELAY_ENABLED": "false",
+        },
+    )
+    task = ServiceProcess("mhv_task", task_env, task_port, task_metrics, folder / "task.log")
+    await task.start()
+    sources = folder / "webhooks.yaml"
+    sources.write_text(PROCESS_SOURCES)
+    env = gateway_env(
+        deployment, keys, tls, hook_secrets, sources, MHV_TASK_TARGET=task.target, **SAGA_SETTINGS
+    )
+    yield SagaSystem(deployment, keys, tls, hook_secrets, folder, task, env)
+    task.stop()
+    await deployment.drop()
+
+
+@pytest.fixture
+async def gateway(system: SagaSystem) -> AsyncIterator[GatewayProcess]:
+    # One per test: every gateway of the deployment claims from the same inbox, so a test
+    # that needs a particular gateway to do the work must be the only one running.
+    async with system.gateway() as running:
+        yield running
+
+
+def issue_event(action: str, number: int, **fields: Any) -> bytes:
+    issue = {
+        "number": number,
+        "title": fields.get("title", f"Issue {number}"),
+        "body": fields.get("body", "Steps to reproduce: ..."),
+        "state": "closed" if action == "closed" else "open",
+        "state_reason": fields.get("state_reason"),
+        "user": {"login": "reporter"},
+    }
+    payload: dict[str, Any] = {
+        "action": action,
+        "issue": issue,
+        "repository": {"full_name": fields.get("repo", "example/demo")},
+        "sender": {"login": fields.get("sender", "octocat")},
+    }
+    if "assignee" in fields:
+        payload["assignee"] = {"login": fields["assignee"]}
+    return json.dumps(payload).encode()
+
+
+async def send_github(
+    system: SagaSystem, gateway: GatewayProcess, body: bytes, *, event: str = "issues"
+) -> str:
+    delivery = str(uuid.uuid4())
+    async with httpx.AsyncClient(verify=system.tls.client_context()) as client:
+        reply = await client.post(
+            f"{gateway.url}/webhooks/github",
+            content=body,
+            headers=github_headers(system.secrets.github, body, delivery=delivery, event=event),
+        )
+    assert reply.status_code == 202, reply.text
+    return delivery
+
+
+async def delivery_state(system: SagaSystem, delivery: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(system.deployment.admin_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT d.id, d.state, d.attempts, d.last_error, s.step, s.state AS saga_state,"
+            " s.task_id FROM webhook.deliveries d LEFT JOIN webhook.saga_log s"
+            " ON s.delivery_id = d.id WHERE d.delivery_id = $1",
+            delivery,
+        )
+        assert row is not None
+        return row
+    finally:
+        await conn.close()
+
+
+async def wait_state(
+    system: SagaSystem, delivery: str, *states: str, timeout: float = 30
+) -> asyncpg.Record:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = await delivery_state(system, delivery)
+        if row["state"] in states:
+            return row
+        if time.monotonic() > deadline:
+            raise AssertionError(f"delivery stuck in {dict(row)}")
+        await asyncio.sleep(0.05)
+
+
+async def task(system: SagaSystem, task_id: int) -> task_pb2.Task:
+    async with aio.insecure_channel(system.task.target) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        return await stub.GetTask(
+            task_pb2.GetTaskRequest(id=task_id), metadata=bearer(system.keys.token(Role.SERVICE))
+        )
+
+
+async def tasks_titled(system: SagaSystem, title: str) -> list[int]:
+    conn = await asyncpg.connect(system.deployment.admin_url)
+    try:
+        rows = await conn.fetch("SELECT id FROM task.tasks WHERE title = $1 ORDER BY id", title)
+        return [r["id"] for r in rows]
+    finally:
+        await conn.close()
+
+
+def unique() -> int:
+    return int(uuid.uuid4().int % 10**9)
+
+
+async def test_issue_lifecycle_maps_to_task_changes(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    number = unique()
+    opened = await wait_state(
+        system,
+        await send_github(
+            system,
+            gateway,
+            issue_event("opened", number, title="Crash on save", body="It crashes."),
+        ),
+        "completed",
+    )
+    assert (opened["step"], opened["saga_state"]) == ("change", "completed")
+    created = await task(system, opened["task_id"])
+    assert (created.title, created.description, created.repository) == (
+        "Crash on save",
+        "It crashes.",
+        "demo",
+    )
+    assert created.status == task_pb2.TASK_STATUS_PENDING
+
+    edited = await wait_state(
+        system,
+        await send_github(
+            system, gateway, issue_event("edited", number, title="Crash on save (Windows)")
+        ),
+        "completed",
+    )
+    assert edited["task_id"] == opened["task_id"]
+    assert (await task(system, opened["task_id"])).title == "Crash on save (Windows)"
+
+    await wait_state(
+        system,
+        await send_github(system, gateway, issue_event("assigned", number, assignee="hubot")),
+        "completed",
+    )
+    assigned = await task(system, opened["task_id"])
+    async with aio.insecure_channel(system.task.target) as channel:
+        user = await task_pb2_grpc.UserServiceStub(channel).GetUser(
+            task_pb2.GetUserRequest(username="github.hubot"),
+            metadata=bearer(system.keys.token(Role.ADMIN)),
+        )
+    assert assigned.assigned_to == user.id
+
+    await wait_state(
+        system, await send_github(system, gateway, issue_event("closed", number)), "completed"
+    )
+    assert (await task(system, opened["task_id"])).status == task_pb2.TASK_STATUS_COMPLETED
+
+    reopened = await wait_state(
+        system,
+        await send_github(
+            system, gateway, issue_event("reopened", number, title="Crash on save (again)")
+        ),
+        "completed",
+    )
+    assert reopened["task_id"] != opened["task_id"]
+    assert (await task(system, reopened["task_id"])).status == task_pb2.TASK_STATUS_PENDING
+
+    cancelled = await wait_state(
+        system,
+        await send_github(
+            system, gateway, issue_event("closed", number, state_reason="not_planned")
+        ),
+        "completed",
+    )
+    assert cancelled["task_id"] == reopened["task_id"]
+    assert (await task(system, reopened["task_id"])).status == task_pb2.TASK_STATUS_CANCELLED
+
+
+async def test_the_sender_becomes_the_tasks_author(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    row = await wait_state(
+        system,
+        await send_github(system, gateway, issue_event("opened", unique(), sender="mona")),
+        "completed",
+    )
+    made = await task(system, row["task_id"])
+    async with aio.insecure_channel(system.task.target) as channel:
+        mona = await task_pb2_grpc.UserServiceStub(channel).GetUser(
+            task_pb2.GetUserRequest(username="github.mona"),
+            metadata=bearer(system.keys.token(Role.ADMIN)),
+        )
+    assert made.created_by == mona.id
+
+
+async def test_other_events_are_stored_and_ignored(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    push = await wait_state(
+        system,
+        await send_github(system, gateway, b'{"ref": "refs/heads/main"}', event="push"),
+        "ignored",
+    )
+    assert "push" in push["last_error"]
+    unknown = await wait_state(
+        system,
+        await send_github(system, gateway, issue_event("opened", unique(), repo="someone/else")),
+        "ignored",
+    )
+    assert "not configured" in unknown["last_error"]
+    labeled = await wait_state(
+        system, await send_github(system, gateway, issue_event("labeled", unique())), "ignored"
+    )
+    assert labeled["task_id"] is None
+
+
+async def test_gitlab_issue_events(system: SagaSystem, gateway: GatewayProcess) -> None:
+    iid = unique()
+    payload = {
+        "object_kind": "issue",
+        "user": {"username": "gitlab-user"},
+        "project": {"path_with_namespace": "example/demo"},
+        "object_attributes": {
+            "iid": iid,
+            "title": "From GitLab",
+            "description": "d",
+            "action": "open",
+        },
+    }
+    body = json.dumps(payload).encode()
+    event_uuid = str(uuid.uuid4())
+    async with httpx.AsyncClient(verify=system.tls.client_context()) as client:
+        reply = await client.post(
+            f"{gateway.url}/webhooks/gitlab",
+            content=body,
+            headers=gitlab_token_headers(system.secrets.gitlab_token, event_uuid=event_uuid),
+        )
+    assert reply.status_code == 202, reply.text
+    row = await wait_state(system, event_uuid, "completed")
+    assert (await task(system, row["task_id"])).title == "From GitLab"
+
+
+async def test_task_service_outage_delays_but_loses_nothing(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    system.task.stop()
+    try:
+        title = f"During outage {uuid.uuid4().hex[:8]}"
+        delivery = await send_github(system, gateway, issue_event("opened", unique(), title=title))
+        deadline = time.monotonic() + 20
+        while (row := await delivery_state(system, delivery))["attempts"] < 2:
+            assert time.monotonic() < deadline, dict(row)
+            await asyncio.sleep(0.05)
+        assert row["state"] in ("pending", "processing")
+        # The calls waited for the task service until their deadline, then gave up.
+        assert "task service answered" in row["last_error"]
+    finally:
+        await system.task.start()
+    await wait_state(system, delivery, "completed", timeout=30)
+    assert len(await tasks_titled(system, title)) == 1
+
+
+async def test_dead_letter_then_operator_retry(system: SagaSystem) -> None:
+    async with system.gateway(MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="2") as gateway:
+        system.task.stop()
+        try:
+            title = f"Dead letter {uuid.uuid4().hex[:8]}"
+            delivery = await send_github(
+                system, gateway, issue_event("opened", unique(), title=title)
+            )
+            row = await wait_state(system, delivery, "dead_letter", timeout=30)
+            assert row["saga_state"] == "failed"
+        finally:
+            await system.task.start()
+        async with aio.insecure_channel(gateway.process.target) as channel:
+            admin = webhook_pb2_grpc.WebhookAdminServiceStub(channel)
+            await admin.RetryDelivery(
+                webhook_pb2.RetryDeliveryRequest(id=str(row["id"])),
+                metadata=bearer(system.keys.token(Role.ADMIN)),
+            )
+        await wait_state(system, delivery, "completed", timeout=30)
+        assert len(await tasks_titled(system, title)) == 1
+
+
+async def test_permanent_failure_is_compensated(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    # Make "github.gone" a deactivated user: assigning to it can never succeed.
+    conn = await asyncpg.connect(system.deployment.admin_url)
+    try:
+        await conn.execute(
+            "INSERT INTO task.users (username, email, is_active) VALUES"
+            " ('github.gone', 'gone@example.test', false) ON CONFLICT DO NOTHING"
+        )
+    finally:
+        await conn.close()
+    title = f"Compensated {uuid.uuid4().hex[:8]}"
+    # The first event about this issue is the assignment: the saga creates its task, then
+    # fails to assign, and undoes the creation by cancelling the task.
+    row = await wait_state(
+        system,
+        await send_github(
+            system, gateway, issue_event("assigned", unique(), title=title, assignee="gone")
+        ),
+        "compensated",
+    )
+    assert row["saga_state"] == "compensated"
+    assert "MHV-112" in row["last_error"]
+    [task_id] = await tasks_titled(system, title)
+    assert (await task(system, task_id)).status == task_pb2.TASK_STATUS_CANCELLED
+
+
+@pytest.mark.parametrize("step", ["actor", "task", "change", "done"])
+async def test_gateway_killed_at_each_step_boundary(system: SagaSystem, step: str) -> None:
+    title = f"Crash after {step} {uuid.uuid4().hex[:8]}"
+    number = unique()
+    async with system.gateway(MHV_WEBHOOK_WORKERS="1", MHV_WEBHOOK_SAGA_CRASH_AFTER=step) as doomed:
+        # A close of an issue never seen before: every step has work to do.
+        delivery = await send_github(system, doomed, issue_event("closed", number, title=title))
+        process = doomed.process.process
+        assert process is not None
+        deadline = time.monotonic() + 20
+        while process.poll() is None:
+            assert time.monotonic() < deadline, "the failpoint never fired"
+            await asyncio.sleep(0.02)
+        assert process.returncode == -9  # SIGKILL
+    row = await delivery_state(system, delivery)
+    if step == "done":
+        assert row["state"] == "completed"
+    else:
+        assert row["state"] == "processing" and row["step"] == step
+    # Another gateway resumes the saga once the dead one's lease runs out.
+    async with system.gateway():
+        finished = await wait_state(system, delivery, "completed", timeout=30)
+    assert finished["saga_state"] == "completed"
+    ids = await tasks_titled(system, title)
+    assert len(ids) == 1, f"{len(ids)} tasks for one delivery"
+    assert (await task(system, ids[0])).status == task_pb2.TASK_STATUS_COMPLETED
