@@ -1,0 +1,75 @@
+"""The audit service's own metrics, and the worker that samples the schema's size."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import Counter, Gauge
+
+from mhv_audit._store import AuditStore
+from mhv_common import context
+
+logger = logging.getLogger(__name__)
+
+EVENTS_RECORDED = Counter(
+    "audit_events_recorded_total",
+    "Events RecordEvents acknowledged: stored now (recorded) or already stored (duplicate).",
+    ["result"],
+)
+CHAIN_VERIFICATIONS = Counter(
+    "audit_chain_verifications_total",
+    "VerifyAuditChain runs, by outcome: ok, or broken (a link failed; see MHV-400).",
+    ["result"],
+)
+DATABASE_SIZE = Gauge(
+    "database_size_bytes",
+    "Bytes on disk of a schema's tables, indexes and TOAST, sampled periodically.",
+    ["schema"],
+)
+for _result in ("recorded", "duplicate"):
+    EVENTS_RECORDED.labels(_result)
+for _result in ("ok", "broken"):
+    CHAIN_VERIFICATIONS.labels(_result)
+
+AUDIT_SCHEMA = "audit"
+
+
+class SchemaSizeSampler:
+    """Refreshes ``database_size_bytes{schema="audit"}`` every `interval` seconds.
+
+    One catalog query summing ``pg_total_relation_size`` over the schema's few tables: it reads
+    file sizes, never table contents, so it is cheap at any table size.
+    """
+
+    name = "schema-size"
+
+    def __init__(self, store: AuditStore, *, interval: float = 60.0, timeout: float = 5.0):
+        self._store = store
+        self._interval = interval
+        self._timeout = timeout
+        self._stopping = asyncio.Event()
+
+    async def sample(self) -> None:
+        """Take one sample now."""
+        with context.deadline_scope(self._timeout):
+            size = await self._store.schema_size(AUDIT_SCHEMA, timeout=self._timeout)
+        DATABASE_SIZE.labels(AUDIT_SCHEMA).set(size)
+
+    async def run(self) -> None:
+        """Sample until `stop`; a failed sample is logged and retried at the next interval."""
+        while not self._stopping.is_set():
+            try:
+                await self.sample()
+            except Exception as exc:
+                # A metric must never take the service down: the gauge keeps its last value,
+                # and a database outage shows in the RPC errors and the pool metrics.
+                logger.warning("schema size sample failed", extra={"error": repr(exc)})
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
+            except TimeoutError:
+                continue
+
+    def stop(self) -> None:
+        """Ask `run` to return."""
+        self._stopping.set()
