@@ -174,10 +174,9 @@ def classify(f: Facts) -> ChainBreak:
             )
         return ChainBreak(r, BreakKind.MODIFIED, f"row {r}'s content no longer matches its hash")
     if f.parent_id is not None:
+        target = "itself" if f.parent_id == r else f"row {f.parent_id}"
         return ChainBreak(
-            r,
-            BreakKind.REORDERED,
-            f"row {r}'s link was changed to point at row {f.parent_id}",
+            r, BreakKind.REORDERED, f"row {r}'s link was changed to point at {target}"
         )
     if not f.referenced and f.successor_skips:
         return ChainBreak(
