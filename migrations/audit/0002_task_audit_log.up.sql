@@ -20,7 +20,12 @@ CREATE TABLE task_audit_log (
     task_id     bigint       NOT NULL,
     event_type  varchar(100) NOT NULL,
     user_id     uuid         NOT NULL,
-    details     jsonb        NOT NULL,
+    -- The redacted details in RFC 8785 canonical JSON: the exact text the hash covers, so
+    -- verifying a row never re-serialises JSON.
+    details_canonical text   NOT NULL,
+    -- The plan's details column, for queries: always the same JSON as the hashed text (a
+    -- generated column cannot be written; verification also compares the two).
+    details     jsonb        NOT NULL GENERATED ALWAYS AS (details_canonical::jsonb) STORED,
     -- When the change was committed in the task service.
     occur_time  timestamptz  NOT NULL CHECK (isfinite(occur_time)),
     -- When this service stored the row (database clock).

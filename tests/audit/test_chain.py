@@ -23,7 +23,7 @@ from mhv_audit import (
     link,
     row_hash,
 )
-from mhv_audit._chain import from_micros
+from mhv_audit._chain import _jcs, from_micros
 from tests.harness import Deployment
 
 # RFC 8785 Appendix B's IEEE 754 samples, with the strings ECMAScript (node) writes for them.
@@ -150,7 +150,7 @@ def test_golden_row_encoding_and_hash() -> None:
 
 
 def _stored(rows: list[Any]) -> list[tuple[Any, ...]]:
-    """ChainedEvents as the store returns them (column order of StoredRow)."""
+    """ChainedEvents as the store returns them for verification (StoredRow's columns)."""
     return [
         (
             r.id,
@@ -158,14 +158,14 @@ def _stored(rows: list[Any]) -> list[tuple[Any, ...]]:
             r.event.task_id,
             r.event.event_type,
             r.event.user_id,
-            # The database gives jsonb back in its own formatting: spaces, its key order.
-            json.dumps(json.loads(r.event.details), indent=1),
-            from_micros(r.event.occur_us),
-            from_micros(r.created_us),
+            r.event.details,
+            r.event.occur_us,
+            r.created_us,
             r.event.request_id,
             r.event.trace_id,
             r.prev_hash,
             r.hash,
+            True,  # the jsonb column equals the hashed text
         )
         for r in rows
     ]
@@ -200,14 +200,14 @@ def test_scanner_accepts_a_linked_chain_across_chunks() -> None:
     assert scanner.rows_checked == 10
     assert scanner.last is not None and StoredRow.of(scanner.last).id == 10
     for row in rows:
-        assert row_hash(StoredRow.of(row)) == row[-1]
+        assert row_hash(StoredRow.of(row)) == row[-2]
 
 
 @pytest.mark.parametrize(
     ("change", "bad_index"),
     [
         (lambda rows: rows.__setitem__(4, (*rows[4][:2], 99, *rows[4][3:])), 4),
-        (lambda rows: rows.__setitem__(6, (*rows[6][:5], '{"n": 6}', *rows[6][6:])), 6),
+        (lambda rows: rows.__setitem__(6, (*rows[6][:5], '{"n":6}', *rows[6][6:])), 6),
         (lambda rows: rows.pop(5), 5),
         (lambda rows: rows.insert(2, rows.pop(3)), 2),
     ],
@@ -219,6 +219,13 @@ def test_scanner_stops_at_the_first_row_out_of_place(change: Any, bad_index: int
     scanner = ChainScanner(expected_id=1, expected_prev=GENESIS_HASH, head_id=10)
     assert scanner.feed(rows) == bad_index
     assert scanner.rows_checked == bad_index
+
+
+def test_scanner_refuses_a_row_whose_jsonb_differs_from_its_hashed_text() -> None:
+    rows = _chain(10)
+    rows[6] = (*rows[6][:-1], False)
+    scanner = ChainScanner(expected_id=1, expected_prev=GENESIS_HASH, head_id=10)
+    assert scanner.feed(rows) == 6
 
 
 def test_scanner_refuses_rows_past_the_head() -> None:
@@ -253,6 +260,8 @@ _details = st.dictionaries(st.text(alphabet=_chars, max_size=8), _json_values, m
 @given(value=_details)
 def test_canonical_json_is_idempotent_and_order_blind(value: dict[str, Any]) -> None:
     once = canonical_json(json.dumps(value))
+    # The fast paths (orjson; normalised numbers) agree with the plain reference encoder.
+    assert once == _jcs(json.loads(json.dumps(value)))
     assert canonical_json(once) == once
     reordered = dict(reversed(list(value.items())))
     assert canonical_json(json.dumps(reordered, indent=2, ensure_ascii=True)) == once

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from mhv_audit._store import _DETAILS_GENERATED
 from tests.harness import Deployment
 
 
@@ -98,8 +99,10 @@ async def test_login_role_may_only_insert_and_select_rows(
         "UPDATE task_audit_log SET task_id = task_id",
         "DELETE FROM task_audit_log",
         "TRUNCATE task_audit_log",
-        "INSERT INTO task_audit_log SELECT * FROM task_audit_log ON CONFLICT (id) DO UPDATE"
-        " SET task_id = excluded.task_id",
+        "INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id,"
+        " details_canonical, occur_time, prev_hash, hash) SELECT id, event_id, task_id,"
+        " event_type, user_id, details_canonical, occur_time, prev_hash, hash"
+        " FROM task_audit_log ON CONFLICT (id) DO UPDATE SET task_id = excluded.task_id",
         "ALTER TABLE task_audit_log DISABLE TRIGGER USER",
         "DROP TABLE task_audit_log",
         "CREATE TABLE audit.shadow_log (id int)",
@@ -145,8 +148,9 @@ async def test_an_insert_that_does_not_link_to_its_predecessor_is_refused(
     head = await audit_conn.fetchrow("SELECT last_id, last_hash FROM chain_head")
     assert head is not None
     insert = (
-        "INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id, details,"
-        " occur_time, prev_hash, hash) VALUES ($1, gen_random_uuid(), 1, 'task_created',"
+        "INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id,"
+        " details_canonical, occur_time, prev_hash, hash) VALUES ($1, gen_random_uuid(), 1,"
+        " 'task_created',"
         " gen_random_uuid(), '{}', now(), $2, $3)"
     )
     # Past the next id (a gap), or at the next id with a wrong link: both refused.
@@ -183,3 +187,16 @@ async def test_the_plan_indexes_exist(admin_conn: asyncpg.Connection) -> None:
     assert "(created_at)" in indexes["idx_task_audit_log_created_at"]
     assert "(event_type, id)" in indexes["idx_task_audit_log_event_type"]
     assert any("UNIQUE" in d and "(event_id)" in d for d in indexes.values())
+
+
+async def test_details_is_generated_from_the_hashed_text(audit_conn: asyncpg.Connection) -> None:
+    # Verification relies on this (checked in the catalog) to skip comparing every row's jsonb.
+    assert await audit_conn.fetchval(_DETAILS_GENERATED) is True
+    with pytest.raises(asyncpg.GeneratedAlwaysError):
+        await audit_conn.execute(
+            "INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id,"
+            " details_canonical, details, occur_time, prev_hash, hash) VALUES (1,"
+            " gen_random_uuid(), 1, 'task_created', gen_random_uuid(), '{}', '{}', now(),"
+            " $1, $1)",
+            bytes(32),
+        )

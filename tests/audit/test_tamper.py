@@ -18,8 +18,8 @@ import pytest
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
-from mhv_audit import StoredRow, canonical_json, encode_record, row_hash
-from mhv_audit._chain import to_micros
+from mhv_audit import StoredRow, encode_record, row_hash
+from mhv_audit._chain import from_micros
 from mhv_audit._store import ROW_COLUMNS
 from mhv_common.auth import Role
 from tests.audit.support import (
@@ -86,11 +86,11 @@ def _forged_hash(row: StoredRow, **changes: Any) -> bytes:
     return hashlib.sha256(
         encode_record(
             row_id=values["id"],
-            created_us=to_micros(values["created_at"]),
-            details=canonical_json(values["details"]),
+            created_us=values["created_us"],
+            details=values["details"],
             event_id=values["event_id"],
             event_type=values["event_type"],
-            occur_us=to_micros(values["occur_time"]),
+            occur_us=values["occur_us"],
             prev_hash=values["prev_hash"],
             request_id=values["request_id"],
             task_id=values["task_id"],
@@ -101,9 +101,9 @@ def _forged_hash(row: StoredRow, **changes: Any) -> bytes:
 
 
 _INSERT = (
-    "INSERT INTO audit.task_audit_log (id, event_id, task_id, event_type, user_id, details,"
-    " occur_time, created_at, request_id, trace_id, prev_hash, hash)"
-    " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10, $11, $12)"
+    "INSERT INTO audit.task_audit_log (id, event_id, task_id, event_type, user_id,"
+    " details_canonical, occur_time, created_at, request_id, trace_id, prev_hash, hash)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 )
 
 
@@ -116,16 +116,17 @@ async def _forge(audit: PrivateAudit, at: int, after: StoredRow, *, good_hash: b
         task_id=model.task_id,
         event_type="task_completed",
         user_id=model.user_id,
-        details='{"quality_gate_passed": true}',
-        occur_time=model.occur_time,
-        created_at=model.created_at,
+        details='{"quality_gate_passed":true}',
+        occur_us=model.occur_us,
+        created_us=model.created_us,
         request_id="",
         trace_id="",
         prev_hash=after.hash,
         hash=b"\x00" * 32,
     )
     digest = _forged_hash(forged) if good_hash else hashlib.sha256(b"forged").digest()
-    values = [getattr(forged, name) for name in _FIELDS][:-1]
+    values = [getattr(forged, name) for name in _FIELDS][:-2]
+    values[6:8] = [from_micros(forged.occur_us), from_micros(forged.created_us)]
     await audit.tamper((_INSERT, [*values, digest]))
 
 
@@ -156,10 +157,31 @@ async def test_update_of_a_row_is_modified_at_that_row(
 ) -> None:
     await _fill(client, keys)
     await audit.tamper(
-        'UPDATE audit.task_audit_log SET details = \'{"title": "nothing happened"}\' WHERE id = 4'
+        'UPDATE audit.task_audit_log SET details_canonical = \'{"title":"no"}\' WHERE id = 4'
     )
     result = await _expect_break(client, keys, 4, MODIFIED)
     assert result.rows_checked == 3
+
+
+async def test_queryable_details_changed_apart_from_the_hashed_text_are_modified(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys, audit: PrivateAudit
+) -> None:
+    await _fill(client, keys)
+    # Only a superuser can detach the generated jsonb column from the hashed text.
+    await audit.tamper(
+        "ALTER TABLE audit.task_audit_log ALTER COLUMN details DROP EXPRESSION",
+        'UPDATE audit.task_audit_log SET details = \'{"title": "no"}\' WHERE id = 6',
+    )
+    try:
+        result = await _expect_break(client, keys, 6, MODIFIED)
+        assert "jsonb" in result.first_break.detail
+    finally:
+        # Put the column back as the migration made it, for the tests that follow.
+        await audit.tamper(
+            "ALTER TABLE audit.task_audit_log DROP COLUMN details",
+            "ALTER TABLE audit.task_audit_log ADD COLUMN details jsonb NOT NULL"
+            " GENERATED ALWAYS AS (details_canonical::jsonb) STORED",
+        )
 
 
 async def test_update_of_the_last_row_is_modified(
@@ -177,10 +199,10 @@ async def test_update_with_a_recomputed_hash_is_modified_at_that_row(
 ) -> None:
     await _fill(client, keys)
     row = await _row(audit, 4)
-    details = '{"title": "nothing happened"}'
+    details = '{"title":"nothing happened"}'
     await audit.tamper(
         (
-            "UPDATE audit.task_audit_log SET details = $1::jsonb, hash = $2 WHERE id = 4",
+            "UPDATE audit.task_audit_log SET details_canonical = $1, hash = $2 WHERE id = 4",
             [details, _forged_hash(row, details=details)],
         )
     )
@@ -369,17 +391,15 @@ async def test_a_broken_chain_is_counted_and_logged_with_mhv400(
 
 def test_forger_hash_matches_the_service_hash() -> None:
     # The tests above rely on the forger's recomputation being exactly the service's.
-    import datetime as dt
-
     row = StoredRow(
         id=3,
         event_id="00000000-0000-4000-8000-000000000003",
         task_id=7,
         event_type="task_started",
         user_id="00000000-0000-4000-8000-0000000000aa",
-        details='{"b": 2, "a": 1}',
-        occur_time=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
-        created_at=dt.datetime(2025, 1, 1, 0, 0, 1, tzinfo=dt.UTC),
+        details='{"a":1,"b":2}',
+        occur_us=1_735_689_600_000_000,
+        created_us=1_735_689_601_000_000,
         request_id="r",
         trace_id="",
         prev_hash=b"\x07" * 32,

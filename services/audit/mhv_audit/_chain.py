@@ -8,7 +8,8 @@ code units of their names, strings with only ``"``, ``\`` and U+0000..U+001F esc
 members, in that (sorted) order:
 
     created_at   decimal string: microseconds since 1970-01-01T00:00:00Z (database clock)
-    details      the redacted details object, canonicalised the same way
+    details      the redacted details object, canonicalised the same way (stored verbatim in
+                 ``details_canonical``, so verification hashes it without parsing it)
     event_id     lowercase hyphenated UUID
     event_type   string
     id           decimal string: position in the chain, 1, 2, 3, ...
@@ -36,6 +37,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import Any
+
+import orjson
 
 GENESIS_HASH = bytes(32)
 """The ``prev_hash`` of row 1."""
@@ -87,12 +90,14 @@ def _reject_constant(name: str) -> Any:
 _FAST_DECODER = json.JSONDecoder(
     parse_float=_fast_float, parse_int=_fast_int, parse_constant=_reject_constant
 )
-_FAST_ENCODER = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
-)
-# Python sorts keys by code point, JCS by UTF-16 code unit: they differ only around characters
-# outside the Basic Multilingual Plane.
+# Python and orjson sort keys by code point, JCS by UTF-16 code unit: they differ only around
+# characters outside the Basic Multilingual Plane.
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+# A JSON number starts the text or follows '[', ':' or ',' (spaces allowed). No match means no
+# number, and then orjson alone is exact (its escaping and key order are JCS's); a match inside
+# a string only costs the slower path.
+_MAYBE_NUMBER = re.compile(r"(?:^|[\[:,])\s*[-0-9]")
+_SORT_KEYS = orjson.OPT_SORT_KEYS
 
 
 def jcs_number(value: float) -> str:
@@ -153,8 +158,9 @@ def _jcs(value: Any) -> str:
 def canonical_json(text: str) -> str:
     """The RFC 8785 canonical form of a JSON text.
 
-    The common case (ASCII or BMP keys, numbers Python and ECMAScript write alike) runs in the C
-    JSON codec; anything else takes the exact pure-Python encoder.
+    Three paths, all exact: no numbers and no characters beyond the BMP (the usual details) go
+    through orjson alone; numbers that Python and ECMAScript write alike are normalised while
+    parsing, then written by orjson; anything else takes the pure-Python encoder.
 
     Raises:
         ValueError: `text` is not JSON, or holds a number no double can represent.
@@ -162,8 +168,10 @@ def canonical_json(text: str) -> str:
     """
     if not text.isascii() and _ASTRAL.search(text) is not None:
         return _jcs(json.loads(text, parse_constant=_reject_constant))
+    if _MAYBE_NUMBER.search(text) is None:
+        return orjson.dumps(orjson.loads(text), option=_SORT_KEYS).decode()
     try:
-        return _FAST_ENCODER.encode(_FAST_DECODER.decode(text))
+        return orjson.dumps(_FAST_DECODER.decode(text), option=_SORT_KEYS).decode()
     except _NeedsSlowPath:
         return _jcs(json.loads(text, parse_constant=_reject_constant))
 
@@ -287,7 +295,9 @@ class StoredRow:
     """One row as read back from the log, with every column the hash covers.
 
     The store returns rows with the columns in exactly this order, so the scan can unpack
-    them positionally without building objects.
+    them positionally without building objects. `details` is the stored canonical text;
+    `details_match` says whether the queryable jsonb column still equals it (verification
+    reads only).
     """
 
     id: int
@@ -296,12 +306,13 @@ class StoredRow:
     event_type: str
     user_id: str
     details: str
-    occur_time: dt.datetime
-    created_at: dt.datetime
+    occur_us: int
+    created_us: int
     request_id: str
     trace_id: str
     prev_hash: bytes
     hash: bytes
+    details_match: bool = True
 
     @classmethod
     def of(cls, values: Iterable[Any]) -> StoredRow:
@@ -309,23 +320,16 @@ class StoredRow:
         return cls(*values)
 
 
-def row_hash(row: StoredRow, *, as_id: int | None = None) -> bytes | None:
-    """Recompute a stored row's hash, optionally as if it had id `as_id`.
-
-    Returns None when the stored details are not canonicalisable JSON (then no hash matches).
-    """
-    try:
-        details = canonical_json(row.details)
-    except ValueError:
-        return None
+def row_hash(row: StoredRow, *, as_id: int | None = None) -> bytes:
+    """Recompute a stored row's hash, optionally as if it had id `as_id`."""
     return hashlib.sha256(
         encode_record(
             row_id=row.id if as_id is None else as_id,
-            created_us=to_micros(row.created_at),
-            details=details,
+            created_us=row.created_us,
+            details=row.details,
             event_id=row.event_id,
             event_type=row.event_type,
-            occur_us=to_micros(row.occur_time),
+            occur_us=row.occur_us,
             prev_hash=row.prev_hash,
             request_id=row.request_id,
             task_id=row.task_id,
@@ -339,8 +343,10 @@ class ChainScanner:
     """Checks consecutive rows, chunk by chunk, and stops at the first one out of place.
 
     A row is in place when its id is the next expected id, it is not beyond the chain head, its
-    ``prev_hash`` is the previous row's hash, and its hash matches its content. The scan only
-    finds the first such row; `mhv_audit._verify` then works out what happened there.
+    ``prev_hash`` is the previous row's hash, its hash matches its content and its queryable
+    jsonb details equal the hashed text. The scan only finds the first row out of place;
+    `mhv_audit._verify` then works out what happened there. Rows come in the store's
+    verification column order (`StoredRow` plus ``details_match``).
 
     Args:
         expected_id: Id of the first row to come.
@@ -374,33 +380,29 @@ class ChainScanner:
                 event_type,
                 user_id,
                 details,
-                occur_time,
-                created_at,
+                occur_us,
+                created_us,
                 request_id,
                 trace_id,
                 prev_hash,
                 digest,
+                details_match,
             ) = row
-            if row_id != expected_id or row_id > limit:
+            if row_id != expected_id or row_id > limit or not details_match:
                 bad = index
                 break
             if expected_prev is not None and prev_hash != expected_prev:
                 bad = index
                 break
-            try:
-                canonical = canonical_json(details)
-            except ValueError:
-                bad = index
-                break
             encoded = (
                 _RECORD
                 % (
-                    (created_at - _EPOCH) // _ONE_MICROSECOND,
-                    canonical,
+                    created_us,
+                    details,
                     encode_basestring(event_id),
                     encode_basestring(event_type),
                     row_id,
-                    (occur_time - _EPOCH) // _ONE_MICROSECOND,
+                    occur_us,
                     prev_hash.hex(),
                     encode_basestring(request_id),
                     task_id,

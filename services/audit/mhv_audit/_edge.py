@@ -7,10 +7,11 @@ translates between protobuf and the domain.
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+import orjson
+from google.protobuf import struct_pb2, timestamp_pb2
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -28,13 +29,32 @@ _BREAK_KINDS = {
 }
 
 
+def _plain(value: struct_pb2.Value) -> Any:
+    """A Struct value as plain Python (json_format.MessageToDict does the same, slower)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError("not a finite number")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: _plain(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    return None
+
+
 def _event_input(record: audit_pb2.EventRecord) -> EventInput:
     details: dict[str, Any] | None = None
     details_error: str | None = None
     if record.HasField("details"):
         try:
-            details = json_format.MessageToDict(record.details)
-        except (ValueError, json_format.Error):
+            details = {k: _plain(v) for k, v in record.details.fields.items()}
+        except ValueError:
             details_error = "must hold only finite numbers (no NaN or infinity)"
     occur_time = None
     if record.HasField("occur_time"):
@@ -52,31 +72,32 @@ def _event_input(record: audit_pb2.EventRecord) -> EventInput:
     )
 
 
-def _timestamp(value: Any) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+def _set_time(stamp: timestamp_pb2.Timestamp, micros: int) -> None:
+    seconds, fraction = divmod(micros, 1_000_000)
+    stamp.seconds = seconds
+    stamp.nanos = fraction * 1000
 
 
 def _audit_event(row: StoredRow) -> audit_pb2.AuditEvent:
-    details = struct_pb2.Struct()
-    value = json.loads(row.details)
-    if isinstance(value, dict):
-        details.update(value)
-    return audit_pb2.AuditEvent(
+    # Sub-messages are filled in place: passing them to the constructor would copy them.
+    event = audit_pb2.AuditEvent(
         id=row.id,
         event_id=row.event_id,
         task_id=row.task_id,
         event_type=row.event_type,
         user_id=row.user_id,
-        details=details,
-        occur_time=_timestamp(row.occur_time),
-        create_time=_timestamp(row.created_at),
         request_id=row.request_id,
         trace_id=row.trace_id,
         prev_hash=row.prev_hash.hex(),
         hash=row.hash.hex(),
     )
+    _set_time(event.occur_time, row.occur_us)
+    _set_time(event.create_time, row.created_us)
+    # The hashed text, not the jsonb column: what callers see is what the chain vouches for.
+    value = orjson.loads(row.details)
+    if isinstance(value, dict):
+        event.details.update(value)
+    return event
 
 
 def _bound(request: Any, name: str) -> tuple[int, int] | None:

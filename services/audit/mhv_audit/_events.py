@@ -104,7 +104,7 @@ def _details(event: EventInput, where: str, problems: list[FieldViolation]) -> s
     try:
         redacted = redact_details(event.details or {})
         text = canonical_json(json.dumps(redacted, ensure_ascii=False, allow_nan=False))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         problems.append(
             FieldViolation(f"{where}.details", "must be a JSON object with finite numbers")
         )

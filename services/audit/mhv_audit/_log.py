@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mhv_audit._chain import (
     GENESIS_HASH,
@@ -217,17 +218,43 @@ class AuditLog:
                 before = await snap.row(start_id - 1)
                 expected_id, after = start_id, start_id - 1
                 expected_prev = StoredRow.of(before).hash if before is not None else None
+            # Only if someone detached the generated jsonb column can it differ from the hashed
+            # text; then every row is compared, to name the first that differs.
+            compare = not await snap.details_generated()
             scanner = ChainScanner(
                 expected_id=expected_id,
                 expected_prev=expected_prev,
                 head_id=head.last_id if head_in_view else None,
             )
+            pending = asyncio.ensure_future(
+                snap.rows(
+                    after_id=after,
+                    until_id=until,
+                    limit=VERIFY_CHUNK_ROWS,
+                    compare_details=compare,
+                )
+            )
             while True:
-                chunk = await snap.rows(after_id=after, until_id=until, limit=VERIFY_CHUNK_ROWS)
+                chunk = await pending
                 if not chunk:
                     break
+                after = chunk[-1][0]
+                # Ask for the next chunk before hashing this one, so the database reads it
+                # meanwhile; only one query is ever in flight on the connection.
+                pending = asyncio.ensure_future(
+                    snap.rows(
+                        after_id=after,
+                        until_id=until,
+                        limit=VERIFY_CHUNK_ROWS,
+                        compare_details=compare,
+                    )
+                    if len(chunk) == VERIFY_CHUNK_ROWS
+                    else _no_rows()
+                )
+                await asyncio.sleep(0)
                 bad = scanner.feed(chunk)
                 if bad is not None:
+                    await pending
                     last = StoredRow.of(scanner.last) if scanner.last is not None else None
                     found = await diagnose(
                         snap,
@@ -239,9 +266,6 @@ class AuditLog:
                         head_in_view=head_in_view,
                     )
                     return self._outcome(scanner, found)
-                after = chunk[-1][0]
-                # Let appends and listings run between chunks.
-                await asyncio.sleep(0)
             return self._outcome(scanner, _tail_break(scanner, head, start_id, until))
 
     @staticmethod
@@ -254,6 +278,10 @@ class AuditLog:
             head_id=last.id if last is not None else 0,
             head_hash=last.hash if last is not None else GENESIS_HASH,
         )
+
+
+async def _no_rows() -> list[Any]:
+    return []
 
 
 def _tail_break(

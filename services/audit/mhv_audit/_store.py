@@ -21,11 +21,27 @@ from mhv_audit._chain import ChainedEvent, from_micros, to_micros
 from mhv_common.db import Database
 from mhv_common.errors import AuditChainBrokenError
 
-# The columns every reader gets, in `mhv_audit._chain.StoredRow` order.
+# The columns every reader gets, in `mhv_audit._chain.StoredRow` order. Times come as integer
+# microseconds since the epoch (exact: EXTRACT returns numeric), which is what the hash covers
+# and far cheaper to decode than datetimes.
 ROW_COLUMNS = (
-    "id, event_id::text, task_id, event_type, user_id::text, details::text, occur_time,"
-    " created_at, request_id, trace_id, prev_hash, hash"
+    "id, event_id::text, task_id, event_type, user_id::text, details_canonical,"
+    " (extract(epoch FROM occur_time) * 1000000)::bigint,"
+    " (extract(epoch FROM created_at) * 1000000)::bigint,"
+    " request_id, trace_id, prev_hash, hash"
 )
+# Verification rows add whether the queryable jsonb still equals the hashed text. While
+# ``details`` is still the generated column the migration made, it equals the text on every row
+# by construction and the (costly) per-row comparison is skipped.
+CHAIN_COLUMNS = f"{ROW_COLUMNS}, details = details_canonical::jsonb"
+_CHAIN_COLUMNS_GENERATED = f"{ROW_COLUMNS}, true"
+_DETAILS_GENERATED = """
+SELECT coalesce(bool_and(a.attgenerated = 's'
+                         AND pg_get_expr(d.adbin, d.adrelid) = '(details_canonical)::jsonb'), false)
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = 'task_audit_log'::regclass AND a.attname = 'details' AND NOT a.attisdropped
+"""
 
 _LOCK_HEAD = """
 SELECT h.last_id, h.last_hash,
@@ -42,9 +58,9 @@ SELECT ARRAY(SELECT event_id::text FROM task_audit_log WHERE event_id = ANY($1::
 """
 _APPEND = """
 WITH appended AS (
-    INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id, details,
+    INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id, details_canonical,
                                 occur_time, created_at, request_id, trace_id, prev_hash, hash)
-    SELECT r.id, r.event_id, r.task_id, r.event_type, r.user_id, r.details::jsonb,
+    SELECT r.id, r.event_id, r.task_id, r.event_type, r.user_id, r.details,
            r.occur_time, $8, r.request_id, r.trace_id, r.prev_hash, r.hash
     FROM unnest($1::bigint[], $2::uuid[], $3::bigint[], $4::text[], $5::uuid[], $6::text[],
                 $7::timestamptz[], $9::text[], $10::text[], $11::bytea[], $12::bytea[])
@@ -207,26 +223,41 @@ class ChainSnapshot:
             raise AuditChainBrokenError("The audit chain head is missing.")
         return ChainHead(row["last_id"], bytes(row["last_hash"]))
 
+    async def details_generated(self, *, timeout: float | None = None) -> bool:
+        """Whether ``details`` is still generated from ``details_canonical`` (the catalog)."""
+        generated: bool = await self._conn.fetchval(_DETAILS_GENERATED, timeout=timeout)
+        return generated
+
     async def rows(
-        self, *, after_id: int, until_id: int | None, limit: int, timeout: float | None = None
+        self,
+        *,
+        after_id: int,
+        until_id: int | None,
+        limit: int,
+        compare_details: bool,
+        timeout: float | None = None,
     ) -> list[asyncpg.Record]:
-        """Up to `limit` rows with ``after_id < id <= until_id``, in id order."""
-        if until_id is None:
-            sql = f"SELECT {ROW_COLUMNS} FROM task_audit_log WHERE id > $1 ORDER BY id LIMIT $2"  # noqa: S608
-            found: list[asyncpg.Record] = await self._conn.fetch(
-                sql, after_id, limit, timeout=timeout
-            )
-            return found
-        sql = (
-            f"SELECT {ROW_COLUMNS} FROM task_audit_log"  # noqa: S608
-            " WHERE id > $1 AND id <= $3 ORDER BY id LIMIT $2"
-        )
-        found = await self._conn.fetch(sql, after_id, limit, until_id, timeout=timeout)
+        """Up to `limit` rows with ``after_id < id <= until_id``, in id order (`CHAIN_COLUMNS`).
+
+        Args:
+            after_id: Exclusive lower bound.
+            until_id: Inclusive upper bound, or None for none.
+            limit: Most rows returned.
+            compare_details: Compare each row's jsonb with its hashed text; without it every
+                row reports a match (right while `details_generated`).
+            timeout: Bound on the query.
+
+        """
+        columns = CHAIN_COLUMNS if compare_details else _CHAIN_COLUMNS_GENERATED
+        bound = "" if until_id is None else " AND id <= $3"
+        sql = f"SELECT {columns} FROM task_audit_log WHERE id > $1{bound} ORDER BY id LIMIT $2"  # noqa: S608
+        args = (after_id, limit) if until_id is None else (after_id, limit, until_id)
+        found: list[asyncpg.Record] = await self._conn.fetch(sql, *args, timeout=timeout)
         return found
 
     async def row(self, row_id: int, *, timeout: float | None = None) -> asyncpg.Record | None:
-        """The row with id `row_id`, if present."""
-        sql = f"SELECT {ROW_COLUMNS} FROM task_audit_log WHERE id = $1"  # noqa: S608
+        """The row with id `row_id`, if present (`CHAIN_COLUMNS`)."""
+        sql = f"SELECT {CHAIN_COLUMNS} FROM task_audit_log WHERE id = $1"  # noqa: S608
         found: asyncpg.Record | None = await self._conn.fetchrow(sql, row_id, timeout=timeout)
         return found
 

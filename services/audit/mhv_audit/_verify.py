@@ -66,7 +66,7 @@ class Facts:
         head_id: The chain head's last id.
         beyond_head: The row lies past the head (and the range reaches the head).
         link_ok: Its prev_hash is the previous row's hash.
-        intact: Its content matches its hash.
+        intact: Its content matches its hash (and its jsonb details equal the hashed text).
         home_id: Another id under which its content matches its hash, if any.
         parent_id: Id of the row its prev_hash names (0: the genesis hash), if any exists.
         referenced: Some row links to it, or the head names it.
@@ -198,6 +198,8 @@ async def _referenced(
 
 
 def _home(row: StoredRow) -> int | None:
+    if not row.details_match:
+        return None
     for distance in range(1, MOVE_PROBE_DISTANCE + 1):
         for candidate in (row.id + distance, row.id - distance):
             if candidate > 0 and row_hash(row, as_id=candidate) == row.hash:
@@ -235,12 +237,18 @@ async def diagnose(
     )
     if facts.beyond_head or row.id != expected_id:
         return classify(facts)
+    if not row.details_match:
+        return ChainBreak(
+            row.id,
+            BreakKind.MODIFIED,
+            f"row {row.id}'s queryable details (jsonb) no longer equal its hashed details",
+        )
     if predecessor is None or predecessor.id != row.id - 1:
         found = await snap.row(row.id - 1)
         predecessor = StoredRow.of(found) if found is not None else None
     found = await snap.row(row.id + 1)
     successor = StoredRow.of(found) if found is not None else None
-    intact = row_hash(row) == row.hash
+    intact = row.details_match and row_hash(row) == row.hash
     if row.prev_hash == GENESIS_HASH:
         parent_id: int | None = 0
     else:
