@@ -199,14 +199,24 @@ class PrivateAudit:
 
 
 @asynccontextmanager
-async def private_audit(cluster: Cluster, keys: Keys, logs: Path) -> AsyncIterator[PrivateAudit]:
-    """Start an audit service process on a database of its own; drop both afterwards."""
+async def private_audit(
+    cluster: Cluster, keys: Keys, logs: Path, *, verify_interval: float = 0
+) -> AsyncIterator[PrivateAudit]:
+    """Start an audit service process on a database of its own; drop both afterwards.
+
+    Its scheduled chain verification is off unless `verify_interval` is given, so that tests
+    counting verifications count only their own.
+    """
     deployment = await Deployment.create(cluster)
     grpc_port, metrics_port = free_port(), free_port()
     env = service_env(
         deployment,
         keys,
-        {"MHV_AUDIT_GRPC_PORT": str(grpc_port), "MHV_AUDIT_METRICS_PORT": str(metrics_port)},
+        {
+            "MHV_AUDIT_GRPC_PORT": str(grpc_port),
+            "MHV_AUDIT_METRICS_PORT": str(metrics_port),
+            "MHV_AUDIT_VERIFY_INTERVAL_SECONDS": str(verify_interval),
+        },
     )
     process = ServiceProcess("mhv_audit", env, grpc_port, metrics_port, logs / "audit.log")
     admin: asyncpg.Connection | None = None

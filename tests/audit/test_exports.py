@@ -24,6 +24,7 @@ EXPECTED = {
     "ListRequest",
     "NewEvent",
     "RecordOutcome",
+    "ScheduledVerification",
     "SchemaSizeSampler",
     "StoredRow",
     "Verification",

@@ -21,6 +21,7 @@ from mhv_audit._edge import AuditServicer
 from mhv_audit._events import EVENT_TYPES, MAX_BATCH_EVENTS, EventInput, prepare_batch
 from mhv_audit._log import AuditLog, EventPage, ListRequest, RecordOutcome, Verification
 from mhv_audit._metrics import SchemaSizeSampler
+from mhv_audit._schedule import ScheduledVerification
 from mhv_audit._store import AuditStore, ChainHead, ListFilter
 from mhv_audit._verify import BreakKind, ChainBreak, Facts, classify
 
@@ -44,6 +45,7 @@ __all__ = [
     "ListRequest",
     "NewEvent",
     "RecordOutcome",
+    "ScheduledVerification",
     "SchemaSizeSampler",
     "StoredRow",
     "Verification",

@@ -11,12 +11,13 @@ from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_audit._edge import AuditServicer
 from mhv_audit._log import AuditLog
 from mhv_audit._metrics import SchemaSizeSampler
+from mhv_audit._schedule import ScheduledVerification
 from mhv_audit._store import AuditStore
 from mhv_common.auth import Role
 from mhv_common.config import AuditSettings, load_settings
 from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, serve_forever
 
 SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 _READERS = frozenset({Role.ADMIN, Role.AUDITOR})
@@ -37,6 +38,10 @@ def build(settings: AuditSettings) -> ServiceDefinition:
     store = AuditStore(db)
     log = AuditLog(store)
 
+    workers: list[Worker] = [SchemaSizeSampler(store)]
+    if settings.audit_verify_interval_seconds > 0:
+        workers.append(ScheduledVerification(log, interval=settings.audit_verify_interval_seconds))
+
     def register(server: aio.Server) -> Sequence[str]:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(log), server)
         return [SERVICE]
@@ -49,7 +54,7 @@ def build(settings: AuditSettings) -> ServiceDefinition:
         policies=POLICIES,
         startup=db.open,
         cleanup=db.close,
-        workers=[SchemaSizeSampler(store)],
+        workers=workers,
     )
 
 
