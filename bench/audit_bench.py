@@ -37,6 +37,7 @@ from pathlib import Path
 
 import asyncpg
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_audit import GENESIS_HASH, ChainScanner, NewEvent, canonical_json, encode_record, link
@@ -173,6 +174,12 @@ async def bench_list(target: str, keys: Keys, admin_url: str, *, tasks: int, cal
             await client.ListAuditEvents(
                 audit_pb2.ListAuditEventsRequest(task_id=task_id), metadata=metadata
             )
+        health = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+        floor_ms = []
+        for _ in task_ids:
+            started = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest())
+            floor_ms.append((time.perf_counter() - started) * 1000)
         service_ms = []
         returned = 0
         for task_id in task_ids:
@@ -204,6 +211,7 @@ async def bench_list(target: str, keys: Keys, admin_url: str, *, tasks: int, cal
         ("service over gRPC", service_ms),
         ("reference: same SQL, bare asyncpg loop", raw_ms),
         ("reference: same SQL, pgbench (prepared)", pgbench_ms),
+        ("reference: gRPC round trip (Health/Check)", floor_ms),
     ):
         if not values:
             line(name, "n/a", "(pgbench not found)")

@@ -370,6 +370,21 @@ async def test_appends_stop_with_mhv400_when_a_forged_row_holds_the_next_id(
     assert count == ROWS + 1
 
 
+async def test_appends_stop_with_mhv400_when_the_last_rows_were_deleted(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys, audit: PrivateAudit
+) -> None:
+    await _fill(client, keys)
+    await audit.tamper(f"DELETE FROM audit.task_audit_log WHERE id >= {ROWS - 1}")
+    error = await rpc_error(
+        client.RecordEvents(
+            audit_pb2.RecordEventsRequest(events=[event(random_task_id())]),
+            metadata=as_role(keys, Role.SERVICE),
+        )
+    )
+    assert error.code() == grpc.StatusCode.DATA_LOSS
+    assert await audit.admin.fetchval("SELECT max(id) FROM audit.task_audit_log") == ROWS - 2
+
+
 async def test_a_broken_chain_is_counted_and_logged_with_mhv400(
     client: audit_pb2_grpc.AuditServiceStub, keys: Keys, audit: PrivateAudit
 ) -> None:

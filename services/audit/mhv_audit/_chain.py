@@ -226,6 +226,38 @@ class ChainedEvent:
     event: NewEvent
 
 
+def _encode(
+    created_us: int,
+    details: str,
+    event_id: str,
+    event_type: str,
+    row_id: int,
+    occur_us: int,
+    prev_hash: bytes,
+    request_id: str,
+    task_id: int,
+    trace_id: str,
+    user_id: str,
+) -> bytes:
+    # Positional, in the encoding's member order: the scan calls this once per row.
+    return (
+        _RECORD
+        % (
+            created_us,
+            details,
+            encode_basestring(event_id),
+            encode_basestring(event_type),
+            row_id,
+            occur_us,
+            prev_hash.hex(),
+            encode_basestring(request_id),
+            task_id,
+            encode_basestring(trace_id),
+            encode_basestring(user_id),
+        )
+    ).encode()
+
+
 def encode_record(
     *,
     row_id: int,
@@ -244,22 +276,19 @@ def encode_record(
 
     `details` must already be canonical JSON text (`canonical_json`).
     """
-    return (
-        _RECORD
-        % (
-            created_us,
-            details,
-            encode_basestring(event_id),
-            encode_basestring(event_type),
-            row_id,
-            occur_us,
-            prev_hash.hex(),
-            encode_basestring(request_id),
-            task_id,
-            encode_basestring(trace_id),
-            encode_basestring(user_id),
-        )
-    ).encode()
+    return _encode(
+        created_us,
+        details,
+        event_id,
+        event_type,
+        row_id,
+        occur_us,
+        prev_hash,
+        request_id,
+        task_id,
+        trace_id,
+        user_id,
+    )
 
 
 def link(
@@ -394,22 +423,19 @@ class ChainScanner:
             if expected_prev is not None and prev_hash != expected_prev:
                 bad = index
                 break
-            encoded = (
-                _RECORD
-                % (
-                    created_us,
-                    details,
-                    encode_basestring(event_id),
-                    encode_basestring(event_type),
-                    row_id,
-                    occur_us,
-                    prev_hash.hex(),
-                    encode_basestring(request_id),
-                    task_id,
-                    encode_basestring(trace_id),
-                    encode_basestring(user_id),
-                )
-            ).encode()
+            encoded = _encode(
+                created_us,
+                details,
+                event_id,
+                event_type,
+                row_id,
+                occur_us,
+                prev_hash,
+                request_id,
+                task_id,
+                trace_id,
+                user_id,
+            )
             if sha256(encoded).digest() != digest:
                 bad = index
                 break

@@ -226,14 +226,18 @@ class AuditLog:
                 expected_prev=expected_prev,
                 head_id=head.last_id if head_in_view else None,
             )
-            pending = asyncio.ensure_future(
-                snap.rows(
-                    after_id=after,
-                    until_id=until,
-                    limit=VERIFY_CHUNK_ROWS,
-                    compare_details=compare,
+
+            def read_after(row_id: int) -> asyncio.Future[list[Any]]:
+                return asyncio.ensure_future(
+                    snap.rows(
+                        after_id=row_id,
+                        until_id=until,
+                        limit=VERIFY_CHUNK_ROWS,
+                        compare_details=compare,
+                    )
                 )
-            )
+
+            pending = read_after(after)
             while True:
                 chunk = await pending
                 if not chunk:
@@ -241,15 +245,10 @@ class AuditLog:
                 after = chunk[-1][0]
                 # Ask for the next chunk before hashing this one, so the database reads it
                 # meanwhile; only one query is ever in flight on the connection.
-                pending = asyncio.ensure_future(
-                    snap.rows(
-                        after_id=after,
-                        until_id=until,
-                        limit=VERIFY_CHUNK_ROWS,
-                        compare_details=compare,
-                    )
+                pending = (
+                    read_after(after)
                     if len(chunk) == VERIFY_CHUNK_ROWS
-                    else _no_rows()
+                    else asyncio.ensure_future(_no_rows())
                 )
                 await asyncio.sleep(0)
                 bad = scanner.feed(chunk)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
 from prometheus_client import Counter, Gauge
 
+from mhv_audit._periodic import Periodic
 from mhv_audit._store import AuditStore
 from mhv_common import context
-
-logger = logging.getLogger(__name__)
 
 EVENTS_RECORDED = Counter(
     "audit_events_recorded_total",
@@ -35,41 +31,23 @@ for _result in ("ok", "broken"):
 AUDIT_SCHEMA = "audit"
 
 
-class SchemaSizeSampler:
+class SchemaSizeSampler(Periodic):
     """Refreshes ``database_size_bytes{schema="audit"}`` every `interval` seconds.
 
     One catalog query summing ``pg_total_relation_size`` over the schema's few tables: it reads
-    file sizes, never table contents, so it is cheap at any table size.
+    file sizes, never table contents, so it is cheap at any table size. When a sample fails the
+    gauge keeps its last value; a database outage shows in the RPC errors and pool metrics.
     """
 
     name = "schema-size"
 
     def __init__(self, store: AuditStore, *, interval: float = 60.0, timeout: float = 5.0):
+        super().__init__(interval=interval)
         self._store = store
-        self._interval = interval
         self._timeout = timeout
-        self._stopping = asyncio.Event()
 
-    async def sample(self) -> None:
+    async def tick(self) -> None:
         """Take one sample now."""
         with context.deadline_scope(self._timeout):
             size = await self._store.schema_size(AUDIT_SCHEMA, timeout=self._timeout)
         DATABASE_SIZE.labels(AUDIT_SCHEMA).set(size)
-
-    async def run(self) -> None:
-        """Sample until `stop`; a failed sample is logged and retried at the next interval."""
-        while not self._stopping.is_set():
-            try:
-                await self.sample()
-            except Exception as exc:
-                # A metric must never take the service down: the gauge keeps its last value,
-                # and a database outage shows in the RPC errors and the pool metrics.
-                logger.warning("schema size sample failed", extra={"error": repr(exc)})
-            try:
-                await asyncio.wait_for(self._stopping.wait(), self._interval)
-            except TimeoutError:
-                continue
-
-    def stop(self) -> None:
-        """Ask `run` to return."""
-        self._stopping.set()
