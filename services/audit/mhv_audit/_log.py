@@ -106,6 +106,10 @@ class AuditLog:
 
     def __init__(self, store: AuditStore) -> None:
         self._store = store
+        # Appends are serialised by the chain head's row lock in the database; queueing them
+        # here first keeps waiting calls from each holding a pooled connection. Replicas of
+        # the service still take turns on the database lock.
+        self._appending = asyncio.Lock()
         # Verification is CPU-bound: one at a time keeps appends and listings responsive.
         self._verifying = asyncio.Lock()
 
@@ -128,7 +132,8 @@ class AuditLog:
             fresh = [e for e in unique.values() if e.event_id not in stored]
             return link(fresh, head_id=head.last_id, head_hash=head.last_hash, created_us=now_us)
 
-        rows, _stored = await self._store.append(list(unique), build)
+        async with self._appending:
+            rows, _stored = await self._store.append(list(unique), build)
         outcome = RecordOutcome(recorded=len(rows), duplicates=len(prepared) - len(rows))
         EVENTS_RECORDED.labels("recorded").inc(outcome.recorded)
         EVENTS_RECORDED.labels("duplicate").inc(outcome.duplicates)
