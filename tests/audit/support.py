@@ -1,4 +1,4 @@
-"""Helpers shared by the audit service tests: events, calls, errors, a private audit log."""
+"""Shared pieces of the audit service tests: events, calls, errors, a private audit log."""
 
 from __future__ import annotations
 
