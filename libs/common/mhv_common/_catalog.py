@@ -430,8 +430,10 @@ CATALOG: tuple[ErrorSpec, ...] = (
         500,
         "The audit log hash chain is broken.",
         (
-            "Treat as a security incident: see docs/runbooks/security-incident-response.md.",
-            "VerifyAuditChain reports the first row at fault.",
+            "Treat as a security incident and preserve evidence first: follow "
+            "docs/runbooks/audit-chain-broken.md.",
+            "VerifyAuditChain reports the first row at fault and what happened to it.",
+            "Events refused meanwhile wait in the task service's outbox; none is lost.",
         ),
     ),
 )

@@ -94,6 +94,8 @@ class AuditSettings(CommonSettings):
     audit_database_url: str = ""
     audit_grpc_port: int = 50052
     audit_metrics_port: int = 9102
+    # The audit service verifies its whole hash chain this often by itself (0: never).
+    audit_verify_interval_seconds: float = Field(default=3600.0, ge=0)
 
 
 class WebhookSettings(CommonSettings):

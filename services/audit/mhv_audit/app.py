@@ -1,4 +1,4 @@
-"""Wiring of the audit service: settings, database pool, servicer, policies."""
+"""Wiring of the audit service: settings, database pool, servicer, policies, workers."""
 
 from __future__ import annotations
 
@@ -8,30 +8,42 @@ from collections.abc import Sequence
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
+from mhv_audit._edge import AuditServicer
+from mhv_audit._log import AuditLog
+from mhv_audit._metrics import SchemaSizeSampler
+from mhv_audit._schedule import ScheduledVerification
+from mhv_audit._store import AuditStore
 from mhv_common.auth import Role
 from mhv_common.config import AuditSettings, load_settings
 from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, serve_forever
 
 SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 _READERS = frozenset({Role.ADMIN, Role.AUDITOR})
 
 POLICIES: dict[str, MethodPolicy] = {
+    # Only the task service's outbox relay writes. Its batches wait in the outbox while the
+    # audit service is slow, so a generous deadline costs no task RPC anything.
     f"/{SERVICE}/RecordEvents": MethodPolicy(frozenset({Role.SERVICE}), max_deadline=30.0),
-    f"/{SERVICE}/ListAuditEvents": MethodPolicy(_READERS),
-    f"/{SERVICE}/VerifyAuditChain": MethodPolicy(_READERS, max_deadline=120.0),
+    f"/{SERVICE}/ListAuditEvents": MethodPolicy(_READERS, max_deadline=10.0),
+    # Hashes every row of the range: about ten seconds per million rows.
+    f"/{SERVICE}/VerifyAuditChain": MethodPolicy(_READERS, max_deadline=300.0),
 }
 
 
 def build(settings: AuditSettings) -> ServiceDefinition:
     """Assemble the audit service."""
     db = Database.for_service(settings, dsn=settings.audit_database_url, name="audit")
+    store = AuditStore(db)
+    log = AuditLog(store)
+
+    workers: list[Worker] = [SchemaSizeSampler(store)]
+    if settings.audit_verify_interval_seconds > 0:
+        workers.append(ScheduledVerification(log, interval=settings.audit_verify_interval_seconds))
 
     def register(server: aio.Server) -> Sequence[str]:
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(
-            audit_pb2_grpc.AuditServiceServicer(), server
-        )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(log), server)
         return [SERVICE]
 
     return ServiceDefinition(
@@ -42,6 +54,7 @@ def build(settings: AuditSettings) -> ServiceDefinition:
         policies=POLICIES,
         startup=db.open,
         cleanup=db.close,
+        workers=workers,
     )
 
 

@@ -143,13 +143,15 @@ class ChainBreak(_message.Message):
     def __init__(self, row_id: _Optional[int] = ..., kind: _Optional[_Union[BreakKind, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditChainResponse(_message.Message):
-    __slots__ = ("ok", "rows_checked", "first_break", "head_hash")
+    __slots__ = ("ok", "rows_checked", "first_break", "head_hash", "head_id")
     OK_FIELD_NUMBER: _ClassVar[int]
     ROWS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BREAK_FIELD_NUMBER: _ClassVar[int]
     HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     rows_checked: int
     first_break: ChainBreak
     head_hash: str
-    def __init__(self, ok: _Optional[bool] = ..., rows_checked: _Optional[int] = ..., first_break: _Optional[_Union[ChainBreak, _Mapping]] = ..., head_hash: _Optional[str] = ...) -> None: ...
+    head_id: int
+    def __init__(self, ok: _Optional[bool] = ..., rows_checked: _Optional[int] = ..., first_break: _Optional[_Union[ChainBreak, _Mapping]] = ..., head_hash: _Optional[str] = ..., head_id: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,8 @@
+-- mhv:run-as audit_owner
+-- Dropping a table fires none of its triggers: only its owner (or a superuser) can do this.
+DROP TABLE chain_head;
+DROP TABLE task_audit_log;
+DROP FUNCTION check_chain_head();
+DROP FUNCTION guard_chain_head();
+DROP FUNCTION check_audit_link();
+DROP FUNCTION refuse_audit_change();

@@ -1,0 +1,175 @@
+"""The gRPC edge of AuditService: decode, call the domain, encode.
+
+Authentication, role gates, deadlines, rate limits and error mapping are the common
+interceptors' job (`mhv_common.interceptors`, policies in `mhv_audit.app`); this module only
+translates between protobuf and the domain.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from google.protobuf import struct_pb2, timestamp_pb2
+from grpc import aio
+
+from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
+from mhv_audit._chain import StoredRow
+from mhv_audit._events import EventInput
+from mhv_audit._log import AuditLog, ListRequest
+from mhv_audit._verify import BreakKind
+from mhv_common.errors import FieldViolation, ValidationError
+
+_BREAK_KINDS = {
+    BreakKind.MODIFIED: audit_pb2.BREAK_KIND_MODIFIED,
+    BreakKind.MISSING: audit_pb2.BREAK_KIND_MISSING,
+    BreakKind.REORDERED: audit_pb2.BREAK_KIND_REORDERED,
+    BreakKind.INSERTED: audit_pb2.BREAK_KIND_INSERTED,
+}
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    """A Struct value as plain Python (json_format.MessageToDict does the same, slower)."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError("not a finite number")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: _plain(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    return None
+
+
+def _event_input(record: audit_pb2.EventRecord) -> EventInput:
+    details: dict[str, Any] | None = None
+    details_error: str | None = None
+    if record.HasField("details"):
+        try:
+            details = {k: _plain(v) for k, v in record.details.fields.items()}
+        except ValueError:
+            details_error = "must hold only finite numbers (no NaN or infinity)"
+    occur_time = None
+    if record.HasField("occur_time"):
+        occur_time = (record.occur_time.seconds, record.occur_time.nanos)
+    return EventInput(
+        event_id=record.event_id,
+        task_id=record.task_id,
+        event_type=record.event_type,
+        user_id=record.user_id,
+        details=details,
+        details_error=details_error,
+        occur_time=occur_time,
+        request_id=record.request_id,
+        traceparent=record.traceparent,
+    )
+
+
+def _set_time(stamp: timestamp_pb2.Timestamp, micros: int) -> None:
+    seconds, fraction = divmod(micros, 1_000_000)
+    stamp.seconds = seconds
+    stamp.nanos = fraction * 1000
+
+
+def _audit_event(row: StoredRow) -> audit_pb2.AuditEvent:
+    # Sub-messages are filled in place: passing them to the constructor would copy them.
+    event = audit_pb2.AuditEvent(
+        id=row.id,
+        event_id=row.event_id,
+        task_id=row.task_id,
+        event_type=row.event_type,
+        user_id=row.user_id,
+        request_id=row.request_id,
+        trace_id=row.trace_id,
+        prev_hash=row.prev_hash.hex(),
+        hash=row.hash.hex(),
+    )
+    _set_time(event.occur_time, row.occur_us)
+    _set_time(event.create_time, row.created_us)
+    # The hashed text, not the jsonb column: what callers see is what the chain vouches for.
+    value = orjson.loads(row.details)
+    if isinstance(value, dict):
+        event.details.update(value)
+    return event
+
+
+def _bound(request: Any, name: str) -> tuple[int, int] | None:
+    if not request.HasField(name):
+        return None
+    stamp = getattr(request, name)
+    return (stamp.seconds, stamp.nanos)
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    """AuditService over the domain's `AuditLog`."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+
+    async def RecordEvents(
+        self, request: audit_pb2.RecordEventsRequest, context: aio.ServicerContext
+    ) -> audit_pb2.RecordEventsResponse:
+        """Append a batch of events (service role only)."""
+        outcome = await self._log.record([_event_input(e) for e in request.events])
+        return audit_pb2.RecordEventsResponse(
+            recorded=outcome.recorded, duplicates=outcome.duplicates
+        )
+
+    async def ListAuditEvents(
+        self, request: audit_pb2.ListAuditEventsRequest, context: aio.ServicerContext
+    ) -> audit_pb2.ListAuditEventsResponse:
+        """List events, filtered and paged (admin and auditor)."""
+        if request.order not in (
+            audit_pb2.ORDER_UNSPECIFIED,
+            audit_pb2.ORDER_NEWEST_FIRST,
+            audit_pb2.ORDER_OLDEST_FIRST,
+        ):
+            raise ValidationError(
+                violations=[
+                    FieldViolation("order", "must be ORDER_NEWEST_FIRST or ORDER_OLDEST_FIRST")
+                ]
+            )
+        page = await self._log.list_events(
+            ListRequest(
+                task_id=request.task_id,
+                user_id=request.user_id,
+                event_type=request.event_type,
+                start_time=_bound(request, "start_time"),
+                end_time=_bound(request, "end_time"),
+                newest_first=request.order != audit_pb2.ORDER_OLDEST_FIRST,
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        )
+        return audit_pb2.ListAuditEventsResponse(
+            events=[_audit_event(row) for row in page.events],
+            next_page_token=page.next_page_token,
+        )
+
+    async def VerifyAuditChain(
+        self, request: audit_pb2.VerifyAuditChainRequest, context: aio.ServicerContext
+    ) -> audit_pb2.VerifyAuditChainResponse:
+        """Recompute the chain over a range (admin and auditor)."""
+        result = await self._log.verify(start_id=request.start_id, end_id=request.end_id)
+        response = audit_pb2.VerifyAuditChainResponse(
+            ok=result.ok,
+            rows_checked=result.rows_checked,
+            head_id=result.head_id,
+            head_hash=result.head_hash.hex(),
+        )
+        if result.first_break is not None:
+            response.first_break.CopyFrom(
+                audit_pb2.ChainBreak(
+                    row_id=result.first_break.row_id,
+                    kind=_BREAK_KINDS[result.first_break.kind],
+                    detail=result.first_break.detail,
+                )
+            )
+        return response

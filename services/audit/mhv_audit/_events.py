@@ -1,0 +1,209 @@
+"""Incoming events: validation, redaction and canonicalisation, before anything is stored.
+
+A batch is all or nothing: every violation of every event is collected and reported at once
+(``events[3].event_id``, ...), and nothing of a batch with any violation is written. Details are
+redacted again here (`mhv_common.redaction.redact_details` is idempotent): whatever the sender
+did, no secret-looking value reaches the table or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mhv_audit._chain import NewEvent, canonical_json
+from mhv_common.errors import FieldViolation, ValidationError
+from mhv_common.redaction import redact_details
+
+EVENT_TYPES = frozenset(
+    {
+        "task_created",
+        "task_updated",
+        "task_deleted",
+        "task_assigned",
+        "task_started",
+        "task_completed",
+        "task_cancelled",
+        "task_blocked",
+        "task_unblocked",
+    }
+)
+MAX_BATCH_EVENTS = 1000
+MAX_DETAILS_CHARS = 64 * 1024
+MAX_REQUEST_ID_CHARS = 128
+_MAX_TASK_ID = 2**63 - 1
+# 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z, the range google.protobuf.Timestamp allows.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# W3C Trace Context: version-traceid-parentid-flags; later versions may append fields.
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class EventInput:
+    """One event as the edge decoded it, not yet validated.
+
+    Attributes:
+        event_id: As sent.
+        task_id: As sent.
+        event_type: As sent.
+        user_id: As sent.
+        details: The details object, or None when absent.
+        details_error: Why the edge could not decode the details (e.g. a NaN), if it could not.
+        occur_time: (seconds, nanos) since the epoch, or None when absent.
+        request_id: As sent.
+        traceparent: As sent.
+
+    """
+
+    event_id: str
+    task_id: int
+    event_type: str
+    user_id: str
+    details: Mapping[str, Any] | None
+    details_error: str | None
+    occur_time: tuple[int, int] | None
+    request_id: str
+    traceparent: str
+
+
+def trace_id_of(traceparent: str) -> str | None:
+    """The trace id of a W3C ``traceparent``, or None when it is malformed."""
+    match = _TRACEPARENT.match(traceparent)
+    if match is None:
+        return None
+    version, trace_id, parent_id, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return trace_id
+
+
+def timestamp_micros(value: tuple[int, int]) -> int | None:
+    """Microseconds since the epoch of (seconds, nanos), or None when out of range.
+
+    Nanoseconds are truncated to the microsecond, PostgreSQL's precision.
+    """
+    seconds, nanos = value
+    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+        return None
+    return seconds * 1_000_000 + nanos // 1000
+
+
+def _details(event: EventInput, where: str, problems: list[FieldViolation]) -> str | None:
+    if event.details_error is not None:
+        problems.append(FieldViolation(f"{where}.details", event.details_error))
+        return None
+    try:
+        redacted = redact_details(event.details or {})
+        text = canonical_json(json.dumps(redacted, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        problems.append(
+            FieldViolation(f"{where}.details", "must be a JSON object with finite numbers")
+        )
+        return None
+    if "\\u0000" in text:
+        problems.append(FieldViolation(f"{where}.details", "must not contain NUL characters"))
+        return None
+    if len(text) > MAX_DETAILS_CHARS:
+        problems.append(
+            FieldViolation(
+                f"{where}.details",
+                f"must be at most {MAX_DETAILS_CHARS} characters as canonical JSON",
+            )
+        )
+        return None
+    return text
+
+
+def _prepare(event: EventInput, where: str, problems: list[FieldViolation]) -> NewEvent | None:
+    before = len(problems)
+    if not UUID_PATTERN.match(event.event_id):
+        problems.append(FieldViolation(f"{where}.event_id", "must be a UUID"))
+    if not 1 <= event.task_id <= _MAX_TASK_ID:
+        problems.append(FieldViolation(f"{where}.task_id", "must be a positive task id"))
+    if event.event_type not in EVENT_TYPES:
+        problems.append(
+            FieldViolation(
+                f"{where}.event_type", f"must be one of: {', '.join(sorted(EVENT_TYPES))}"
+            )
+        )
+    if not UUID_PATTERN.match(event.user_id):
+        problems.append(FieldViolation(f"{where}.user_id", "must be the actor's user id (UUID)"))
+    occur_us: int | None = None
+    if event.occur_time is None:
+        problems.append(FieldViolation(f"{where}.occur_time", "is required"))
+    else:
+        occur_us = timestamp_micros(event.occur_time)
+        if occur_us is None:
+            problems.append(
+                FieldViolation(f"{where}.occur_time", "must be a valid timestamp (years 1-9999)")
+            )
+    if len(event.request_id) > MAX_REQUEST_ID_CHARS or not _PRINTABLE_ASCII.match(event.request_id):
+        problems.append(
+            FieldViolation(
+                f"{where}.request_id",
+                f"must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters",
+            )
+        )
+    trace_id = ""
+    if event.traceparent:
+        parsed = trace_id_of(event.traceparent)
+        if parsed is None:
+            problems.append(
+                FieldViolation(f"{where}.traceparent", "must be a W3C traceparent, or empty")
+            )
+        else:
+            trace_id = parsed
+    details = _details(event, where, problems)
+    if len(problems) > before or details is None or occur_us is None:
+        return None
+    return NewEvent(
+        event_id=event.event_id.lower(),
+        task_id=event.task_id,
+        event_type=event.event_type,
+        user_id=event.user_id.lower(),
+        details=details,
+        occur_us=occur_us,
+        request_id=event.request_id,
+        trace_id=trace_id,
+    )
+
+
+def prepare_batch(events: Sequence[EventInput]) -> list[NewEvent]:
+    """Validate, redact and canonicalise a batch, keeping its order.
+
+    An event id repeated inside the batch keeps its first occurrence; later ones count as
+    duplicates, exactly as a redelivery in a later batch would.
+
+    Raises:
+        ValidationError: Any event is malformed (MHV-003); every violation is listed, each
+            naming the event's index.
+
+    """
+    if not events:
+        raise ValidationError(violations=[FieldViolation("events", "must not be empty")])
+    if len(events) > MAX_BATCH_EVENTS:
+        raise ValidationError(
+            violations=[
+                FieldViolation("events", f"must hold at most {MAX_BATCH_EVENTS} events per call")
+            ]
+        )
+    problems: list[FieldViolation] = []
+    prepared: list[NewEvent] = []
+    for index, event in enumerate(events):
+        ready = _prepare(event, f"events[{index}]", problems)
+        if ready is not None:
+            prepared.append(ready)
+    if problems:
+        raise ValidationError(
+            "The batch holds malformed events; none was recorded.", violations=problems
+        )
+    return prepared

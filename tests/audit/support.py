@@ -1,0 +1,231 @@
+"""Shared pieces of the audit service tests: events, calls, errors, a private audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+
+from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
+from mhv_cli.pgcluster import free_port
+from mhv_common.auth import Role
+from mhv_common.errors import GRPC_DETAILS_METADATA_KEY
+from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+def random_task_id() -> int:
+    """A task id no other test uses (tests share one audit log)."""
+    return secrets.randbelow(2**62) + 1_000_000
+
+
+def event(
+    task_id: int,
+    event_type: str = "task_updated",
+    *,
+    event_id: str | None = None,
+    user_id: str | None = None,
+    details: dict[str, Any] | None = None,
+    occur_time: dt.datetime | None = None,
+    request_id: str = "req-1",
+    traceparent: str = TRACEPARENT,
+) -> audit_pb2.EventRecord:
+    """An EventRecord as the outbox relay sends it."""
+    struct = struct_pb2.Struct()
+    struct.update(details if details is not None else {"title": "Fix the flaky test"})
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(occur_time or dt.datetime.now(dt.UTC))
+    return audit_pb2.EventRecord(
+        event_id=event_id or str(uuid.uuid4()),
+        task_id=task_id,
+        event_type=event_type,
+        user_id=user_id or str(uuid.uuid4()),
+        details=struct,
+        occur_time=stamp,
+        request_id=request_id,
+        traceparent=traceparent,
+    )
+
+
+def events(task_id: int, count: int) -> list[audit_pb2.EventRecord]:
+    """`count` events of one task, each with its sequence number in its details."""
+    return [event(task_id, details={"seq": n, "title": f"step {n}"}) for n in range(count)]
+
+
+def stub(channel: aio.Channel) -> audit_pb2_grpc.AuditServiceStub:
+    """An AuditService client on `channel`."""
+    return audit_pb2_grpc.AuditServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def as_role(keys: Keys, role: Role) -> tuple[tuple[str, str], ...]:
+    """Call metadata for a caller with `role`."""
+    return bearer(keys.token(role))
+
+
+async def record(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys, batch: Sequence[audit_pb2.EventRecord]
+) -> audit_pb2.RecordEventsResponse:
+    """RecordEvents as the relay calls it (service token)."""
+    reply: audit_pb2.RecordEventsResponse = await client.RecordEvents(
+        audit_pb2.RecordEventsRequest(events=list(batch)),
+        metadata=as_role(keys, Role.SERVICE),
+        timeout=30,
+    )
+    return reply
+
+
+async def list_all(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys, **filters: Any
+) -> list[audit_pb2.AuditEvent]:
+    """Every page of a listing, as an auditor."""
+    found: list[audit_pb2.AuditEvent] = []
+    token = ""
+    while True:
+        reply = await client.ListAuditEvents(
+            audit_pb2.ListAuditEventsRequest(page_token=token, **filters),
+            metadata=as_role(keys, Role.AUDITOR),
+            timeout=10,
+        )
+        found.extend(reply.events)
+        if not reply.next_page_token:
+            return found
+        token = reply.next_page_token
+
+
+async def verify(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys, **bounds: int
+) -> audit_pb2.VerifyAuditChainResponse:
+    """VerifyAuditChain as an auditor."""
+    reply: audit_pb2.VerifyAuditChainResponse = await client.VerifyAuditChain(
+        audit_pb2.VerifyAuditChainRequest(**bounds),
+        metadata=as_role(keys, Role.AUDITOR),
+        timeout=120,
+    )
+    return reply
+
+
+def rich_status(error: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status every Mahavishnu error carries."""
+    for key, value in error.trailing_metadata() or ():
+        if key == GRPC_DETAILS_METADATA_KEY:
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no grpc-status-details-bin trailer")
+
+
+def violations(error: grpc.RpcError) -> list[tuple[str, str]]:
+    """(field, description) of every BadRequest field violation of `error`."""
+    for detail in rich_status(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return [(v.field, v.description) for v in bad.field_violations]
+    return []
+
+
+async def rpc_error(call: Any) -> aio.AioRpcError:
+    """Await `call`, which must fail, and return its error."""
+    try:
+        await call
+    except aio.AioRpcError as error:
+        return error
+    raise AssertionError("the call succeeded")
+
+
+async def metric(port: int, name: str, labels: dict[str, str]) -> float:
+    """The current value of one sample on a /metrics endpoint (0 when absent)."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@dataclass
+class PrivateAudit:
+    """An audit service with a database of its own, for tests that tamper with the log.
+
+    Tampering is done as a superuser with triggers switched off for the session
+    (``session_replication_role = replica``), exactly what an attacker with superuser rights
+    can do; the session deployment's log stays untouched.
+    """
+
+    deployment: Deployment
+    process: ServiceProcess
+    admin: asyncpg.Connection
+
+    @property
+    def target(self) -> str:
+        """host:port of the service."""
+        return self.process.target
+
+    async def reset(self) -> None:
+        """Empty the log and rewind its head (as a superuser: no role may do this)."""
+        await self.admin.execute("SET session_replication_role = replica")
+        try:
+            await self.admin.execute("TRUNCATE audit.task_audit_log")
+            await self.admin.execute(
+                "UPDATE audit.chain_head SET last_id = 0, last_hash = $1", bytes(32)
+            )
+        finally:
+            await self.admin.execute("RESET session_replication_role")
+
+    async def tamper(self, *statements: str | tuple[str, Sequence[Any]]) -> None:
+        """Run statements as a superuser with every trigger off, in one transaction."""
+        async with self.admin.transaction():
+            await self.admin.execute("SET LOCAL session_replication_role = replica")
+            for statement in statements:
+                if isinstance(statement, tuple):
+                    await self.admin.execute(statement[0], *statement[1])
+                else:
+                    await self.admin.execute(statement)
+
+
+@asynccontextmanager
+async def private_audit(
+    cluster: Cluster, keys: Keys, logs: Path, *, verify_interval: float = 0
+) -> AsyncIterator[PrivateAudit]:
+    """Start an audit service process on a database of its own; drop both afterwards.
+
+    Its scheduled chain verification is off unless `verify_interval` is given, so that tests
+    counting verifications count only their own.
+    """
+    deployment = await Deployment.create(cluster)
+    grpc_port, metrics_port = free_port(), free_port()
+    env = service_env(
+        deployment,
+        keys,
+        {
+            "MHV_AUDIT_GRPC_PORT": str(grpc_port),
+            "MHV_AUDIT_METRICS_PORT": str(metrics_port),
+            "MHV_AUDIT_VERIFY_INTERVAL_SECONDS": str(verify_interval),
+        },
+    )
+    process = ServiceProcess("mhv_audit", env, grpc_port, metrics_port, logs / "audit.log")
+    admin: asyncpg.Connection | None = None
+    try:
+        await process.start()
+        admin = await asyncpg.connect(deployment.admin_url)
+        yield PrivateAudit(deployment, process, admin)
+    finally:
+        if admin is not None:
+            await admin.close()
+        await asyncio.to_thread(process.stop)
+        await deployment.drop()

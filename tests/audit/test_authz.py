@@ -1,0 +1,69 @@
+"""Who may call each AuditService RPC: every role, and no token at all."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from grpc import aio
+
+from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
+from mhv_audit.app import POLICIES, SERVICE
+from mhv_common.auth import Role
+from tests.audit.support import as_role, event, list_all, random_task_id, rpc_error, stub
+from tests.conftest import Services
+from tests.harness import Keys
+
+ALLOWED = {
+    "RecordEvents": {Role.SERVICE},
+    "ListAuditEvents": {Role.ADMIN, Role.AUDITOR},
+    "VerifyAuditChain": {Role.ADMIN, Role.AUDITOR},
+}
+
+
+@pytest.fixture
+async def client(services: Services) -> AsyncIterator[audit_pb2_grpc.AuditServiceStub]:
+    async with aio.insecure_channel(services.audit.target) as channel:
+        yield stub(channel)
+
+
+def test_every_rpc_has_a_policy_matching_this_table() -> None:
+    assert {name.rsplit("/", 1)[1]: set(p.roles) for name, p in POLICIES.items()} == ALLOWED
+    assert all(name.startswith(f"/{SERVICE}/") for name in POLICIES)
+
+
+def _request(method: str, task_id: int) -> object:
+    if method == "RecordEvents":
+        return audit_pb2.RecordEventsRequest(events=[event(task_id)])
+    if method == "ListAuditEvents":
+        return audit_pb2.ListAuditEventsRequest(task_id=task_id)
+    return audit_pb2.VerifyAuditChainRequest(end_id=1)
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+@pytest.mark.parametrize("role", [*Role, None], ids=lambda r: str(r) if r else "no-token")
+async def test_role_gate(
+    client: audit_pb2_grpc.AuditServiceStub,
+    keys: Keys,
+    method: str,
+    role: Role | None,
+) -> None:
+    task_id = random_task_id()
+    call = getattr(client, method)
+    metadata = as_role(keys, role) if role is not None else ()
+    if role in ALLOWED[method]:
+        await call(_request(method, task_id), metadata=metadata, timeout=30)
+        if method == "RecordEvents":
+            assert len(await list_all(client, keys, task_id=task_id)) == 1
+        return
+    error = await rpc_error(call(_request(method, task_id), metadata=metadata, timeout=30))
+    if role is None:
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error.details().startswith("[MHV-004]")
+    else:
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error.details().startswith("[MHV-005]")
+    if method == "RecordEvents":
+        # A refused write wrote nothing.
+        assert await list_all(client, keys, task_id=task_id) == []

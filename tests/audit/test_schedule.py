@@ -1,0 +1,45 @@
+"""The audit service verifies its chain by itself, and a break shows without anyone asking."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from grpc import aio
+
+from tests.audit.support import events, metric, private_audit, random_task_id, record, stub
+from tests.harness import Cluster, Keys
+
+
+async def _eventually(predicate: Callable[[], Awaitable[bool]], *, seconds: float = 20.0) -> None:
+    for _ in range(int(seconds / 0.1)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the scheduled verification never reported")
+
+
+async def test_scheduled_verification_counts_runs_and_reports_a_break(
+    cluster: Cluster, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    logs = Path(tmp_path_factory.mktemp("scheduled"))
+    async with private_audit(cluster, keys, logs, verify_interval=0.2) as audit:
+        port = audit.process.metrics_port
+        async with aio.insecure_channel(audit.target) as channel:
+            await record(stub(channel), keys, events(random_task_id(), 5))
+
+        async def ok_runs() -> bool:
+            return await metric(port, "audit_chain_verifications_total", {"result": "ok"}) >= 3
+
+        await _eventually(ok_runs)
+        await audit.tamper("DELETE FROM audit.task_audit_log WHERE id = 3")
+
+        async def broken_runs() -> bool:
+            broken = await metric(port, "audit_chain_verifications_total", {"result": "broken"})
+            return broken >= 1
+
+        await _eventually(broken_runs)
+        lines = [line for line in audit.process.logs().splitlines() if "chain broken" in line]
+        assert lines and '"error_code": "MHV-400"' in lines[0] and '"kind": "missing"' in lines[0]

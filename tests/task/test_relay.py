@@ -1,0 +1,249 @@
+"""The outbox relay: every committed task change reaches the audit log exactly once, in order.
+
+Each test runs its own deployment (database, task and audit processes), because it stops,
+kills and multiplies processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
+
+from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_cli.pgcluster import free_port
+from mhv_common.auth import Role
+from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class System:
+    deployment: Deployment
+    keys: Keys
+    env: dict[str, str]
+    logs: Path
+    audit: ServiceProcess
+    tasks: list[ServiceProcess] = field(default_factory=list)
+    user_id: str = ""
+
+    def task_process(self, index: int) -> ServiceProcess:
+        grpc_port, metrics_port = free_port(), free_port()
+        env = {
+            **self.env,
+            "MHV_TASK_GRPC_PORT": str(grpc_port),
+            "MHV_TASK_METRICS_PORT": str(metrics_port),
+        }
+        return ServiceProcess(
+            "mhv_task",
+            env,
+            grpc_port,
+            metrics_port,
+            self.logs / f"task{index}-{time.monotonic_ns()}.log",
+        )
+
+    def token(self) -> tuple[tuple[str, str], ...]:
+        return bearer(self.keys.token(Role.MEMBER, subject=self.user_id))
+
+
+@pytest.fixture
+async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[System]:
+    deployment = await Deployment.create(cluster)
+    conn = await asyncpg.connect(deployment.admin_url)
+    user_id = str(
+        await conn.fetchval(
+            "INSERT INTO task.users (username, email) VALUES ('relay', 'relay@example.test')"
+            " RETURNING id"
+        )
+    )
+    await conn.close()
+    audit_port, audit_metrics = free_port(), free_port()
+    env = service_env(
+        deployment,
+        keys,
+        {
+            "MHV_AUDIT_GRPC_PORT": str(audit_port),
+            "MHV_AUDIT_METRICS_PORT": str(audit_metrics),
+            "MHV_AUDIT_TARGET": f"127.0.0.1:{audit_port}",
+            "MHV_RELAY_POLL_INTERVAL_SECONDS": "0.02",
+            "MHV_LOG_LEVEL": "WARNING",
+        },
+    )
+    audit = ServiceProcess("mhv_audit", env, audit_port, audit_metrics, tmp_path / "audit.log")
+    running = System(deployment, keys, env, tmp_path, audit, user_id=user_id)
+    await audit.start()
+    yield running
+    for process in [*running.tasks, audit]:
+        process.stop()
+    await deployment.drop()
+
+
+async def drive(
+    target: str, metadata: tuple[tuple[str, str], ...], *, tasks: int, concurrency: int = 16
+) -> int:
+    """Create tasks and move each through a few changes; return committed mutations."""
+    done = 0
+    async with aio.insecure_channel(target) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(tasks):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            nonlocal done
+            while not queue.empty():
+                i = queue.get_nowait()
+                task = await stub.CreateTask(
+                    task_pb2.CreateTaskRequest(title=f"relay {i}", repository="demo"),
+                    metadata=metadata,
+                    timeout=10,
+                )
+                await stub.StartTask(
+                    task_pb2.StartTaskRequest(id=task.id), metadata=metadata, timeout=10
+                )
+                await stub.CompleteTask(
+                    task_pb2.CompleteTaskRequest(id=task.id), metadata=metadata, timeout=10
+                )
+                done += 3
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done
+
+
+async def _counts(deployment: Deployment) -> tuple[int, int, int]:
+    """(outbox events, undelivered events, audit rows)."""
+    conn = await asyncpg.connect(deployment.admin_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM task.outbox) AS events,"
+            " (SELECT count(*) FROM task.outbox WHERE delivered_at IS NULL) AS pending,"
+            " (SELECT count(*) FROM audit.task_audit_log) AS audited"
+        )
+        return int(row["events"]), int(row["pending"]), int(row["audited"])
+    finally:
+        await conn.close()
+
+
+async def wait_all_delivered(deployment: Deployment, *, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events, pending, audited = await _counts(deployment)
+        if pending == 0 and audited == events:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not delivered in time: {await _counts(deployment)}")
+
+
+async def assert_exactly_once_in_order(system: System) -> None:
+    conn = await asyncpg.connect(system.deployment.admin_url)
+    try:
+        outbox = await conn.fetch("SELECT event_id, task_id FROM task.outbox ORDER BY id")
+        audit = await conn.fetch("SELECT event_id, task_id FROM audit.task_audit_log ORDER BY id")
+    finally:
+        await conn.close()
+    assert len(audit) == len(outbox)
+    assert {r["event_id"] for r in audit} == {r["event_id"] for r in outbox}
+    # Per task, the audit log holds the events in the order they were committed.
+    by_task_outbox: dict[int, list[object]] = {}
+    by_task_audit: dict[int, list[object]] = {}
+    for rows, into in ((outbox, by_task_outbox), (audit, by_task_audit)):
+        for r in rows:
+            into.setdefault(r["task_id"], []).append(r["event_id"])
+    assert by_task_audit == by_task_outbox
+    async with aio.insecure_channel(system.audit.target) as channel:
+        verdict = await audit_pb2_grpc.AuditServiceStub(channel).VerifyAuditChain(
+            audit_pb2.VerifyAuditChainRequest(),
+            metadata=bearer(system.keys.token(Role.AUDITOR)),
+        )
+    assert verdict.ok
+    assert verdict.rows_checked == len(outbox)
+
+
+async def _metric(port: int, name: str, **labels: str) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def test_audit_outage_under_load_loses_nothing_and_fails_no_rpc(system: System) -> None:
+    task = system.task_process(0)
+    system.tasks.append(task)
+    await task.start()
+    await drive(task.target, system.token(), tasks=20)
+    await wait_all_delivered(system.deployment)
+    system.audit.stop()
+    # While the audit service is down every task RPC still succeeds...
+    committed = await drive(task.target, system.token(), tasks=60)
+    assert committed == 180
+    # ...and the events wait in the outbox, visible in the metrics.
+    await asyncio.sleep(2.5)
+    assert await _metric(task.metrics_port, "task_outbox_depth") >= 1
+    assert await _metric(task.metrics_port, "task_outbox_lag_seconds") > 0
+    _events, pending, _audited = await _counts(system.deployment)
+    assert pending >= 1
+    await system.audit.start()
+    await wait_all_delivered(system.deployment)
+    await assert_exactly_once_in_order(system)
+    await asyncio.sleep(2.5)
+    assert await _metric(task.metrics_port, "task_outbox_depth") == 0
+
+
+async def test_sigkill_of_the_relaying_process_mid_batch(system: System) -> None:
+    system.env["MHV_RELAY_BATCH_SIZE"] = "400"
+    task = system.task_process(0)
+    system.tasks.append(task)
+    await task.start()
+    system.audit.stop()
+    await drive(task.target, system.token(), tasks=400, concurrency=24)
+    await system.audit.start()
+    # Kill the relaying process as soon as delivery is under way.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _events, _pending, audited = await _counts(system.deployment)
+        if audited > 0:
+            break
+        await asyncio.sleep(0.005)
+    task.kill()
+    _events, pending, _audited = await _counts(system.deployment)
+    assert pending > 0, "the backlog drained before the kill; nothing was interrupted"
+    replacement = system.task_process(1)
+    system.tasks.append(replacement)
+    await replacement.start()
+    await wait_all_delivered(system.deployment)
+    await assert_exactly_once_in_order(system)
+
+
+async def test_three_relays_at_once_never_send_twice(system: System) -> None:
+    relays = [system.task_process(i) for i in range(3)]
+    system.tasks.extend(relays)
+    system.audit.stop()
+    for relay in relays:
+        await relay.start()
+    # A backlog for all three to share, then more load spread over them while they drain it.
+    await drive(relays[0].target, system.token(), tasks=150)
+    await system.audit.start()
+    await asyncio.gather(*(drive(r.target, system.token(), tasks=40) for r in relays))
+    await wait_all_delivered(system.deployment)
+    await assert_exactly_once_in_order(system)
+    # No relay sent an event another relay had claimed: the audit service saw no redelivery.
+    assert (
+        await _metric(system.audit.metrics_port, "audit_events_recorded_total", result="duplicate")
+        == 0
+    )
+    delivered = [await _metric(r.metrics_port, "task_outbox_delivered_total") for r in relays]
+    assert sum(1 for d in delivered if d > 0) >= 2, f"only one relay did the work: {delivered}"
