@@ -49,6 +49,7 @@ class Services:
     audit: ServiceProcess
     webhook: ServiceProcess
     ports: dict[str, int]
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +87,7 @@ async def services(
             logs / "webhook.log",
         ),
         ports=ports,
+        env=env,
     )
     for process in (running.audit, running.task, running.webhook):
         await process.start()

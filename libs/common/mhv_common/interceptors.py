@@ -307,6 +307,14 @@ class RateLimitInterceptor(_Interceptor):
         return await self._call(method, request, ctx)
 
 
+def initialise_metrics(policies: Mapping[str, MethodPolicy]) -> None:
+    """Create each governed method's OK count and latency series at zero."""
+    for full in policies:
+        service, rpc = split_method(full)
+        GRPC_HANDLED.labels(service, rpc, "OK")
+        GRPC_LATENCY.labels(service, rpc)
+
+
 def build_interceptors(
     *,
     verifier: TokenVerifier,
@@ -316,6 +324,7 @@ def build_interceptors(
 ) -> list[aio.ServerInterceptor]:
     """The ordered interceptor list every service installs (first = outermost)."""
     default = default_policy or MethodPolicy()
+    initialise_metrics(policies)
     return [
         aio_server_interceptor(),
         EdgeInterceptor(),

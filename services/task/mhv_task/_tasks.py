@@ -129,6 +129,13 @@ class Tasks:
     def __init__(self, db: Database, repositories: RepositoryCatalog) -> None:
         self._db = db
         self._repos = repositories
+        # Every known label combination at zero (docs/sre/metrics.md).
+        for repository in [*repositories.names(), UNKNOWN_REPOSITORY_LABEL]:
+            TASK_CREATION_DURATION.labels(repository)
+            for status in ("success", "rejected", "error"):
+                TASK_CREATION_TOTAL.labels(repository, status)
+        for status in ("success", "rejected", "error"):
+            SEMANTIC_SEARCH_TOTAL.labels(status)
 
     # --- create -------------------------------------------------------------------------
 

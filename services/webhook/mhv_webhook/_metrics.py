@@ -6,6 +6,8 @@ attacker chose.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
 
 OUTCOMES = (
@@ -61,3 +63,20 @@ SAGA_OUTCOMES = Counter(
 for _outcome in SAGA_STATES:
     # Present at zero from the start, so rates and SLO ratios exist before the first failure.
     SAGA_OUTCOMES.labels(_outcome)
+
+
+def initialise(keys: Mapping[str, Iterable[str]]) -> None:
+    """Create every known label combination at zero (see docs/sre/metrics.md).
+
+    Args:
+        keys: Source name -> the labels of its configured secrets.
+    """
+    for source, labels in keys.items():
+        for label in labels:
+            SECRET_MATCHES.labels(source, label)
+        REQUESTS.labels(source, "202")
+        ACK_DURATION.labels(source)
+        for outcome in OUTCOMES:
+            DELIVERIES.labels(source, outcome)
+        for matched in ("delivery_id", "body"):
+            DUPLICATES.labels(source, matched)

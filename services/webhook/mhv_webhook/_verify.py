@@ -259,6 +259,9 @@ class Verifier(Protocol):
     def describe(self, verified: Verified, payload: Mapping[str, Any]) -> tuple[str, str]:
         """(event, action) of a verified delivery, from its headers and parsed body."""
 
+    def key_labels(self) -> tuple[str, ...]:
+        """Every label `verify` may report in `Verified.matched_keys` (for the key metric)."""
+
 
 def _text(value: Any) -> str:
     """A payload field as stored text: printable and short, else empty."""
@@ -283,6 +286,10 @@ class GitHubVerifier:
 
     def __init__(self, secrets: Sequence[Secret]) -> None:
         self._secrets = tuple(secrets)
+
+    def key_labels(self) -> tuple[str, ...]:
+        """One label per configured secret."""
+        return tuple(s.label for s in self._secrets)
 
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Check the body signature; the delivery id and event come from headers."""
@@ -331,6 +338,12 @@ class GitLabVerifier:
         self._tokens = tuple(s for s in secrets if not s.signing_key)
         self._signing = tuple(s for s in secrets if s.signing_key)
         self._window = window
+
+    def key_labels(self) -> tuple[str, ...]:
+        """``token:<label>`` and ``signing:<label>`` per configured secret."""
+        return tuple(f"token:{s.label}" for s in self._tokens) + tuple(
+            f"signing:{s.label}" for s in self._signing
+        )
 
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Check the configured token kinds; dedup on the signed id or the delivery headers."""
@@ -398,6 +411,10 @@ class StandardVerifier:
     def __init__(self, secrets: Sequence[Secret], *, window: FreshnessWindow) -> None:
         self._secrets = tuple(secrets)
         self._window = window
+
+    def key_labels(self) -> tuple[str, ...]:
+        """One label per configured secret."""
+        return tuple(s.label for s in self._secrets)
 
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Check timestamp and signature over ``{id}.{timestamp}.{body}``."""

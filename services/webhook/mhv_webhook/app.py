@@ -25,6 +25,7 @@ from mhv_common.db import Database
 from mhv_common.errors import ConfigurationError, MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, serve_forever
+from mhv_webhook import _metrics as metrics
 from mhv_webhook._admin import WebhookAdminServicer
 from mhv_webhook._http import WebhookEdge
 from mhv_webhook._https import HttpsListener, tls_context
@@ -80,6 +81,7 @@ def build(
         os.environ if environ is None else environ,
         now=clock(),
     )
+    metrics.initialise({name: s.verifier.key_labels() for name, s in sources.items()})
     tls = tls_context(settings.webhook_tls_cert_file, settings.webhook_tls_key_file)
     # The gateway never changes session state, so connections skip asyncpg's reset query on
     # release: one round trip per acknowledgement instead of two.
