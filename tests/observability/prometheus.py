@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,22 @@ class Prometheus(Daemon):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{expr!r} still {result!r} after {timeout}s")
             time.sleep(0.25)
+
+    def panels_without_data(self, queries: Sequence[Any], *, timeout: float = 20) -> list[str]:
+        """Run every panel query until all return data; those that never did, by name.
+
+        A rate needs two scrapes of its series, and a series may appear a scrape after another,
+        so one pass right after start-up can miss data that is there a second later.
+        """
+        deadline = time.monotonic() + timeout
+        pending = list(queries)
+        while True:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                results = list(pool.map(lambda q: self.query(q.promql()), pending))
+            pending = [q for q, result in zip(pending, results, strict=True) if not result]
+            if not pending or time.monotonic() > deadline:
+                return [f"{q.dashboard} / {q.panel} / {q.ref_id}: {q.expr}" for q in pending]
+            time.sleep(0.5)
 
     def targets(self) -> list[dict[str, Any]]:
         """Active scrape targets with their health."""

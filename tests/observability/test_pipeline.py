@@ -13,7 +13,6 @@ which drives real traffic instead of the exporters.
 from __future__ import annotations
 
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -92,14 +91,8 @@ def test_rules_and_panels_on_a_real_prometheus_and_the_watchdog_reaches_alertman
         assert not broken, broken
 
         queries = [q for board in load_dashboards().values() for q in panel_queries(board)]
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            # Raises PromQLError if Prometheus cannot parse or run a query.
-            results = list(pool.map(lambda q: prometheus.query(q.promql()), queries))
-        empty = [
-            f"{q.dashboard} / {q.panel} / {q.ref_id}"
-            for q, result in zip(queries, results, strict=True)
-            if not result
-        ]
+        # Raises PromQLError if Prometheus cannot parse or run a query.
+        empty = prometheus.panels_without_data(queries)
         assert not empty, f"panels without data: {empty}"
 
         firing = prometheus.wait_until('ALERTS{alertname="Watchdog",alertstate="firing"}')

@@ -16,6 +16,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from wsgiref.simple_server import WSGIServer
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -98,7 +99,7 @@ class RunningService:
         self.server: aio.Server | None = None
         self.grpc_port = 0
         self.metrics_port = 0
-        self._metrics_server: object | None = None
+        self._metrics_server: WSGIServer | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._service_names: list[str] = []
         self._stopped = asyncio.Event()
@@ -190,10 +191,8 @@ class RunningService:
         if self.definition.cleanup is not None:
             await self.definition.cleanup()
         if self._metrics_server is not None:
-            shutdown = getattr(self._metrics_server, "shutdown", None)
-            if shutdown is not None:
-                await asyncio.to_thread(shutdown)
-        tracing.shutdown()
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
         logger.info("service stopped")
 
 
@@ -237,5 +236,7 @@ async def serve_forever(
     if extra_tasks:
         await asyncio.gather(*extra_tasks, return_exceptions=True)
     await running.stop()
+    # The process is ending: flush spans still waiting for export.
+    tracing.shutdown()
     if failed:
         raise SystemExit(1)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from opentelemetry import propagate, trace
 
 from mhv_audit._chain import (
     GENESIS_HASH,
@@ -28,6 +30,8 @@ from mhv_audit._pages import decode_page_token, encode_page_token
 from mhv_audit._store import AuditStore, ChainHead, ListFilter
 from mhv_audit._verify import BreakKind, ChainBreak, diagnose
 from mhv_common.errors import AuditChainBrokenError, FieldViolation, ValidationError
+
+_tracer = trace.get_tracer("mahavishnu.audit")
 
 logger = logging.getLogger("mhv.audit")
 
@@ -135,6 +139,7 @@ class AuditLog:
         async with self._appending:
             rows, _stored = await self._store.append(list(unique), build)
         outcome = RecordOutcome(recorded=len(rows), duplicates=len(prepared) - len(rows))
+        _trace_recorded(rows, {e.event_id.lower(): e.traceparent for e in events})
         EVENTS_RECORDED.labels("recorded").inc(outcome.recorded)
         EVENTS_RECORDED.labels("duplicate").inc(outcome.duplicates)
         logger.info(
@@ -348,3 +353,26 @@ def _list_filter(request: ListRequest) -> tuple[ListFilter, int]:
         newest_first=request.newest_first,
     )
     return where, min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _trace_recorded(rows: Sequence[ChainedEvent], traceparents: Mapping[str, str]) -> None:
+    """Add each stored event to the trace of the change it records.
+
+    The relay's RecordEvents call is a trace of its own; a short span per event, parented by
+    the event's traceparent, makes the audit record part of the trace that began at the caller
+    (a webhook, a person's RPC).
+    """
+    for row in rows:
+        traceparent = traceparents.get(row.event.event_id)
+        if not traceparent:
+            continue
+        parent = propagate.extract({"traceparent": traceparent})
+        _tracer.start_span(
+            "audit.record_event",
+            context=parent,
+            attributes={
+                "audit.row_id": row.id,
+                "audit.event_type": row.event.event_type,
+                "task.id": row.event.task_id,
+            },
+        ).end()
