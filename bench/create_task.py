@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
@@ -34,7 +35,9 @@ from bench._env import (
     start_order_ports,
     summary,
 )
+from bench._grpc_floor import METHOD as FLOOR_METHOD
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
 from mhv_task import _store
 
@@ -74,37 +77,100 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def _client(
-    target: str, token: str, seconds: float, warmup: float, concurrency: int
-) -> list[float]:
+async def _client(args: argparse.Namespace) -> list[float]:
     latencies: list[float] = []
-    metadata = (("authorization", f"Bearer {token}"),)
-    async with aio.insecure_channel(target) as channel:
+    metadata = (("authorization", f"Bearer {args.token}"),)
+    async with aio.insecure_channel(args.target) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
+        empty = channel.unary_unary(FLOOR_METHOD)
         start = time.monotonic()
-        stop_at = start + warmup + seconds
+        stop_at = start + args.warmup + args.seconds
 
         async def worker(n: int) -> None:
             i = 0
             while time.monotonic() < stop_at:
                 t0 = time.monotonic()
-                await stub.CreateTask(
-                    task_pb2.CreateTaskRequest(title=f"bench {n}-{i}", repository="demo"),
-                    metadata=metadata,
-                )
-                if t0 - start >= warmup:
+                if args.floor:
+                    await empty(b"")
+                else:
+                    await stub.CreateTask(
+                        task_pb2.CreateTaskRequest(title=f"bench {n}-{i}", repository="demo"),
+                        metadata=metadata,
+                    )
+                if t0 - start >= args.warmup:
                     latencies.append(time.monotonic() - t0)
                 i += 1
 
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        await asyncio.gather(*(worker(n) for n in range(args.concurrency)))
     return latencies
 
 
-def _client_main(args: argparse.Namespace) -> None:
-    latencies = asyncio.run(
-        _client(args.target, args.token, args.seconds, args.warmup, args.concurrency)
+@dataclass
+class Load:
+    """What one load run measured."""
+
+    rps: float
+    latency_ms: dict[str, float]
+    server_cpu_us: float
+    client_cpu_us: float
+
+
+async def drive(
+    args: argparse.Namespace,
+    target: str,
+    token: str,
+    server_pids: list[int],
+    tmp: Path,
+    *,
+    floor: bool,
+) -> Load:
+    """Run the client processes against `target` and measure them and the servers."""
+    per_process = max(1, args.clients // args.processes)
+    outs = [tmp / f"lat-{'floor' if floor else 'svc'}-{i}.json" for i in range(args.processes)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.create_task",
+                "--client",
+                "--target",
+                target,
+                "--token",
+                token,
+                "--seconds",
+                str(args.seconds),
+                "--warmup",
+                str(args.warmup),
+                "--concurrency",
+                str(per_process),
+                "--out",
+                str(out),
+                *(["--floor"] if floor else []),
+            ]
+        )
+        for out in outs
+    ]
+    cpu_before = sum(_cpu_seconds(pid) for pid in server_pids)
+    client_cpu = 0.0
+    for proc in procs:
+        # Reap through wait4 to read the child's CPU time.
+        _pid, _status, usage = await asyncio.to_thread(os.wait4, proc.pid, 0)
+        proc.returncode = 0
+        client_cpu += usage.ru_utime + usage.ru_stime
+    server_cpu = sum(_cpu_seconds(pid) for pid in server_pids) - cpu_before
+    latencies = [x for out in outs for x in json.loads(out.read_text())]
+    count = max(len(latencies), 1)
+    return Load(
+        len(latencies) / args.seconds,
+        summary(latencies),
+        server_cpu / count * 1e6,
+        client_cpu / count * 1e6,
     )
-    Path(args.out).write_text(json.dumps(latencies))
+
+
+def _client_main(args: argparse.Namespace) -> None:
+    Path(args.out).write_text(json.dumps(asyncio.run(_client(args))))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -125,105 +191,79 @@ async def run(args: argparse.Namespace) -> None:
         keys,
         {
             "MHV_TASK_GRPC_PORT": str(ports["task_grpc"]),
-            "MHV_TASK_METRICS_PORT": str(ports["task_metrics"]),
             "MHV_RELAY_ENABLED": "false",
             "MHV_DB_POOL_MAX_SIZE": str(args.pool),
             "MHV_DB_POOL_MIN_SIZE": str(args.pool),
             "MHV_LOG_LEVEL": "WARNING",
+            "MHV_GRPC_REUSE_PORT": "true" if args.replicas > 1 else "false",
         },
     )
-    env["MHV_GRPC_REUSE_PORT"] = "true" if args.replicas > 1 else "false"
     replicas = [
         ServiceProcess(
             "mhv_task",
-            {**env, "MHV_TASK_METRICS_PORT": str(ports["task_metrics"] + 100 + i)},
+            {**env, "MHV_TASK_METRICS_PORT": str(free_port())},
             ports["task_grpc"],
-            ports["task_metrics"] + 100 + i,
+            0,
             tmp / f"task{i}.log",
         )
         for i in range(args.replicas)
     ]
-    service = replicas[0]
+    floor_port = free_port()
+    floor_server = subprocess.Popen(
+        [sys.executable, "-m", "bench._grpc_floor", "serve", str(floor_port)]
+    )
     try:
         for replica in replicas:
             await replica.start()
         token = keys.token(Role.MEMBER, subject=user_id, ttl_seconds=3600)
-        per_process = max(1, args.clients // args.processes)
-        outs = [tmp / f"lat{i}.json" for i in range(args.processes)]
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bench.create_task",
-                    "--client",
-                    "--target",
-                    service.target,
-                    "--token",
-                    token,
-                    "--seconds",
-                    str(args.seconds),
-                    "--warmup",
-                    str(args.warmup),
-                    "--concurrency",
-                    str(per_process),
-                    "--out",
-                    str(out),
-                ]
-            )
-            for out in outs
-        ]
-        cpu_before = sum(_cpu_seconds(r.process.pid) for r in replicas if r.process)
-        client_cpu = 0.0
-        for proc in procs:
-            # Reap through wait4 to read the child's CPU time.
-            _pid, _status, usage = await asyncio.to_thread(os.wait4, proc.pid, 0)
-            proc.returncode = 0
-            client_cpu += usage.ru_utime + usage.ru_stime
-        cpu_used = sum(_cpu_seconds(r.process.pid) for r in replicas if r.process) - cpu_before
-        latencies = [x for out in outs for x in json.loads(out.read_text())]
-        service_rps = len(latencies) / args.seconds
-        service_lat = summary(latencies)
+        pids = [r.process.pid for r in replicas if r.process]
+        service = await drive(args, replicas[0].target, token, pids, tmp, floor=False)
         for replica in replicas:
             replica.stop()
-
+        floor = await drive(
+            args, f"127.0.0.1:{floor_port}", token, [floor_server.pid], tmp, floor=True
+        )
+        floor_server.kill()
+        clients = max(1, args.clients // args.processes) * args.processes
         script = PGBENCH_SCRIPT.format(insert=_pgbench_statement(user_id))
         pg_tps, pg_latencies = await asyncio.to_thread(
             pgbench,
             deployment.role_url("task"),
             script,
-            clients=per_process * args.processes,
+            clients=clients,
             threads=2,
             seconds=args.seconds,
         )
-        pg_lat = summary(pg_latencies)
+        pg = summary(pg_latencies)
+        lat = service.latency_ms
         print(
-            f"CreateTask over gRPC, {per_process * args.processes} clients in "
-            f"{args.processes} processes, {args.replicas} service process(es), "
-            f"{args.seconds}s (after {args.warmup}s warm-up)"
+            f"CreateTask over gRPC, {clients} clients in {args.processes} processes, "
+            f"{args.replicas} service process(es), {args.seconds}s after {args.warmup}s "
+            "warm-up, all on this machine's cores"
         )
         print(
-            f"  service : {service_rps:8.0f} creates/s   p50 {service_lat['p50']:6.1f} ms   "
-            f"p95 {service_lat['p95']:6.1f} ms   p99 {service_lat['p99']:6.1f} ms"
+            f"  service      : {service.rps:7.0f} creates/s  p50 {lat['p50']:6.1f} ms  "
+            f"p95 {lat['p95']:6.1f} ms  p99 {lat['p99']:6.1f} ms  "
+            f"server CPU {service.server_cpu_us:5.0f} us/call  "
+            f"client CPU {service.client_cpu_us:4.0f} us/call"
         )
         print(
-            f"  service CPU: {cpu_used / max(len(latencies), 1) * 1e6:6.0f} us per CreateTask "
-            "(all service processes; the count excludes warm-up, the CPU does not)"
+            f"  gRPC floor   : {floor.rps:7.0f} empty calls/s  p50 {floor.latency_ms['p50']:6.1f}"
+            f" ms  p99 {floor.latency_ms['p99']:6.1f} ms  server CPU "
+            f"{floor.server_cpu_us:5.0f} us/call  (grpc.aio, no interceptors, same clients)"
         )
         print(
-            f"  client CPU: {client_cpu / max(len(latencies), 1) * 1e6:6.0f} us per CreateTask "
-            "(load generators, on the same 2 cores)"
+            f"  pgbench      : {pg_tps:7.0f} inserts/s  p50 {pg['p50']:6.1f} ms  "
+            f"p95 {pg['p95']:6.1f} ms  p99 {pg['p99']:6.1f} ms  (the service's statement)"
         )
         print(
-            f"  pgbench : {pg_tps:8.0f} inserts/s   p50 {pg_lat['p50']:6.1f} ms   "
-            f"p95 {pg_lat['p95']:6.1f} ms   p99 {pg_lat['p99']:6.1f} ms   (same statement)"
-        )
-        print(
-            f"  ratio   : throughput {service_rps / pg_tps:.2f}x of pgbench (goal >= 0.5x); "
-            f"p99 {service_lat['p99'] / pg_lat['p99']:.2f}x of pgbench's (goal <= 3x); "
-            f"p95 {service_lat['p95']:.1f} ms (SLO < 100 ms)"
+            f"  ratio        : throughput {service.rps / pg_tps:.2f}x pgbench (goal >= 0.5x), "
+            f"{service.rps / floor.rps:.2f}x the gRPC floor; p99 "
+            f"{lat['p99'] / pg['p99']:.2f}x pgbench's (goal <= 3x); p95 {lat['p95']:.1f} ms "
+            "(SLO < 100 ms)"
         )
     finally:
+        floor_server.kill()
         for replica in replicas:
             replica.stop()
         await deployment.drop()
@@ -239,6 +279,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=10)
     parser.add_argument("--replicas", type=int, default=1, help="task service processes")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)

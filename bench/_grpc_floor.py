@@ -1,0 +1,38 @@
+"""The gRPC framework's own ceiling on this machine: an empty unary handler on grpc.aio.
+
+    python -m bench._grpc_floor serve PORT
+
+Benchmarks drive it with the same client processes as the real service, to show how much of a
+service's cost is the framework's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import grpc
+from grpc import aio
+
+METHOD = "/mahavishnu.bench.Floor/Empty"
+
+
+async def serve(port: int) -> None:
+    async def empty(_request: bytes, _context: aio.ServicerContext) -> bytes:
+        return b""
+
+    server = aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "mahavishnu.bench.Floor", {"Empty": grpc.unary_unary_rpc_method_handler(empty)}
+            ),
+        )
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[2])))
