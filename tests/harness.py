@@ -13,6 +13,7 @@ drops both at the end: it never reads or writes anyone else's data.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import secrets
@@ -220,6 +221,13 @@ async def wait_healthy(target: str, *, timeout: float = 30.0, service: str = "")
             await asyncio.sleep(0.1)
 
 
+def _die_with_parent() -> None:
+    # A test run that is killed outright must not leave services running against a database
+    # it can no longer drop: the kernel sends SIGTERM to the child when the parent dies.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass
 class ServiceProcess:
     """A service running as its own OS process, as in production."""
@@ -240,7 +248,11 @@ class ServiceProcess:
         """Start the process and wait for it to report healthy."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=log
+            [sys.executable, "-m", self.module],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with_parent,  # prctl only: safe between fork and exec
         )
         log.close()
         try:
