@@ -195,7 +195,7 @@ async def run(args: argparse.Namespace) -> None:
             "MHV_DB_POOL_MAX_SIZE": str(args.pool),
             "MHV_DB_POOL_MIN_SIZE": str(args.pool),
             "MHV_LOG_LEVEL": "WARNING",
-            "MHV_GRPC_REUSE_PORT": "true" if args.replicas > 1 else "false",
+            "MHV_REUSE_PORT": "true" if args.replicas > 1 else "false",
         },
     )
     replicas = [

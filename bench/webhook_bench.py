@@ -198,7 +198,7 @@ async def _run(args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp(prefix="mhv-bench-"))
     cluster = await Cluster.find()
     deployment = await Deployment.create(cluster)
-    gateway: subprocess.Popen[bytes] | None = None
+    gateways: list[subprocess.Popen[bytes]] = []
     try:
         pg = _pgbench(deployment.role_url("webhook"), args.seconds, args.pgbench_clients, folder)
         state = DevState(folder / "state")
@@ -224,11 +224,21 @@ async def _run(args: argparse.Namespace) -> None:
                 "MHV_DB_POOL_MAX_SIZE": "16",
             }
         )
-        log = (folder / "gateway.log").open("wb")
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "mhv_webhook"], env=env, stdout=log, stderr=log
-        )
-        await wait_healthy(f"127.0.0.1:{ports['grpc']}", timeout=60)
+        env["MHV_REUSE_PORT"] = "true" if args.replicas > 1 else "false"
+        for i in range(args.replicas):
+            log = (folder / f"gateway{i}.log").open("wb")
+            grpc_port = ports["grpc"] if i == 0 else free_port()
+            replica_env = {
+                **env,
+                "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(grpc_port),
+                "MHV_WEBHOOK_METRICS_PORT": str(ports["metrics"] if i == 0 else free_port()),
+            }
+            gateways.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mhv_webhook"], env=replica_env, stdout=log, stderr=log
+                )
+            )
+            await wait_healthy(f"127.0.0.1:{grpc_port}", timeout=60)
         clients = [
             await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -245,7 +255,7 @@ async def _run(args: argparse.Namespace) -> None:
             for _ in range(args.clients)
         ]
         started = time.monotonic()
-        cpu_before = _cpu_seconds(gateway.pid)
+        cpu_before = sum(_cpu_seconds(g.pid) for g in gateways)
         latencies: list[float] = []
         statuses: dict[str, int] = {}
         client_cpu = 0.0
@@ -257,9 +267,9 @@ async def _run(args: argparse.Namespace) -> None:
             for status, count in result["statuses"].items():
                 statuses[status] = statuses.get(status, 0) + count
         elapsed = time.monotonic() - started
-        gateway_cpu = _cpu_seconds(gateway.pid) - cpu_before
+        gateway_cpu = sum(_cpu_seconds(g.pid) for g in gateways) - cpu_before
     finally:
-        if gateway is not None:
+        for gateway in gateways:
             gateway.terminate()
             gateway.wait(30)
         await deployment.drop()
@@ -277,8 +287,9 @@ async def _run(args: argparse.Namespace) -> None:
         f" {DUPLICATE_SHARE:.0%} repeats sent)",
         f"  ack latency p50 / p99: {p50:.1f} ms / {p99:.1f} ms",
         f"  gateway CPU:           {gateway_cpu:.1f} s,"
-        f" {gateway_cpu / max(verified, 1) * 1000:.2f} ms per verified delivery (one process:"
-        f" at most {verified / max(gateway_cpu, 1e-9):,.0f}/s per fully used core)",
+        f" {gateway_cpu / max(verified, 1) * 1000:.2f} ms per verified delivery over"
+        f" {args.replicas} process(es) (at most {verified / max(gateway_cpu, 1e-9):,.0f}/s"
+        " per fully used core)",
         f"  client processes' CPU: {client_cpu:.1f} s (load generation shares the cores)",
         f"pgbench, same claim-and-enqueue SQL: {args.pgbench_clients} clients, {args.seconds} s",
         f"  transactions/s:        {pg['tps']:,.0f} (latency avg {pg['latency_ms']:.2f} ms)",
@@ -296,6 +307,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=3, help="client processes")
+    parser.add_argument("--replicas", type=int, default=1, help="gateway processes on one port")
     parser.add_argument("--connections", type=int, default=16, help="connections per client")
     parser.add_argument("--pgbench-clients", type=int, default=16)
     asyncio.run(_run(parser.parse_args()))

@@ -44,9 +44,9 @@ class CommonSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     bind_host: str = "127.0.0.1"
-    # Several processes of one service may share its gRPC port (SO_REUSEPORT); the kernel
-    # spreads connections across them.
-    grpc_reuse_port: bool = False
+    # Several processes of one service may share its gRPC (and HTTPS) port: SO_REUSEPORT, the
+    # kernel spreads connections across them.
+    reuse_port: bool = False
     metrics_host: str = "127.0.0.1"
 
     auth_jwks: str | None = None

@@ -124,7 +124,7 @@ class RunningService:
                 verifier=verifier, limiter=limiter, policies=d.policies
             ),
             options=[
-                ("grpc.so_reuseport", 1 if s.grpc_reuse_port else 0),
+                ("grpc.so_reuseport", 1 if s.reuse_port else 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],

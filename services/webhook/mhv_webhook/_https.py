@@ -145,8 +145,16 @@ class HttpsListener:
     """
 
     def __init__(
-        self, app: Any, *, host: str, port: int, tls: ssl.SSLContext, keep_alive_seconds: int = 75
+        self,
+        app: Any,
+        *,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext,
+        keep_alive_seconds: int = 75,
+        reuse_port: bool = False,
     ) -> None:
+        self._reuse_port = reuse_port
         # Idle connections are kept longer than clients and proxies keep theirs (60 s is
         # common): the side that closes an idle connection must be the one that would reuse
         # it, or a request sent just as the server closes is lost in transit ("server
@@ -175,6 +183,9 @@ class HttpsListener:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:
+            # Several gateway processes accept on one port; the kernel balances connections.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((self._host, self._port))
         except OSError:

@@ -94,7 +94,11 @@ def build(
         body_timeout_seconds=settings.webhook_body_timeout_seconds,
     )
     listener = HttpsListener(
-        edge.app, host=settings.bind_host, port=settings.webhook_https_port, tls=tls
+        edge.app,
+        host=settings.bind_host,
+        port=settings.webhook_https_port,
+        tls=tls,
+        reuse_port=settings.reuse_port,
     )
 
     def register(server: aio.Server) -> Sequence[str]:
