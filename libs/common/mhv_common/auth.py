@@ -16,13 +16,16 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mhv_common.errors import AuthenticationError, ConfigurationError
+
+if TYPE_CHECKING:
+    from mhv_common.config import CommonSettings
 
 ALGORITHM = "EdDSA"
 DEFAULT_ISSUER = "mahavishnu"
@@ -256,6 +259,26 @@ class TokenIssuer:
 
 class ServiceCredentials:
     """A service's own bearer token, re-minted before it expires."""
+
+    @classmethod
+    def from_settings(cls, settings: CommonSettings, *, service_name: str) -> ServiceCredentials:
+        """Credentials signed with ``MHV_AUTH_SIGNING_KEY_FILE``.
+
+        Raises:
+            ConfigurationError: No signing key is configured.
+        """
+        if settings.auth_signing_key_file is None:
+            raise ConfigurationError(
+                f"The {service_name} service calls other services and needs "
+                "MHV_AUTH_SIGNING_KEY_FILE to sign its own tokens."
+            )
+        issuer = TokenIssuer.from_file(
+            settings.auth_signing_key_file,
+            key_id=settings.auth_signing_key_id,
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+        )
+        return cls(issuer, service_name=service_name)
 
     def __init__(self, issuer: TokenIssuer, *, service_name: str, ttl_seconds: int = 600) -> None:
         self._issuer = issuer

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
-from mhv_common.auth import Role, ServiceCredentials, TokenIssuer
+from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import TaskSettings, load_repositories, load_settings
 from mhv_common.db import Database
-from mhv_common.errors import ConfigurationError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, Worker, serve_forever
 from mhv_task._api import TaskApi, UserApi
@@ -54,20 +53,8 @@ def build(settings: TaskSettings) -> ServiceDefinition:
     users = Users(db)
     workers: list[Worker] = [OutboxMonitor(db)]
     if settings.relay_enabled:
-        if settings.auth_signing_key_file is None:
-            raise ConfigurationError(
-                "The outbox relay needs MHV_AUTH_SIGNING_KEY_FILE to authenticate to the audit "
-                "service (or set MHV_RELAY_ENABLED=false)."
-            )
-        credentials = ServiceCredentials(
-            TokenIssuer.from_file(
-                settings.auth_signing_key_file,
-                key_id=settings.auth_signing_key_id,
-                issuer=settings.auth_issuer,
-                audience=settings.auth_audience,
-            ),
-            service_name="task",
-        )
+        # The relay authenticates to the audit service as the "task" service.
+        credentials = ServiceCredentials.from_settings(settings, service_name="task")
         workers.append(
             OutboxRelay(
                 db,

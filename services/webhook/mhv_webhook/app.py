@@ -14,7 +14,7 @@ from grpc import aio
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common import logs
-from mhv_common.auth import Role, ServiceCredentials, TokenIssuer
+from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import (
     WebhookSettings,
     load_repositories,
@@ -22,7 +22,7 @@ from mhv_common.config import (
     load_webhook_sources,
 )
 from mhv_common.db import Database
-from mhv_common.errors import ConfigurationError, MahavishnuError
+from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, serve_forever
 from mhv_webhook import _metrics as metrics
@@ -111,22 +111,9 @@ def build(
     client: TaskClient | None = None
     saga_workers: list[SagaWorker] = []
     if settings.webhook_workers > 0:
-        if settings.auth_signing_key_file is None:
-            raise ConfigurationError(
-                "The webhook gateway's saga workers need MHV_AUTH_SIGNING_KEY_FILE to call the "
-                "task service (or set MHV_WEBHOOK_WORKERS=0 to only receive)."
-            )
         client = TaskClient(
             settings.task_target,
-            ServiceCredentials(
-                TokenIssuer.from_file(
-                    settings.auth_signing_key_file,
-                    key_id=settings.auth_signing_key_id,
-                    issuer=settings.auth_issuer,
-                    audience=settings.auth_audience,
-                ),
-                service_name="webhook",
-            ),
+            ServiceCredentials.from_settings(settings, service_name="webhook"),
         )
         sagas = Sagas(db)
         repositories = load_repositories(settings.repos_file)
