@@ -102,3 +102,10 @@ def test_docs_check_detects_drift(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     assert gen_error_docs.main([]) == 0
     (tmp_path / "mhv-999.md").write_text("left over from a removed code\n")
     assert gen_error_docs.main(["--check"]) == 1
+
+
+@pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.code)
+def test_documents_named_in_recovery_steps_exist(spec: ErrorSpec) -> None:
+    for step in spec.recovery:
+        for path in re.findall(r"docs/[\w/.-]+\.md", step):
+            assert (gen_error_docs.ROOT / path).is_file(), f"{spec.code} names missing {path}"
