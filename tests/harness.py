@@ -3,7 +3,8 @@
 Where the tests find PostgreSQL, in order:
 
 1. ``MHV_TEST_DATABASE_URL`` (an administrator URL of any cluster);
-2. a server on 127.0.0.1:5432 reachable as ``postgres`` without a password;
+2. a server on 127.0.0.1:5432 reachable as ``postgres`` without a password (skipped when
+   ``MHV_TEST_PRIVATE_POSTGRES=1``);
 3. otherwise a private cluster from the pip-installed build, started in a temporary folder.
 
 Whichever it is, the suite creates its own database and its own uniquely prefixed roles, and
@@ -78,7 +79,8 @@ class Cluster:
         explicit = os.environ.get("MHV_TEST_DATABASE_URL")
         if explicit:
             return cls(explicit)
-        if await _reachable(LOCAL_URL):
+        # MHV_TEST_PRIVATE_POSTGRES=1 behaves as a machine without a server would.
+        if os.environ.get("MHV_TEST_PRIVATE_POSTGRES") != "1" and await _reachable(LOCAL_URL):
             return cls(LOCAL_URL)
         return await cls.start_private()
 

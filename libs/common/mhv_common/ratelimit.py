@@ -105,6 +105,14 @@ class RateLimiter:
                 retry_after=decision.retry_after,
             )
 
+    async def close(self) -> None:
+        """Close connections to a shared storage (Redis); the memory storage has none."""
+        # `limits` exposes no close; its Redis storage keeps the client on its bridge.
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
+
     async def reset(self) -> None:
         """Forget all counts (tests and operators clearing a lock-out)."""
         await self._storage.reset()

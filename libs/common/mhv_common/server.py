@@ -103,6 +103,7 @@ class RunningService:
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._service_names: list[str] = []
         self._stopped = asyncio.Event()
+        self._limiter: RateLimiter | None = None
 
     async def start(self) -> None:
         """Run startup, bind the listeners and start workers; health turns SERVING."""
@@ -117,6 +118,7 @@ class RunningService:
         limiter = RateLimiter(
             s.effective_rate_limits(), storage_uri=s.rate_limit_storage_uri, service=d.name
         )
+        self._limiter = limiter
         if d.startup is not None:
             await d.startup()
         server = aio.server(
@@ -190,6 +192,8 @@ class RunningService:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.definition.cleanup is not None:
             await self.definition.cleanup()
+        if self._limiter is not None:
+            await self._limiter.close()
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
