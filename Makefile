@@ -49,7 +49,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy libs/common/mhv_common services/task/mhv_task services/audit/mhv_audit \
-		services/webhook/mhv_webhook libs/cli/mhv_cli
+		services/webhook/mhv_webhook libs/cli/mhv_cli libs/tools/mhv_tools
 
 buflint: proto/node_modules/.installed
 	cd proto && npx --no-install buf lint
