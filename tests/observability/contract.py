@@ -95,7 +95,12 @@ CONTRACT: tuple[Metric, ...] = (
     Metric(
         "audit_events_recorded_total", "counter", {"result": ("recorded", "duplicate")}, ("audit",)
     ),
-    Metric("audit_chain_verifications_total", "counter", {"result": ("ok", "broken")}, ("audit",)),
+    Metric(
+        "audit_chain_verifications_total",
+        "counter",
+        {"result": ("ok", "broken", "error")},
+        ("audit",),
+    ),
     # Webhook gateway.
     Metric(
         "webhook_requests_total",

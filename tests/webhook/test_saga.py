@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,10 +37,13 @@ from tests.webhook.conftest import (
 from tests.webhook.signing import github_headers, gitlab_token_headers
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 SAGA_SETTINGS = {
     "MHV_WEBHOOK_WORKERS": "2",
-    "MHV_WEBHOOK_SAGA_LEASE_SECONDS": "1.5",
+    # Long enough for a slow CI machine's steps (each gets half), short enough that the crash
+    # tests' resumption does not take long.
+    "MHV_WEBHOOK_SAGA_LEASE_SECONDS": "4",
     "MHV_WEBHOOK_SAGA_POLL_SECONDS": "0.05",
     "MHV_WEBHOOK_SAGA_RETRY_BASE_SECONDS": "0.2",
     "MHV_WEBHOOK_SAGA_MAX_ATTEMPTS": "5",
@@ -367,6 +371,95 @@ async def test_dead_letter_then_operator_retry(system: SagaSystem) -> None:
         assert len(await tasks_titled(system, title)) == 1
 
 
+async def test_concurrent_deliveries_about_one_issue_make_one_task(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    # GitHub sends "opened" and "assigned" together for an issue created with an assignee;
+    # two workers pick them up at once.
+    title = f"Opened and assigned {uuid.uuid4().hex[:8]}"
+    number = unique()
+    deliveries = await asyncio.gather(
+        send_github(system, gateway, issue_event("opened", number, title=title)),
+        send_github(
+            system, gateway, issue_event("assigned", number, title=title, assignee="hubot")
+        ),
+        send_github(system, gateway, issue_event("edited", number, title=title)),
+    )
+    rows = [await wait_state(system, d, "completed") for d in deliveries]
+    assert len({r["task_id"] for r in rows}) == 1
+    assert len(await tasks_titled(system, title)) == 1
+
+
+async def test_a_failed_change_never_cancels_a_task_it_did_not_create(
+    system: SagaSystem, gateway: GatewayProcess
+) -> None:
+    conn = await asyncpg.connect(system.deployment.admin_url)
+    try:
+        await conn.execute(
+            "INSERT INTO task.users (username, email, is_active) VALUES"
+            " ('github.gone', 'gone@example.test', false) ON CONFLICT DO NOTHING"
+        )
+    finally:
+        await conn.close()
+    number = unique()
+    title = f"Kept {uuid.uuid4().hex[:8]}"
+    opened = await wait_state(
+        system,
+        await send_github(system, gateway, issue_event("opened", number, title=title)),
+        "completed",
+    )
+    failed = await wait_state(
+        system,
+        await send_github(
+            system, gateway, issue_event("assigned", number, title=title, assignee="gone")
+        ),
+        "compensated",
+    )
+    assert "MHV-112" in failed["last_error"]
+    assert (await task(system, opened["task_id"])).status == task_pb2.TASK_STATUS_PENDING
+
+
+async def test_thousand_identical_deliveries_make_one_task(
+    system: SagaSystem, gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    title = f"Delivered a thousand times {uuid.uuid4().hex[:8]}"
+    body = issue_event("opened", unique(), title=title)
+    delivery = str(uuid.uuid4())
+    request = tmp_path / "request.json"
+    request.write_text(
+        json.dumps(
+            {
+                "headers": github_headers(system.secrets.github, body, delivery=delivery),
+                "body_hex": body.hex(),
+            }
+        )
+    )
+    senders = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.webhook.sender",
+            f"{gateway.url}/webhooks/github",
+            str(system.tls.cert),
+            str(request),
+            "250",
+            "50",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    statuses: list[int] = []
+    for sender in senders:
+        out, _ = await sender.communicate()
+        assert sender.returncode == 0
+        statuses += json.loads(out)
+    assert len(statuses) == 1000
+    assert all(s in (200, 202) for s in statuses), sorted(set(statuses))
+    await wait_state(system, delivery, "completed")
+    assert len(await tasks_titled(system, title)) == 1
+
+
 async def test_permanent_failure_is_compensated(
     system: SagaSystem, gateway: GatewayProcess
 ) -> None:
@@ -395,7 +488,7 @@ async def test_permanent_failure_is_compensated(
     assert (await task(system, task_id)).status == task_pb2.TASK_STATUS_CANCELLED
 
 
-@pytest.mark.parametrize("step", ["actor", "task", "change", "done"])
+@pytest.mark.parametrize("step", ["actor", "claim", "task", "change", "done"])
 async def test_gateway_killed_at_each_step_boundary(system: SagaSystem, step: str) -> None:
     title = f"Crash after {step} {uuid.uuid4().hex[:8]}"
     number = unique()

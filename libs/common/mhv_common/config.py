@@ -113,6 +113,8 @@ class WebhookSettings(CommonSettings):
     webhook_past_window_seconds: int = 300
     webhook_future_window_seconds: int = 30
     webhook_dedup_purge_interval_seconds: float = 3600.0
+    # Finished deliveries keep their raw bodies for operators this long, then are deleted.
+    webhook_delivery_retention_seconds: int = 30 * 24 * 3600
     webhook_gauge_interval_seconds: float = 15.0
     webhook_body_timeout_seconds: float = 30.0
     webhook_saga_lease_seconds: float = 30.0

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from mhv_audit._periodic import Periodic
 from mhv_audit._store import AuditStore
-from mhv_common import context
 from mhv_common.db import DATABASE_SIZE_BYTES as DATABASE_SIZE
+from mhv_common.periodic import Periodic
 
 EVENTS_RECORDED = Counter(
     "audit_events_recorded_total",
@@ -16,12 +15,13 @@ EVENTS_RECORDED = Counter(
 )
 CHAIN_VERIFICATIONS = Counter(
     "audit_chain_verifications_total",
-    "VerifyAuditChain runs, by outcome: ok, or broken (a link failed; see MHV-400).",
+    "Chain verifications, by outcome: ok; broken (a link failed; see MHV-400); error (the "
+    "scheduled run could not finish).",
     ["result"],
 )
 for _result in ("recorded", "duplicate"):
     EVENTS_RECORDED.labels(_result)
-for _result in ("ok", "broken"):
+for _result in ("ok", "broken", "error"):
     CHAIN_VERIFICATIONS.labels(_result)
 
 AUDIT_SCHEMA = "audit"
@@ -38,12 +38,11 @@ class SchemaSizeSampler(Periodic):
     name = "schema-size"
 
     def __init__(self, store: AuditStore, *, interval: float = 60.0, timeout: float = 5.0):
-        super().__init__(interval=interval)
+        super().__init__(interval=interval, deadline=timeout)
         self._store = store
         self._timeout = timeout
 
     async def tick(self) -> None:
         """Take one sample now."""
-        with context.deadline_scope(self._timeout):
-            size = await self._store.schema_size(AUDIT_SCHEMA, timeout=self._timeout)
+        size = await self._store.schema_size(AUDIT_SCHEMA, timeout=self._timeout)
         DATABASE_SIZE.labels(AUDIT_SCHEMA).set(size)

@@ -8,8 +8,8 @@ AuditChainBroken alert watches.
 from __future__ import annotations
 
 from mhv_audit._log import AuditLog
-from mhv_audit._periodic import Periodic
-from mhv_common import context
+from mhv_audit._metrics import CHAIN_VERIFICATIONS
+from mhv_common.periodic import Periodic
 
 
 class ScheduledVerification(Periodic):
@@ -25,11 +25,14 @@ class ScheduledVerification(Periodic):
     name = "chain-verification"
 
     def __init__(self, log: AuditLog, *, interval: float, timeout: float = 1800.0) -> None:
-        super().__init__(interval=interval)
+        super().__init__(interval=interval, deadline=timeout)
         self._log = log
-        self._timeout = timeout
 
     async def tick(self) -> None:
         """One verification of the whole chain (outcome in metrics and logs)."""
-        with context.deadline_scope(self._timeout):
+        try:
             await self._log.verify()
+        except Exception:
+            # A verification that never finishes must not look like a quiet, healthy chain.
+            CHAIN_VERIFICATIONS.labels("error").inc()
+            raise

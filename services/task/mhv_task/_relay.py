@@ -26,6 +26,7 @@ from mhv_common import context
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import service_channel
 from mhv_common.db import DATABASE_SIZE_BYTES, Database
+from mhv_common.periodic import Periodic
 from mhv_task import _store as store
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class OutboxRelay:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
 
-class OutboxMonitor:
+class OutboxMonitor(Periodic):
     """Refreshes the backlog gauges and schema size, and purges old delivered events."""
 
     name = "outbox-monitor"
@@ -142,32 +143,18 @@ class OutboxMonitor:
         interval: float = 2.0,
         keep_delivered: dt.timedelta = dt.timedelta(days=1),
     ) -> None:
+        super().__init__(interval=interval, deadline=10.0)
         self._db = db
-        self._interval = interval
         self._keep = keep_delivered
-        self._stop = asyncio.Event()
+        self._last_slow = 0.0
 
-    def stop(self) -> None:
-        """Return after the current pass."""
-        self._stop.set()
-
-    async def run(self) -> None:
-        """Observe until stopped."""
-        last_slow = 0.0
-        while not self._stop.is_set():
-            try:
-                with context.deadline_scope(10.0):
-                    async with self._db.connection() as conn:
-                        depth, lag = await store.outbox_backlog(conn)
-                        OUTBOX_DEPTH.set(depth)
-                        OUTBOX_LAG.set(lag)
-                        if time.monotonic() - last_slow > 60:
-                            last_slow = time.monotonic()
-                            DATABASE_SIZE_BYTES.labels(schema="task").set(
-                                await store.schema_size(conn)
-                            )
-                            await store.purge_delivered(conn, older_than=self._keep)
-            except Exception as exc:  # observation must never stop the service
-                logger.warning("outbox monitor pass failed", extra={"error": type(exc).__name__})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._interval)
+    async def tick(self) -> None:
+        """Observe once; every minute also measure the schema and purge."""
+        async with self._db.connection() as conn:
+            depth, lag = await store.outbox_backlog(conn)
+            OUTBOX_DEPTH.set(depth)
+            OUTBOX_LAG.set(lag)
+            if time.monotonic() - self._last_slow > 60:
+                self._last_slow = time.monotonic()
+                DATABASE_SIZE_BYTES.labels(schema="task").set(await store.schema_size(conn))
+                await store.purge_delivered(conn, older_than=self._keep)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from mhv_common.context import time_left
 from mhv_common.db import Database
 
 STATES = ("pending", "processing", "completed", "ignored", "compensated", "dead_letter")
@@ -295,6 +296,11 @@ class SagaRow:
     task_id: int | None
     user_id: uuid.UUID | None
     idempotency_key: str
+    created_task: bool
+
+
+class IssueBusy(Exception):
+    """Another delivery's saga is creating this issue's task; try again a little later."""
 
 
 class LeaseLost(Exception):
@@ -324,36 +330,83 @@ class SagaStep:
         *,
         task_id: int | None = None,
         user_id: uuid.UUID | None = None,
-        link: tuple[str, str] | None = None,
-        state: str = "running",
+        created_task: bool | None = None,
     ) -> None:
         """Record the step as done (committed with the transaction) and renew the lease."""
-        conn = self._conn
-        await conn.execute(
-            "UPDATE saga_log SET step = $2, state = $3, task_id = coalesce($4, task_id),"
-            " user_id = coalesce($5, user_id), updated_at = now() WHERE delivery_id = $1",
+        await self._conn.execute(
+            "UPDATE saga_log SET step = $2, task_id = coalesce($3, task_id),"
+            " user_id = coalesce($4, user_id), created_task = coalesce($5, created_task),"
+            " updated_at = now() WHERE delivery_id = $1",
             self._delivery,
             step,
-            state,
             task_id,
             user_id,
+            created_task,
+            timeout=time_left(),
         )
-        if link is not None:
-            await conn.execute(
-                "INSERT INTO issue_links (source, external_key, task_id, delivery)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (source, external_key) DO UPDATE"
-                " SET task_id = EXCLUDED.task_id, delivery = EXCLUDED.delivery,"
-                " updated_at = now()",
-                link[0],
-                link[1],
-                task_id,
-                self._delivery,
-            )
-        await conn.execute(
+        await self._conn.execute(
             "UPDATE deliveries SET leased_until = now() + make_interval(secs => $2),"
             " updated_at = now() WHERE id = $1",
             self._delivery,
             self._lease,
+            timeout=time_left(),
+        )
+
+    async def claim_issue(
+        self, source: str, external_key: str, *, replace: bool
+    ) -> tuple[int | None, bool]:
+        """Find the issue's task, or claim the right to create it.
+
+        Returns:
+            (task id, False) when the issue already has a task to use; (None, True) when this
+            saga now owns the issue's claim and must create the task.
+
+        Raises:
+            IssueBusy: Another delivery's claim is still being worked on.
+        """
+        await self._conn.execute(
+            "INSERT INTO issue_links (source, external_key, task_id, delivery)"
+            " VALUES ($1, $2, NULL, $3) ON CONFLICT (source, external_key) DO NOTHING",
+            source,
+            external_key,
+            self._delivery,
+            timeout=time_left(),
+        )
+        # The row lock serialises every saga touching this issue until we commit.
+        row = await self._conn.fetchrow(
+            "SELECT task_id, delivery FROM issue_links WHERE source = $1 AND external_key = $2"
+            " FOR UPDATE",
+            source,
+            external_key,
+            timeout=time_left(),
+        )
+        assert row is not None
+        if row["task_id"] is None and row["delivery"] != self._delivery:
+            raise IssueBusy(f"delivery {row['delivery']} is creating this issue's task")
+        if row["task_id"] is not None and not replace:
+            return int(row["task_id"]), False
+        # Ours to create (a new issue, our own unfinished claim, a reopened issue, or an issue
+        # whose task was deleted).
+        await self._conn.execute(
+            "UPDATE issue_links SET task_id = NULL, delivery = $3, updated_at = now()"
+            " WHERE source = $1 AND external_key = $2",
+            source,
+            external_key,
+            self._delivery,
+            timeout=time_left(),
+        )
+        return None, True
+
+    async def link_task(self, source: str, external_key: str, task_id: int) -> None:
+        """Complete our claim: the issue's task is `task_id`."""
+        await self._conn.execute(
+            "UPDATE issue_links SET task_id = $3, updated_at = now()"
+            " WHERE source = $1 AND external_key = $2 AND delivery = $4",
+            source,
+            external_key,
+            task_id,
+            self._delivery,
+            timeout=time_left(),
         )
 
 
@@ -366,13 +419,13 @@ class Sagas:
     async def claim(self, *, worker: str, lease_seconds: float) -> Claimed | None:
         """Lease the next due delivery (SKIP LOCKED: never wait for another worker)."""
         async with self._db.transaction() as conn:
-            row = await conn.fetchrow(_CLAIM_SQL, worker, float(lease_seconds))
+            row = await conn.fetchrow(_CLAIM_SQL, worker, float(lease_seconds), timeout=time_left())
             if row is None:
                 return None
             saga = await conn.fetchrow(
                 "INSERT INTO saga_log (delivery_id, idempotency_key) VALUES ($1, $2)"
                 " ON CONFLICT (delivery_id) DO UPDATE SET updated_at = now()"
-                " RETURNING step, state, task_id, user_id, idempotency_key",
+                " RETURNING step, state, task_id, user_id, idempotency_key, created_task",
                 row["id"],
                 f"webhook:{row['id']}",
             )
@@ -404,8 +457,8 @@ class Sagas:
         async with self._db.transaction() as conn:
             # The saga row lock: no other worker advances this saga while we hold it.
             saga = await conn.fetchrow(
-                "SELECT step, state, task_id, user_id, idempotency_key FROM saga_log"
-                " WHERE delivery_id = $1 FOR UPDATE",
+                "SELECT step, state, task_id, user_id, idempotency_key, created_task"
+                " FROM saga_log WHERE delivery_id = $1 FOR UPDATE",
                 delivery,
             )
             ours = await conn.fetchval(
@@ -417,15 +470,46 @@ class Sagas:
                 raise LeaseLost()
             yield SagaStep(conn, delivery, worker, lease_seconds, SagaRow(**dict(saga)))
 
-    async def link(self, source: str, external_key: str) -> tuple[int, uuid.UUID] | None:
-        """(task id, delivery that linked it) for an issue, if any."""
+    async def saga(self, delivery: uuid.UUID) -> SagaRow | None:
+        """The saga log row of a delivery, as last committed."""
         async with self._db.connection() as conn:
             row = await conn.fetchrow(
-                "SELECT task_id, delivery FROM issue_links WHERE source = $1 AND external_key = $2",
+                "SELECT step, state, task_id, user_id, idempotency_key, created_task"
+                " FROM saga_log WHERE delivery_id = $1",
+                delivery,
+                timeout=time_left(),
+            )
+        return SagaRow(**dict(row)) if row is not None else None
+
+    async def release_claim(self, delivery: uuid.UUID, source: str, external_key: str) -> None:
+        """Drop an issue link this delivery owns (its saga is being compensated)."""
+        async with self._db.connection() as conn:
+            await conn.execute(
+                "DELETE FROM issue_links WHERE source = $1 AND external_key = $2 AND delivery = $3",
                 source,
                 external_key,
+                delivery,
+                timeout=time_left(),
             )
-        return (int(row["task_id"]), row["delivery"]) if row is not None else None
+
+    async def purge_finished(self, *, retention_seconds: float, batch: int = 1000) -> int:
+        """Delete finished deliveries (and their saga logs) older than the retention."""
+        total = 0
+        while True:
+            async with self._db.connection() as conn:
+                status = await conn.execute(
+                    "DELETE FROM deliveries WHERE id = ANY (ARRAY("
+                    " SELECT id FROM deliveries"
+                    " WHERE state IN ('completed', 'ignored', 'compensated')"
+                    " AND updated_at < now() - make_interval(secs => $1) LIMIT $2))",
+                    float(retention_seconds),
+                    batch,
+                    timeout=time_left(),
+                )
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
 
     async def finish(
         self, delivery: uuid.UUID, *, worker: str, state: str, saga_state: str, error: str = ""

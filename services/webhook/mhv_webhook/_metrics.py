@@ -56,6 +56,9 @@ INBOX_LAG = Gauge(
     "webhook_inbox_lag_seconds", "Age of the oldest delivery still pending (0 when none)."
 )
 DEDUP_PURGED = Counter("webhook_dedup_purged_total", "Dedup records deleted after their retention.")
+DELIVERIES_PURGED = Counter(
+    "webhook_deliveries_purged_total", "Finished deliveries deleted after their retention."
+)
 SAGA_STATES = ("completed", "ignored", "compensated", "dead_letter")
 SAGA_OUTCOMES = Counter(
     "webhook_saga_total", "Delivery sagas that ended, by how they ended.", ["outcome"]

@@ -6,10 +6,13 @@ step at a time. Each step runs in a transaction that holds the delivery's ``saga
 committing. The steps:
 
 1. ``actor``: the user who made the change exists (created if missing);
-2. ``task``: the issue's task exists (created with an idempotency key derived from the
-   delivery, so a repeated step never creates a second task) and the issue is linked to it;
-3. ``change``: the change is applied (edit, close, assign; nothing more for opened/reopened);
-4. the delivery is marked completed.
+2. ``claim``: the issue's task is found, or this saga claims the right to create it (a
+   committed claim, so that two deliveries about one issue never both create a task, and a
+   saga that dies after creating one finds it again);
+3. ``task``: the claimed task is created, with an idempotency key derived from the delivery,
+   so a repeated step returns the same task, and the claim records it;
+4. ``change``: the change is applied (edit, close, assign; nothing more for opened/reopened);
+5. the delivery is marked completed.
 
 A worker that dies at any step boundary stops renewing its lease; another worker then resumes
 from the last recorded step. A call that fails for a reason retrying can fix is retried with
@@ -29,6 +32,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -38,14 +42,14 @@ from mhv_common import context
 from mhv_common.config import RepositoryCatalog
 from mhv_common.errors import MahavishnuError
 from mhv_webhook._events import IgnoredEvent, IssueChange, Kind, interpret
-from mhv_webhook._inbox import Claimed, LeaseLost, Sagas
+from mhv_webhook._inbox import Claimed, IssueBusy, LeaseLost, Sagas, SagaStep
 from mhv_webhook._metrics import SAGA_OUTCOMES
 from mhv_webhook._taskclient import PermanentError, TaskClient, TransientError
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("mahavishnu.webhook.saga")
 
-STEPS = ("started", "actor", "task", "change", "done")
+STEPS = ("started", "actor", "claim", "task", "change", "done")
 # Answers that mean "the change no longer applies", which completes the saga: e.g. closing an
 # issue whose task was completed already.
 _ALREADY = frozenset({"MHV-104", "MHV-106"})
@@ -164,17 +168,19 @@ class SagaWorker:
             )
         except PermanentError as exc:
             await self._compensate(claimed, intent, exc)
-        except TransientError as exc:
+        except (TransientError, IssueBusy) as exc:
             await self._retry(claimed, str(exc))
         except MahavishnuError as exc:
             # Our own database or deadline (MHV-002, MHV-007): try again later.
             await self._retry(claimed, f"[{exc.code}] {exc.message}")
 
+    def _step(self, claimed: Claimed) -> AbstractAsyncContextManager[SagaStep]:
+        """A saga step's transaction, holding the saga row."""
+        return self._sagas.step(claimed.id, worker=self._id, lease_seconds=self._lease)
+
     async def _run(self, claimed: Claimed, change: IssueChange) -> None:
         with context.deadline_scope(self._lease / 2):
-            async with self._sagas.step(
-                claimed.id, worker=self._id, lease_seconds=self._lease
-            ) as step:
+            async with self._step(claimed) as step:
                 actor = step.saga.user_id
                 if not _after(step.saga.step, "started"):
                     actor = uuid.UUID(await self._client.ensure_user(change.actor))
@@ -182,39 +188,45 @@ class SagaWorker:
         self._failpoint("actor")
         assert actor is not None
         with context.deadline_scope(self._lease / 2):
-            async with self._sagas.step(
-                claimed.id, worker=self._id, lease_seconds=self._lease
-            ) as step:
+            async with self._step(claimed) as step:
                 if not _after(step.saga.step, "actor"):
-                    task_id = await self._ensure_task(claimed, change, str(actor))
-                    await step.record(
-                        "task", task_id=task_id, link=(change.source, change.external_key)
+                    # Committed before any task is created: see migrations/webhook/0003.
+                    task_id, create = await step.claim_issue(
+                        change.source,
+                        change.external_key,
+                        replace=change.kind == Kind.REOPENED,
                     )
+                    if task_id is not None and await self._client.get_task(task_id) is None:
+                        # The linked task was deleted: this issue needs a new one.
+                        task_id, create = await step.claim_issue(
+                            change.source, change.external_key, replace=True
+                        )
+                    await step.record("claim", task_id=task_id, created_task=create)
+        self._failpoint("claim")
+        with context.deadline_scope(self._lease / 2):
+            async with self._step(claimed) as step:
+                if not _after(step.saga.step, "claim"):
+                    task_id = step.saga.task_id
+                    if step.saga.created_task:
+                        # Repeating this (after a crash) returns the same task: the request id
+                        # is this delivery's.
+                        task_id = await self._client.create_task(
+                            request_id=claimed.idempotency_key,
+                            title=change.title.strip() or change.external_key,
+                            description=change.description,
+                            repository=change.repository,
+                            actor=str(actor),
+                        )
+                        await step.link_task(change.source, change.external_key, task_id)
+                    await step.record("task", task_id=task_id)
         self._failpoint("task")
         with context.deadline_scope(self._lease / 2):
-            async with self._sagas.step(
-                claimed.id, worker=self._id, lease_seconds=self._lease
-            ) as step:
+            async with self._step(claimed) as step:
                 if not _after(step.saga.step, "task"):
                     assert step.saga.task_id is not None
                     await self._apply(change, step.saga.task_id, str(actor))
                     await step.record("change")
         self._failpoint("change")
-
-    async def _ensure_task(self, claimed: Claimed, change: IssueChange, actor: str) -> int:
-        if change.kind != Kind.REOPENED:
-            linked = await self._sagas.link(change.source, change.external_key)
-            if linked is not None and await self._client.get_task(linked[0]) is not None:
-                return linked[0]
-        # Opened, reopened (a closed task stays closed; the issue gets a new one), or an issue
-        # that began before this gateway knew it.
-        return await self._client.create_task(
-            request_id=claimed.idempotency_key,
-            title=change.title.strip() or change.external_key,
-            description=change.description,
-            repository=change.repository,
-            actor=actor,
-        )
 
     async def _apply(self, change: IssueChange, task_id: int, actor: str) -> None:
         try:
@@ -283,27 +295,32 @@ class SagaWorker:
     async def _compensate(
         self, claimed: Claimed, intent: IssueChange | IgnoredEvent, error: PermanentError
     ) -> None:
-        """Undo what this saga did (cancel a task it created), then end it compensated."""
+        """Undo what this saga did, then end it compensated.
+
+        Only a task this saga created is cancelled (and its issue claim released, so a later
+        event starts afresh); a task it merely found is left as it was.
+        """
         reason = f"{error}"
-        if isinstance(intent, IssueChange):
-            linked = await self._sagas.link(intent.source, intent.external_key)
-            if linked is not None and linked[1] == claimed.id:
-                try:
+        saga = await self._sagas.saga(claimed.id)
+        if isinstance(intent, IssueChange) and saga is not None and saga.created_task:
+            try:
+                if saga.task_id is not None:
                     await self._client.call(
                         "CancelTask",
                         task_pb2.CancelTaskRequest(
-                            id=linked[0], reason=f"webhook delivery {claimed.id} failed"
+                            id=saga.task_id, reason=f"webhook delivery {claimed.id} failed"
                         ),
-                        actor=str(await self._client.ensure_user(intent.actor)),
+                        actor=str(saga.user_id or await self._client.ensure_user(intent.actor)),
                     )
-                except PermanentError as exc:
-                    if exc.code not in _ALREADY:
-                        reason += f"; compensation: {exc}"
-                except TransientError as exc:
-                    # The undo itself must happen: retry the whole saga later, which fails
-                    # the same way and compensates again.
-                    await self._retry(claimed, f"{error}; compensation: {exc}")
-                    return
+                await self._sagas.release_claim(claimed.id, intent.source, intent.external_key)
+            except PermanentError as exc:
+                if exc.code not in _ALREADY:
+                    reason += f"; compensation: {exc}"
+            except TransientError as exc:
+                # The undo itself must happen: retry the whole saga later, which fails
+                # the same way and compensates again.
+                await self._retry(claimed, f"{error}; compensation: {exc}")
+                return
         logger.warning("saga compensated", extra={"delivery": str(claimed.id), "reason": reason})
         await self._end(claimed, "compensated", "compensated", reason)
 

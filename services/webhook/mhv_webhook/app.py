@@ -31,7 +31,7 @@ from mhv_webhook._http import WebhookEdge
 from mhv_webhook._https import HttpsListener, tls_context
 from mhv_webhook._inbox import Inbox, Sagas
 from mhv_webhook._ingest import Ingestor
-from mhv_webhook._jobs import DedupPurger, InboxGauges
+from mhv_webhook._jobs import DedupPurger, DeliveryPurger, InboxGauges
 from mhv_webhook._saga import SagaWorker
 from mhv_webhook._sources import Source, build_sources
 from mhv_webhook._taskclient import TaskClient
@@ -107,6 +107,7 @@ def build(
         )
         return [SERVICE]
 
+    sagas = Sagas(db)
     # Saga workers call the task service as the "webhook" service principal.
     client: TaskClient | None = None
     saga_workers: list[SagaWorker] = []
@@ -115,7 +116,6 @@ def build(
             settings.task_target,
             ServiceCredentials.from_settings(settings, service_name="webhook"),
         )
-        sagas = Sagas(db)
         repositories = load_repositories(settings.repos_file)
         schemes = {name: source.scheme for name, source in sources.items()}
         saga_workers = [
@@ -160,6 +160,11 @@ def build(
                 DedupPurger(
                     inbox,
                     retention_seconds=settings.webhook_dedup_retention_seconds,
+                    interval=settings.webhook_dedup_purge_interval_seconds,
+                ),
+                DeliveryPurger(
+                    sagas,
+                    retention_seconds=settings.webhook_delivery_retention_seconds,
                     interval=settings.webhook_dedup_purge_interval_seconds,
                 ),
                 InboxGauges(inbox, interval=settings.webhook_gauge_interval_seconds),
