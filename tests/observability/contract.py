@@ -141,6 +141,8 @@ CONTRACT: tuple[Metric, ...] = (
     ),
     Metric("webhook_inbox_depth", "gauge", {"state": ("pending", "processing")}, ("webhook",)),
     Metric("webhook_inbox_lag_seconds", "gauge", {}, ("webhook",)),
+    Metric("webhook_dedup_purged_total", "counter", {}, ("webhook",)),
+    Metric("webhook_deliveries_purged_total", "counter", {}, ("webhook",)),
     Metric(
         "webhook_saga_total",
         "counter",
