@@ -734,6 +734,23 @@ def capacity_planning_dashboard() -> dashboard.Dashboard:
             )
         )
         .with_panel(
+            series_panel(
+                "Webhook retention purges",
+                "Dedup records (kept 4 days) and finished deliveries (kept 30 days) deleted per "
+                "hour: the gateway's storage held steady by its retention jobs.",
+                [
+                    Query(
+                        f"sum(increase(webhook_dedup_purged_total{{{WEBHOOK}}}[1h]))",
+                        "dedup records",
+                    ),
+                    Query(
+                        f"sum(increase(webhook_deliveries_purged_total{{{WEBHOOK}}}[1h]))",
+                        "finished deliveries",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
             bar_panel(
                 "Projected size in 30 days",
                 "Today's projection per schema.",
