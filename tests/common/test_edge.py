@@ -436,3 +436,15 @@ async def test_graceful_shutdown_flips_health_and_finishes_inflight(
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await inflight == b"done"
         await stopping
+
+
+async def test_made_up_method_names_are_not_remembered(
+    probe: RunningService, channel: aio.Channel
+) -> None:
+    for _ in range(50):
+        name = f"/x{uuid.uuid4().hex}.Y/{'z' * 200}"
+        error = await _call_error(channel.unary_unary(name)(b""))
+        assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    for interceptor in probe.interceptors:
+        cached = getattr(interceptor, "_handlers", {})
+        assert not [m for m in cached if m.startswith("/x")], type(interceptor).__name__

@@ -463,3 +463,34 @@ async def test_page_size_bounds(tasks: task_pb2_grpc.TaskServiceStub, people: Pe
         task_pb2.ListTasksRequest(page_size=10_000), metadata=people.viewer.md()
     )
     assert len(page.tasks) <= 100
+
+
+async def test_forged_page_tokens_and_nul_reasons_are_client_errors(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    import base64
+    import hashlib
+    import json as _json
+
+    def forged(position: dict) -> str:
+        # The same encoding the server uses, with the filter digest of "no filters".
+        filters = {"repository": None, "status": None, "priority": None, "assigned_to": None}
+        digest = hashlib.sha256(
+            _json.dumps(filters, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()[:16]
+        body = _json.dumps({"f": digest, "p": position}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+    for position in ({"before_id": "x"}, {"before_id": 2**70}, {"before_id": None}, {}):
+        error = await rpc_error(
+            tasks.ListTasks(
+                task_pb2.ListTasksRequest(page_token=forged(position)), metadata=people.viewer.md()
+            )
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, position
+        assert mhv_code(error) == "MHV-011"
+    task = await new_task(tasks, people.alice)
+    blocked = await tasks.BlockTask(
+        task_pb2.BlockTaskRequest(id=task.id, reason="wait\x00ing"), metadata=people.alice.md()
+    )
+    assert blocked.blocked_reason == "waiting"

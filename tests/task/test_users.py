@@ -121,3 +121,15 @@ async def test_delete_user_unassigns_their_tasks_with_events(
         users.GetUser(task_pb2.GetUserRequest(id=user.id), metadata=people.admin.md())
     )
     assert gone.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_lookalike_names_with_a_trailing_newline_are_refused(
+    users: task_pb2_grpc.UserServiceStub, people: People
+) -> None:
+    error = await rpc_error(
+        users.CreateUser(
+            task_pb2.CreateUserRequest(username="admin\n", email="a@example.test\n"),
+            metadata=people.admin.md(),
+        )
+    )
+    assert set(violations(error)) == {"username", "email"}

@@ -133,11 +133,16 @@ class _Interceptor(AsyncServerInterceptor):
         method = handler_call_details.method
         if method.startswith(UNGOVERNED_PREFIXES):
             return await continuation(handler_call_details)
-        if method not in self._handlers:
-            self._handlers[method] = await super().intercept_service(  # type: ignore[no-untyped-call]
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = await super().intercept_service(  # type: ignore[no-untyped-call]
                 continuation, handler_call_details
             )
-        return self._handlers[method]
+            # Only methods the server serves are remembered: caching every name a caller
+            # makes up would let anyone grow this dict without bound.
+            if handler is not None:
+                self._handlers[method] = handler
+        return handler
 
     @staticmethod
     async def _call(method: Callable[..., Any], request: Any, ctx: aio.ServicerContext) -> Any:

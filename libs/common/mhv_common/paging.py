@@ -31,11 +31,22 @@ def encode_token(position: Mapping[str, Any], *, filters: Mapping[str, Any]) -> 
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
 
 
-def decode_token(token: str, *, filters: Mapping[str, Any]) -> dict[str, Any] | None:
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def decode_token(
+    token: str, *, filters: Mapping[str, Any], fields: Mapping[str, type] | None = None
+) -> dict[str, Any] | None:
     """Return the position in `token` (None for an empty token, i.e. the first page).
 
+    Args:
+        token: The page token a client sent.
+        filters: The request's filters; the token must have been issued for the same.
+        fields: Position field -> the type it must have (int fields must fit a bigint), so
+            that a forged token is refused here instead of failing in the database.
+
     Raises:
-        InvalidPageTokenError: The token is damaged or was issued for other filters.
+        InvalidPageTokenError: The token is damaged, forged, or was issued for other filters.
     """
     if not token:
         return None
@@ -50,6 +61,13 @@ def decode_token(token: str, *, filters: Mapping[str, Any]) -> dict[str, Any] | 
             "The page token was issued for different filters; send the same filters or "
             "start again without page_token."
         )
+    for name, kind in (fields or {}).items():
+        value = position.get(name)
+        ok = type(value) is kind or (kind is float and type(value) is int)
+        if isinstance(value, int) and kind is int:
+            ok = ok and _INT64[0] <= value <= _INT64[1]
+        if not ok:
+            raise InvalidPageTokenError("The page token is not valid.")
     return position
 
 

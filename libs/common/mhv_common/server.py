@@ -104,6 +104,7 @@ class RunningService:
         self._service_names: list[str] = []
         self._stopped = asyncio.Event()
         self._limiter: RateLimiter | None = None
+        self.interceptors: list[aio.ServerInterceptor] = []
 
     async def start(self) -> None:
         """Run startup, bind the listeners and start workers; health turns SERVING."""
@@ -121,10 +122,11 @@ class RunningService:
         self._limiter = limiter
         if d.startup is not None:
             await d.startup()
+        self.interceptors = build_interceptors(
+            verifier=verifier, limiter=limiter, policies=d.policies
+        )
         server = aio.server(
-            interceptors=build_interceptors(
-                verifier=verifier, limiter=limiter, policies=d.policies
-            ),
+            interceptors=self.interceptors,
             options=[
                 ("grpc.so_reuseport", 1 if s.reuse_port else 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),

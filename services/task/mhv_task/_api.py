@@ -16,6 +16,7 @@ from grpc import aio
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.errors import FieldViolation, ValidationError
 from mhv_task._lifecycle import Action
+from mhv_task._models import clean_text
 from mhv_task._tasks import Tasks, etag_of, parse_task_id
 from mhv_task._users import Users, parse_user_id
 
@@ -305,6 +306,7 @@ class TaskApi(task_pb2_grpc.TaskServiceServicer):
 
 
 def _reason(value: str) -> str:
+    value = clean_text(value)
     if len(value) > 1000:
         raise ValidationError(violations=[FieldViolation("reason", "at most 1000 characters")])
     return value

@@ -179,7 +179,7 @@ class UserCreateRequest(_Strict):
     @field_validator("username")
     @classmethod
     def _username(cls, value: str) -> str:
-        if not _USERNAME.match(value):
+        if not _USERNAME.fullmatch(value):
             raise ValueError("must be 1-100 letters, digits, '.', '_' or '-'")
         return value
 
@@ -187,7 +187,7 @@ class UserCreateRequest(_Strict):
     @classmethod
     def _email(cls, value: str) -> str:
         value = value.strip()
-        if len(value) > 255 or not _EMAIL.match(value):
+        if len(value) > 255 or not _EMAIL.fullmatch(value):
             raise ValueError("is not an email address")
         return value
 

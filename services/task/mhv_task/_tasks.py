@@ -248,7 +248,7 @@ class Tasks:
     ) -> tuple[Sequence[asyncpg.Record], str]:
         """A page of tasks, newest first, and the next page's token ("" on the last page)."""
         size = paging.page_size(page_size)
-        position = paging.decode_token(page_token, filters=filters)
+        position = paging.decode_token(page_token, filters=filters, fields={"before_id": int})
         before = int(position["before_id"]) if position else None
         async with self._db.connection() as conn:
             rows = await store.list_tasks(conn, filters=filters, before_id=before, limit=size + 1)
@@ -267,7 +267,9 @@ class Tasks:
             q = validate(FTSSearchQuery, {"query": query})
             size = paging.page_size(page_size)
             scope = {**filters, "query": q.query}
-            position = paging.decode_token(page_token, filters=scope)
+            position = paging.decode_token(
+                page_token, filters=scope, fields={"rank": float, "id": int}
+            )
             after = (float(position["rank"]), int(position["id"])) if position else None
             async with self._db.connection() as conn:
                 rows = await store.search_tasks(

@@ -70,7 +70,7 @@ class Users:
         """A page of users by username, and the next page's token."""
         size = paging.page_size(page_size)
         filters = {"include_inactive": include_inactive}
-        position = paging.decode_token(page_token, filters=filters)
+        position = paging.decode_token(page_token, filters=filters, fields={"after": str})
         after = str(position["after"]) if position else None
         async with self._db.connection() as conn:
             rows = await store.list_users(
