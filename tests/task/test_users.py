@@ -128,8 +128,8 @@ async def test_lookalike_names_with_a_trailing_newline_are_refused(
 ) -> None:
     error = await rpc_error(
         users.CreateUser(
-            task_pb2.CreateUserRequest(username="admin\n", email="a@example.test\n"),
+            task_pb2.CreateUserRequest(username="admin\n", email="lookalike@example.test"),
             metadata=people.admin.md(),
         )
     )
-    assert set(violations(error)) == {"username", "email"}
+    assert set(violations(error)) == {"username"}
