@@ -202,6 +202,7 @@ RELAXED_LIMITS = json.dumps(
         "search": "100000/minute",
         "general": "100000/minute",
         "webhook": "100000/minute",
+        "webhook_unverified": "100000/minute",
     }
 )
 

@@ -35,6 +35,7 @@ sources:
   - {name: generic, scheme: standard, rate_limit: 100000/minute}
   - {name: rotating, scheme: github, rate_limit: 100000/minute}
   - {name: limited, scheme: standard, rate_limit: 5/minute}
+  - {name: guarded, scheme: standard, rate_limit: 3/minute}
   - {name: official, scheme: standard, rate_limit: 100000/minute}
 """
 
@@ -91,6 +92,7 @@ class Secrets:
                 f"{self.rotating_expired};expires=2020-01-01T00:00:00Z;id=retired"
             ),
             "MHV_WEBHOOK_SECRETS_LIMITED": self.generic,
+            "MHV_WEBHOOK_SECRETS_GUARDED": self.generic,
             "MHV_WEBHOOK_SECRETS_OFFICIAL": OFFICIAL_SECRET,
         }
 
@@ -202,6 +204,8 @@ def edge_settings(deployment: Deployment, tls: Tls, sources_file: Path) -> Webho
         webhook_workers=0,
         db_pool_min_size=1,
         db_pool_max_size=8,
+        # Every test request comes from 127.0.0.1: the address budget must not interfere.
+        rate_limits={"webhook_unverified": "100000/minute"},
     )
 
 

@@ -11,13 +11,22 @@ import re
 import ssl
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
 from mhv_webhook._verify import FreshnessWindow, HeaderView, verify_standard
-from tests.webhook.conftest import OFFICIAL_SECRET, EdgeServer, Secrets, Tls
+from tests.harness import Deployment
+from tests.webhook.conftest import (
+    EDGE_SOURCES,
+    OFFICIAL_SECRET,
+    EdgeServer,
+    Secrets,
+    Tls,
+    edge_settings,
+)
 from tests.webhook.signing import (
     github_headers,
     gitlab_token_headers,
@@ -580,3 +589,49 @@ def test_unknown_source_wrong_method_and_health(client: httpx.Client) -> None:
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert metric("webhook_requests_total", source="unknown", code="404") >= 1
+
+
+def test_unsigned_requests_do_not_spend_a_sources_budget(
+    client: httpx.Client, hook_secrets: Secrets
+) -> None:
+    # A flood of unsigned junk is refused without touching the source's budget...
+    for _ in range(10):
+        junk = client.post(
+            "/webhooks/guarded",
+            content=b"{}",
+            headers={
+                "webhook-id": f"msg_{uuid.uuid4().hex}",
+                "webhook-timestamp": str(int(time.time())),
+                "webhook-signature": "v1,AAAA",
+            },
+        )
+        assert junk.status_code == 401
+    # ...so the real sender still gets its three deliveries through, then the limit.
+    statuses = []
+    for _ in range(4):
+        body = body_for("guarded")
+        headers = standard_headers(
+            hook_secrets.generic, body, msg_id=f"msg_{uuid.uuid4().hex}", timestamp=int(time.time())
+        )
+        statuses.append(client.post("/webhooks/guarded", content=body, headers=headers).status_code)
+    assert statuses == [202, 202, 202, 429]
+
+
+def test_requests_per_client_address_are_limited_before_verification(
+    deployment: Deployment, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+) -> None:
+    sources = tmp_path / "webhooks.yaml"
+    sources.write_text(EDGE_SOURCES)
+    settings = edge_settings(deployment, tls, sources).model_copy(
+        update={"rate_limits": {"webhook_unverified": "3/minute"}}
+    )
+    server = EdgeServer(settings, hook_secrets.edge_environ(), deployment.role_url("webhook"))
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, verify=tls.client_context()) as client:
+            statuses = [
+                client.post("/webhooks/generic", content=b"{}").status_code for _ in range(4)
+            ]
+        assert statuses == [401, 401, 401, 429]
+    finally:
+        server.close()

@@ -30,6 +30,8 @@ DEFAULT_RATE_LIMITS: dict[str, str] = {
     "create": "10/minute",
     "search": "30/minute",
     "webhook": "100/minute",
+    # Per client address, before a webhook's signature is checked: only stops floods.
+    "webhook_unverified": "1200/minute",
     "general": "60/minute",
     # Internal callers (the webhook gateway, the outbox relay) act for many people at once.
     "service:*": "200/second",
@@ -117,6 +119,8 @@ class WebhookSettings(CommonSettings):
     webhook_delivery_retention_seconds: int = 30 * 24 * 3600
     webhook_gauge_interval_seconds: float = 15.0
     webhook_body_timeout_seconds: float = 30.0
+    # Open connections and requests in flight; beyond it the gateway answers 503 at once.
+    webhook_max_concurrency: int = 1024
     webhook_saga_lease_seconds: float = 30.0
     webhook_saga_max_attempts: int = 8
     webhook_saga_retry_base_seconds: float = 1.0

@@ -39,13 +39,16 @@ from mhv_common.errors import (
     WebhookTimestampInvalidError,
 )
 from mhv_common.interceptors import classify
+from mhv_common.ratelimit import RateLimiter
 from mhv_webhook._ingest import Ingestor
 from mhv_webhook._metrics import ACK_DURATION, BODY_BYTES, DELIVERIES, REQUESTS
-from mhv_webhook._sources import RATE_CLASS, Source
+from mhv_webhook._sources import Source
 from mhv_webhook._verify import HeaderView
 
 logger = logging.getLogger("mhv.webhook.http")
 tracer = trace.get_tracer("mhv_webhook")
+# Requests per client address before verification: generous, it only stops floods.
+UNVERIFIED_RATE_CLASS = "webhook_unverified"
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRACESTATE = re.compile(r"^[\x20-\x7e]{1,512}$")
@@ -93,6 +96,7 @@ class WebhookEdge:
     Args:
         sources: Declared sources by name.
         ingestor: The receiving domain.
+        addresses: Request budget per client address, spent before anything is verified.
         ack_deadline_seconds: Budget for storing a delivery once its body is read.
         body_timeout_seconds: Longest time a sender may take to send its body.
 
@@ -103,9 +107,11 @@ class WebhookEdge:
         sources: Mapping[str, Source],
         ingestor: Ingestor,
         *,
+        addresses: RateLimiter,
         ack_deadline_seconds: float = 10.0,
         body_timeout_seconds: float = 30.0,
     ) -> None:
+        self._addresses = addresses
         self._sources = dict(sources)
         self._ingestor = ingestor
         self._ack_deadline = ack_deadline_seconds
@@ -193,16 +199,20 @@ class WebhookEdge:
             ),
         ):
             try:
-                if source is None:
-                    raise WebhookSourceUnknownError()
-                decision = await source.limiter.hit(
-                    key=source.name, method_class=RATE_CLASS, roles=()
+                # Before anything is read or verified, a budget per client address: unsigned
+                # junk from one address cannot crowd out the real sender. The per-source
+                # budget is spent only by verified deliveries (in the ingestor).
+                client = request.client.host if request.client else "unknown"
+                decision = await self._addresses.hit(
+                    key=client, method_class=UNVERIFIED_RATE_CLASS, roles=()
                 )
                 if not decision.allowed:
                     raise RateLimitExceededError(
-                        f"Rate limit {decision.limit} for source {source.name} exceeded.",
+                        f"Rate limit {decision.limit} for requests from {client} exceeded.",
                         retry_after=decision.retry_after,
                     )
+                if source is None:
+                    raise WebhookSourceUnknownError()
                 body = await self._read_body(request, headers, source)
                 ctx.deadline = time.monotonic() + self._ack_deadline
                 outgoing: dict[str, str] = {}

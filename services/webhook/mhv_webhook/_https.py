@@ -153,8 +153,10 @@ class HttpsListener:
         tls: ssl.SSLContext,
         keep_alive_seconds: int = 75,
         reuse_port: bool = False,
+        max_concurrency: int = 1024,
     ) -> None:
         self._reuse_port = reuse_port
+        self._max_concurrency = max_concurrency
         # Idle connections are kept longer than clients and proxies keep theirs (60 s is
         # common): the side that closes an idle connection must be the one that would reuse
         # it, or a request sent just as the server closes is lost in transit ("server
@@ -211,6 +213,9 @@ class HttpsListener:
             proxy_headers=False,
             server_header=False,
             timeout_keep_alive=self._keep_alive,
+            # Connections plus tasks in flight beyond this get 503 at once, so a flood of slow
+            # senders cannot make the gateway buffer bodies without bound.
+            limit_concurrency=self._max_concurrency,
             ssl_context_factory=lambda _config, _default: self._tls,
         )
         server = uvicorn.Server(config)

@@ -6,9 +6,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from mhv_common.errors import RateLimitExceededError
 from mhv_webhook._inbox import Inbox
 from mhv_webhook._metrics import DUPLICATES, SECRET_MATCHES
-from mhv_webhook._sources import Source
+from mhv_webhook._sources import RATE_CLASS, Source
 from mhv_webhook._verify import Clock, HeaderView, parse_payload
 
 
@@ -60,6 +61,8 @@ class Ingestor:
 
         Raises:
             WebhookSignatureInvalidError: Authentication failed (MHV-300).
+            RateLimitExceededError: The source sent more verified deliveries than its budget
+                (MHV-006).
             WebhookTimestampInvalidError: Signed timestamp outside the window (MHV-304).
             ValidationError: Headers or body malformed (MHV-003).
             DatabaseConnectionError: The inbox is unreachable (MHV-002); nothing was stored.
@@ -68,6 +71,14 @@ class Ingestor:
         verified = source.verifier.verify(headers, body, now=self._clock())
         for label in verified.matched_keys:
             SECRET_MATCHES.labels(source.name, label).inc()
+        # The source's budget is spent only by deliveries its own secret signed: nobody else
+        # can exhaust it.
+        decision = await source.limiter.hit(key=source.name, method_class=RATE_CLASS, roles=())
+        if not decision.allowed:
+            raise RateLimitExceededError(
+                f"Rate limit {decision.limit} for source {source.name} exceeded.",
+                retry_after=decision.retry_after,
+            )
         # Only now, with the bytes authenticated, is the body parsed.
         payload = parse_payload(body)
         event, action = source.verifier.describe(verified, payload)

@@ -24,6 +24,7 @@ from mhv_common.config import (
 from mhv_common.db import Database
 from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
+from mhv_common.ratelimit import RateLimiter
 from mhv_common.server import ServiceDefinition, serve_forever
 from mhv_webhook import _metrics as metrics
 from mhv_webhook._admin import WebhookAdminServicer
@@ -90,6 +91,11 @@ def build(
     edge = WebhookEdge(
         sources,
         Ingestor(inbox, clock=clock),
+        addresses=RateLimiter(
+            settings.effective_rate_limits(),
+            storage_uri=settings.rate_limit_storage_uri,
+            service="webhook-addresses",
+        ),
         ack_deadline_seconds=settings.default_deadline_seconds,
         body_timeout_seconds=settings.webhook_body_timeout_seconds,
     )
@@ -99,6 +105,7 @@ def build(
         port=settings.webhook_https_port,
         tls=tls,
         reuse_port=settings.reuse_port,
+        max_concurrency=settings.webhook_max_concurrency,
     )
 
     def register(server: aio.Server) -> Sequence[str]:
