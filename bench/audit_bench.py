@@ -358,7 +358,7 @@ async def bench_verify(target: str, keys: Keys, admin_url: str, *, rows: int) ->
 async def bench_record(
     target: str, keys: Keys, role_url: str, *, seconds: float, writers: int
 ) -> None:
-    metadata = bearer(keys.token(Role.SERVICE))
+    metadata = bearer(keys.token(Role.SERVICE, subject="service:task"))
     latencies: list[float] = []
     recorded = 0
     deadline = time.perf_counter() + seconds

@@ -151,7 +151,7 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             await conn.close()
         floor = await record_call_floor(
-            audit.target, keys.token(Role.SERVICE, subject="service:bench")
+            audit.target, keys.token(Role.SERVICE, subject="service:task")
         )
         lag = summary(lags)
         ref = summary(floor)

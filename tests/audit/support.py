@@ -72,7 +72,9 @@ def stub(channel: aio.Channel) -> audit_pb2_grpc.AuditServiceStub:
 
 
 def as_role(keys: Keys, role: Role) -> tuple[tuple[str, str], ...]:
-    """Call metadata for a caller with `role`."""
+    """Call metadata for a caller with `role` (a service caller is the task service)."""
+    if role == Role.SERVICE:
+        return bearer(keys.token(role, subject="service:task"))
     return bearer(keys.token(role))
 
 

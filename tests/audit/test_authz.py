@@ -13,7 +13,7 @@ from mhv_audit.app import POLICIES, SERVICE
 from mhv_common.auth import Role
 from tests.audit.support import as_role, event, list_all, random_task_id, rpc_error, stub
 from tests.conftest import Services
-from tests.harness import Keys
+from tests.harness import Keys, bearer
 
 ALLOWED = {
     "RecordEvents": {Role.SERVICE},
@@ -67,3 +67,20 @@ async def test_role_gate(
     if method == "RecordEvents":
         # A refused write wrote nothing.
         assert await list_all(client, keys, task_id=task_id) == []
+
+
+async def test_other_services_may_not_write_audit_history(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys
+) -> None:
+    # The service role alone is not enough: only the task service's relay writes.
+    task_id = random_task_id()
+    for subject in ("service:webhook", "service:anything"):
+        error = await rpc_error(
+            client.RecordEvents(
+                _request("RecordEvents", task_id),
+                metadata=bearer(keys.token(Role.SERVICE, subject=subject)),
+                timeout=30,
+            )
+        )
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await list_all(client, keys, task_id=task_id) == []

@@ -66,3 +66,24 @@ def test_configuration_errors() -> None:
         TokenVerifier({"keys": []})
     with pytest.raises(ConfigurationError):
         TokenVerifier.from_sources(jwks_json=None, jwks_file=None)
+
+
+def test_a_service_key_signs_only_for_its_own_service() -> None:
+    admin_pem, admin_jwk = generate_signing_key()
+    svc_pem, svc_jwk = generate_signing_key()
+    admin_jwk["kid"], svc_jwk["kid"] = "admin-1", "webhook-1"
+    svc_jwk["mhv_subject"] = "service:webhook"
+    verifier = TokenVerifier({"keys": [admin_jwk, svc_jwk]})
+    service = TokenIssuer(svc_pem, key_id="webhook-1")
+    ok = verifier.verify(service.issue(subject="service:webhook", roles=["service"]))
+    assert ok.roles == {Role.SERVICE}
+    for subject, roles in (
+        ("service:webhook", ["admin"]),
+        ("service:task", ["service"]),
+        ("some-user", ["member"]),
+    ):
+        with pytest.raises(AuthenticationError, match="may not sign"):
+            verifier.verify(service.issue(subject=subject, roles=roles))
+    # The unrestricted key still signs for people.
+    admin = TokenIssuer(admin_pem, key_id="admin-1")
+    assert verifier.verify(admin.issue(subject="u1", roles=["admin"])).roles == {Role.ADMIN}

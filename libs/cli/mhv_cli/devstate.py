@@ -19,18 +19,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from mhv_cli.migrate import SERVICE_SLICES, RoleNames
 from mhv_cli.pgcluster import PrivateCluster
-from mhv_common.auth import generate_signing_key
+from mhv_common.auth import SUBJECT_MEMBER, generate_signing_key
+from mhv_common.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_PRIVATE_PG_PORT = 55432
 DEFAULT_WEBHOOK_SOURCES = ("github", "gitlab", "generic")
+# Services that call others, and the key id of each one's own signing key.
+SERVICE_KEY_IDS = {"task": "task-1", "webhook": "webhook-1"}
 
 
 def home() -> Path:
@@ -86,15 +91,35 @@ class DevState:
         chosen = port or int(os.environ.get("MHV_PRIVATE_PG_PORT", DEFAULT_PRIVATE_PG_PORT))
         return PrivateCluster(self.root / "pg", chosen)
 
-    def ensure_signing_key(self, key_id: str) -> None:
-        """Create the token signing key and its JWKS unless they exist."""
-        if self.signing_key.exists() and self.jwks.exists():
-            return
-        pem, jwk = generate_signing_key()
-        jwk["kid"] = key_id
-        jwk["use"] = "sig"
-        _private_file(self.signing_key, pem)
-        _private_file(self.jwks, json.dumps({"keys": [jwk]}, indent=2).encode())
+    def service_key(self, service: str) -> Path:
+        """The private key `service` signs its own service tokens with."""
+        return self.root / "keys" / f"service-{service}.pem"
+
+    def ensure_keys(self, admin_key_id: str) -> None:
+        """Create missing signing keys and write the JWKS of all of them.
+
+        Three keys: the administrators' (`mhv token`; signs any token) and one per calling
+        service (task, webhook), each bound in the JWKS to that service's own subject, so that a
+        service that is compromised cannot mint tokens for anyone else.
+        """
+        keys: list[tuple[Path, str, str | None]] = [
+            (self.signing_key, admin_key_id, None),
+            *((self.service_key(s), SERVICE_KEY_IDS[s], f"service:{s}") for s in SERVICE_KEY_IDS),
+        ]
+        entries = []
+        for path, kid, subject in keys:
+            if not path.exists():
+                pem, _jwk = generate_signing_key()
+                _private_file(path, pem)
+            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(private, Ed25519PrivateKey):
+                raise ConfigurationError(f"{path.name} is not an Ed25519 private key.")
+            jwk = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(private.public_key()))
+            jwk.update(kid=kid, use="sig")
+            if subject is not None:
+                jwk[SUBJECT_MEMBER] = subject
+            entries.append(jwk)
+        _private_file(self.jwks, json.dumps({"keys": entries}, indent=2).encode())
 
     def ensure_tls(self) -> None:
         """Create a self-signed certificate for localhost unless one exists."""

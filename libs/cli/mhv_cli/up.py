@@ -96,22 +96,57 @@ async def wait_healthy(
     return False
 
 
+# What each service may know, beyond the shared settings: its own database role's URL, its
+# own signing key if it calls other services, and (the gateway only) the webhook secrets and
+# TLS key. Nothing else: in particular never the administrator database URL.
+_PRIVATE_PREFIXES = (
+    "MHV_DATABASE_URL",
+    "MHV_TASK_DATABASE_URL",
+    "MHV_AUDIT_DATABASE_URL",
+    "MHV_WEBHOOK_DATABASE_URL",
+    "MHV_DB_PASSWORD_",
+    "MHV_AUTH_SIGNING_KEY_",
+    "MHV_WEBHOOK_SECRETS_",
+    "MHV_WEBHOOK_TLS_",
+)
+
+
 def _child_env(
-    state: devstate.DevState, admin_url: str, secrets: dict[str, object]
+    service: str, state: devstate.DevState, admin_url: str, secrets: dict[str, object]
 ) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of one service process: shared settings and only its own secrets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES)}
     passwords = secrets["db_passwords"]
     assert isinstance(passwords, dict)
-    for key, value in devstate.database_urls(admin_url, role_names(), passwords).items():
-        env.setdefault(key, value)
+    own_url = f"MHV_{service.upper()}_DATABASE_URL"
+    urls = devstate.database_urls(admin_url, role_names(), passwords)
+    env[own_url] = os.environ.get(own_url) or urls[own_url]
     env.setdefault("MHV_AUTH_JWKS_FILE", str(state.jwks))
-    env.setdefault("MHV_AUTH_SIGNING_KEY_FILE", str(state.signing_key))
-    env.setdefault("MHV_WEBHOOK_TLS_CERT_FILE", str(state.tls_cert))
-    env.setdefault("MHV_WEBHOOK_TLS_KEY_FILE", str(state.tls_key))
-    hooks = secrets["webhook_secrets"]
-    assert isinstance(hooks, dict)
-    for source, secret in hooks.items():
-        env.setdefault(f"MHV_WEBHOOK_SECRETS_{source.upper()}", str(secret))
+    if service in devstate.SERVICE_KEY_IDS:
+        # A key given in the environment is the operator's choice; else the service's own.
+        given = {k: v for k, v in os.environ.items() if k.startswith("MHV_AUTH_SIGNING_KEY_")}
+        env.update(
+            given
+            or {
+                "MHV_AUTH_SIGNING_KEY_FILE": str(state.service_key(service)),
+                "MHV_AUTH_SIGNING_KEY_ID": devstate.SERVICE_KEY_IDS[service],
+            }
+        )
+    if service == "webhook":
+        env["MHV_WEBHOOK_TLS_CERT_FILE"] = os.environ.get(
+            "MHV_WEBHOOK_TLS_CERT_FILE", str(state.tls_cert)
+        )
+        env["MHV_WEBHOOK_TLS_KEY_FILE"] = os.environ.get(
+            "MHV_WEBHOOK_TLS_KEY_FILE", str(state.tls_key)
+        )
+        hooks = secrets["webhook_secrets"]
+        assert isinstance(hooks, dict)
+        for source, secret in hooks.items():
+            name = f"MHV_WEBHOOK_SECRETS_{source.upper()}"
+            env[name] = os.environ.get(name, str(secret))
+        for name, value in os.environ.items():
+            if name.startswith("MHV_WEBHOOK_SECRETS_"):
+                env[name] = value
     return env
 
 
@@ -136,7 +171,7 @@ async def run_up() -> int:
     _say(f"database: {redact_dsn(admin_url)}")
     secrets = state.secrets()
     if settings.auth_signing_key_file is None:
-        state.ensure_signing_key(settings.auth_signing_key_id)
+        state.ensure_keys(settings.auth_signing_key_id)
     if webhook_settings.webhook_tls_cert_file is None:
         state.ensure_tls()
     applied = await migrate_up(admin_url, roles=role_names(), passwords=secrets["db_passwords"])
@@ -144,7 +179,6 @@ async def run_up() -> int:
     await ensure_admin_user(admin_url)
     state.write_state(database_url=admin_url, role_prefix=role_names().prefix)
 
-    env = _child_env(state, admin_url, secrets)
     children = [
         Child("audit", "mhv_audit", audit_settings.audit_grpc_port),
         Child("task", "mhv_task", task_settings.task_grpc_port),
@@ -157,7 +191,10 @@ async def run_up() -> int:
     try:
         for child in children:
             child.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", child.module, env=env
+                sys.executable,
+                "-m",
+                child.module,
+                env=_child_env(child.name, state, admin_url, secrets),
             )
         for child in children:
             process = child.process

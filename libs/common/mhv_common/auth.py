@@ -32,6 +32,8 @@ DEFAULT_ISSUER = "mahavishnu"
 DEFAULT_AUDIENCE = "mahavishnu-api"
 # Clock skew tolerated between issuer and verifier.
 LEEWAY_SECONDS = 30
+# A JWKS key member (our own) naming the only subject the key may sign tokens for.
+SUBJECT_MEMBER = "mhv_subject"
 _CACHE_SIZE = 4096
 
 
@@ -98,11 +100,17 @@ class TokenVerifier:
         audience: str = DEFAULT_AUDIENCE,
     ) -> None:
         self._keys: dict[str, Any] = {}
+        # kid -> the one subject that key may sign for (service keys), if restricted.
+        self._subjects: dict[str, str] = {}
         for entry in jwks.get("keys", []):
             kid = entry.get("kid")
             if not kid:
                 raise ConfigurationError("Every key in the JWKS needs a 'kid'.")
-            self._keys[kid] = jwt.PyJWK(entry, algorithm=ALGORITHM).key
+            self._keys[kid] = jwt.PyJWK(
+                {k: v for k, v in entry.items() if k != SUBJECT_MEMBER}, algorithm=ALGORITHM
+            ).key
+            if entry.get(SUBJECT_MEMBER):
+                self._subjects[kid] = str(entry[SUBJECT_MEMBER])
         if not self._keys:
             raise ConfigurationError("No token verification keys are configured.")
         self._issuer = issuer
@@ -162,7 +170,8 @@ class TokenVerifier:
             raise AuthenticationError("The bearer token is malformed.") from exc
         if header.get("alg") != ALGORITHM:
             raise AuthenticationError("The bearer token uses an unsupported algorithm.")
-        key = self._keys.get(str(header.get("kid", "")))
+        kid = str(header.get("kid", ""))
+        key = self._keys.get(kid)
         if key is None:
             raise AuthenticationError("The bearer token was signed with an unknown key.")
         try:
@@ -194,6 +203,13 @@ class TokenVerifier:
                 roles.add(Role(name))
             except ValueError:
                 continue  # roles unknown to this release grant nothing
+        bound = self._subjects.get(kid)
+        if bound is not None and (str(claims["sub"]) != bound or roles - {Role.SERVICE}):
+            # A service's own key signs only that service's service-role tokens: a stolen
+            # service key cannot mint an administrator.
+            raise AuthenticationError(
+                "The bearer token was signed with a key that may not sign for its subject."
+            )
         principal = Principal(
             subject=str(claims["sub"]),
             roles=frozenset(roles),

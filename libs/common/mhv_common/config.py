@@ -95,6 +95,8 @@ class AuditSettings(CommonSettings):
 
     audit_database_url: str = ""
     audit_grpc_port: int = 50052
+    # Service principals allowed to record audit events: the task service's relay.
+    audit_writers: list[str] = Field(default_factory=lambda: ["service:task"])
     audit_metrics_port: int = 9102
     # The audit service verifies its whole hash chain this often by itself (0: never).
     audit_verify_interval_seconds: float = Field(default=3600.0, ge=0)

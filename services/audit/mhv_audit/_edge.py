@@ -8,6 +8,7 @@ translates between protobuf and the domain.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -19,7 +20,8 @@ from mhv_audit._chain import StoredRow
 from mhv_audit._events import EventInput
 from mhv_audit._log import AuditLog, ListRequest
 from mhv_audit._verify import BreakKind
-from mhv_common.errors import FieldViolation, ValidationError
+from mhv_common import context as mhv_context
+from mhv_common.errors import AuthorizationError, FieldViolation, ValidationError
 
 _BREAK_KINDS = {
     BreakKind.MODIFIED: audit_pb2.BREAK_KIND_MODIFIED,
@@ -110,13 +112,20 @@ def _bound(request: Any, name: str) -> tuple[int, int] | None:
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     """AuditService over the domain's `AuditLog`."""
 
-    def __init__(self, log: AuditLog) -> None:
+    def __init__(self, log: AuditLog, *, writers: Collection[str] = ("service:task",)) -> None:
         self._log = log
+        self._writers = frozenset(writers)
 
     async def RecordEvents(
         self, request: audit_pb2.RecordEventsRequest, context: aio.ServicerContext
     ) -> audit_pb2.RecordEventsResponse:
-        """Append a batch of events (service role only)."""
+        """Append a batch of events (the task service's relay only)."""
+        req = mhv_context.current()
+        caller = req.principal.subject if req is not None and req.principal else ""
+        if caller not in self._writers:
+            # The service role alone is not enough: another service (the internet-facing
+            # gateway) must not be able to write audit history.
+            raise AuthorizationError("Only the task service's outbox relay records audit events.")
         outcome = await self._log.record([_event_input(e) for e in request.events])
         return audit_pb2.RecordEventsResponse(
             recorded=outcome.recorded, duplicates=outcome.duplicates

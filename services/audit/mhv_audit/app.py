@@ -43,7 +43,9 @@ def build(settings: AuditSettings) -> ServiceDefinition:
         workers.append(ScheduledVerification(log, interval=settings.audit_verify_interval_seconds))
 
     def register(server: aio.Server) -> Sequence[str]:
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(log), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(
+            AuditServicer(log, writers=settings.audit_writers), server
+        )
         return [SERVICE]
 
     return ServiceDefinition(
