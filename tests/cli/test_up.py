@@ -126,7 +126,20 @@ def _check_running_system(up: Up) -> None:
         task,
         "mahavishnu.task.v1.UserService/ListUsers",
     )
-    assert "Unauthenticated" not in call.stderr and "PermissionDenied" not in call.stderr
+    assert call.returncode == 0, call.stderr
+    assert [u["username"] for u in json.loads(call.stdout)["users"]] == ["admin"]
+    # The README's first call works as written: a task in the demo repository.
+    created = _grpcurl(
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {up.token()}",
+        "-d",
+        json.dumps({"title": "Hello", "repository": "demo"}),
+        task,
+        "mahavishnu.task.v1.TaskService/CreateTask",
+    )
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["status"] == "TASK_STATUS_PENDING"
     # `mhv token` finds the deployment through the state folder.
     token = subprocess.run(
         [sys.executable, "-m", "mhv_cli.main", "token", "--username", "admin", "--role", "viewer"],

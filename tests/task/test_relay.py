@@ -204,28 +204,34 @@ async def test_audit_outage_under_load_loses_nothing_and_fails_no_rpc(system: Sy
 
 
 async def test_sigkill_of_the_relaying_process_mid_batch(system: System) -> None:
-    system.env["MHV_RELAY_BATCH_SIZE"] = "400"
-    task = system.task_process(0)
-    system.tasks.append(task)
-    await task.start()
+    # The first task process dies at the worst moment: its batch was recorded by the audit
+    # service but not yet marked delivered in the outbox.
+    system.env["MHV_RELAY_CRASH_AFTER_SEND"] = "true"
+    doomed = system.task_process(0)
+    system.tasks.append(doomed)
+    await doomed.start()
     system.audit.stop()
-    await drive(task.target, system.token(), tasks=400, concurrency=24)
+    await drive(doomed.target, system.token(), tasks=30)
     await system.audit.start()
-    # Kill the relaying process as soon as delivery is under way.
+    assert doomed.process is not None
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        _events, _pending, audited = await _counts(system.deployment)
-        if audited > 0:
-            break
-        await asyncio.sleep(0.005)
-    task.kill()
-    _events, pending, _audited = await _counts(system.deployment)
-    assert pending > 0, "the backlog drained before the kill; nothing was interrupted"
+    while doomed.process.poll() is None:
+        assert time.monotonic() < deadline, "the relay never sent a batch"
+        await asyncio.sleep(0.02)
+    assert doomed.process.returncode == -9
+    _events, pending, audited = await _counts(system.deployment)
+    assert audited > 0 and pending > 0, "nothing was caught between recording and marking"
+    del system.env["MHV_RELAY_CRASH_AFTER_SEND"]
     replacement = system.task_process(1)
     system.tasks.append(replacement)
     await replacement.start()
     await wait_all_delivered(system.deployment)
     await assert_exactly_once_in_order(system)
+    # The interrupted batch was sent again and recognised, not stored twice.
+    assert (
+        await _metric(system.audit.metrics_port, "audit_events_recorded_total", result="duplicate")
+        >= 1
+    )
 
 
 async def test_three_relays_at_once_never_send_twice(system: System) -> None:

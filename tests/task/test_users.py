@@ -8,7 +8,8 @@ import asyncpg
 import grpc
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
-from tests.harness import mhv_code, rpc_error, violations
+from mhv_common.auth import Role
+from tests.harness import Keys, bearer, mhv_code, rpc_error, violations
 from tests.task.conftest import People, new_task
 
 
@@ -133,3 +134,21 @@ async def test_lookalike_names_with_a_trailing_newline_are_refused(
         )
     )
     assert set(violations(error)) == {"username"}
+
+
+async def test_deactivated_or_unknown_users_lose_read_access(
+    users: task_pb2_grpc.UserServiceStub,
+    tasks: task_pb2_grpc.TaskServiceStub,
+    people: People,
+    keys: Keys,
+) -> None:
+    user = await _user(users, people)
+    token = bearer(keys.token(Role.VIEWER, subject=user.id))
+    await users.DeactivateUser(
+        task_pb2.DeactivateUserRequest(id=user.id), metadata=people.admin.md()
+    )
+    error = await rpc_error(tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=token))
+    assert (error.code(), mhv_code(error)) == (grpc.StatusCode.FAILED_PRECONDITION, "MHV-112")
+    stranger = bearer(keys.token(Role.VIEWER, subject=str(uuid.uuid4())))
+    error = await rpc_error(users.ListUsers(task_pb2.ListUsersRequest(), metadata=stranger))
+    assert (error.code(), mhv_code(error)) == (grpc.StatusCode.UNAUTHENTICATED, "MHV-004")

@@ -235,7 +235,7 @@ async def test_issue_lifecycle_maps_to_task_changes(
     async with aio.insecure_channel(system.task.target) as channel:
         user = await task_pb2_grpc.UserServiceStub(channel).GetUser(
             task_pb2.GetUserRequest(username="github.hubot"),
-            metadata=bearer(system.keys.token(Role.ADMIN)),
+            metadata=bearer(system.keys.token(Role.SERVICE)),
         )
     assert assigned.assigned_to == user.id
 
@@ -277,7 +277,7 @@ async def test_the_sender_becomes_the_tasks_author(
     async with aio.insecure_channel(system.task.target) as channel:
         mona = await task_pb2_grpc.UserServiceStub(channel).GetUser(
             task_pb2.GetUserRequest(username="github.mona"),
-            metadata=bearer(system.keys.token(Role.ADMIN)),
+            metadata=bearer(system.keys.token(Role.SERVICE)),
         )
     assert made.created_by == mona.id
 

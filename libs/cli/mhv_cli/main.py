@@ -58,12 +58,24 @@ def issuer(settings: CommonSettings) -> TokenIssuer:
     )
 
 
+# People's tokens are short-lived: deactivating a user takes effect within this much time.
+MAX_TOKEN_TTL_SECONDS = 24 * 3600
+
+
 async def _token(args: argparse.Namespace) -> int:
+    if not 1 <= args.ttl <= MAX_TOKEN_TTL_SECONDS:
+        raise ConfigurationError(
+            f"--ttl must be between 1 and {MAX_TOKEN_TTL_SECONDS} seconds.",
+            recovery=("Ask for a shorter token and get a new one when it expires.",),
+        )
     settings = load_settings(CommonSettings)
     conn = await asyncpg.connect(admin_url())
     try:
+        # Issuing a token is this deployment's sign-in: it is what last_login_at records.
         row = await conn.fetchrow(
-            "SELECT id, username, is_active FROM task.users WHERE username = $1", args.username
+            "UPDATE task.users SET last_login_at = now() WHERE username = $1"
+            " RETURNING id, username, is_active",
+            args.username,
         )
     finally:
         await conn.close()
@@ -138,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a bearer token for an existing user")
     token.add_argument("--username", required=True)
     token.add_argument("--role", required=True, choices=[str(r) for r in Role])
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.add_argument(
+        "--ttl", type=int, default=3600, help=f"lifetime in seconds (1-{MAX_TOKEN_TTL_SECONDS})"
+    )
     token.set_defaults(func=lambda a: asyncio.run(_token(a)))
     migrate = sub.add_parser("migrate", help="apply (or with --down, revert) migrations")
     migrate.add_argument("--down", choices=["task", "audit", "webhook", "platform"])

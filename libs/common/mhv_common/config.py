@@ -88,6 +88,9 @@ class TaskSettings(CommonSettings):
     relay_batch_size: int = 200
     relay_poll_interval_seconds: float = 0.05
     relay_rpc_timeout_seconds: float = 5.0
+    # Fault injection for crash tests only: SIGKILL the process after a batch was recorded by
+    # the audit service and before it is marked delivered.
+    relay_crash_after_send: bool = False
 
 
 class AuditSettings(CommonSettings):

@@ -227,7 +227,9 @@ async def serve_forever(
         loop.add_signal_handler(sig, stop.set)
     running = RunningService(definition, settings)
     await running.start()
-    extra_tasks = [asyncio.create_task(run(stop)) for run in extra]
+    # The extra listeners stop only after health says NOT_SERVING, like the gRPC listener.
+    stop_extras = asyncio.Event()
+    extra_tasks = [asyncio.create_task(run(stop_extras)) for run in extra]
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait([stop_wait, *extra_tasks], return_when=asyncio.FIRST_COMPLETED)
     failed = not stop.is_set()
@@ -239,6 +241,8 @@ async def serve_forever(
         stop.set()
     await stop_wait
     logger.info("shutdown requested")
+    await running.health.enter_graceful_shutdown()
+    stop_extras.set()
     if extra_tasks:
         await asyncio.gather(*extra_tasks, return_exceptions=True)
     await running.stop()

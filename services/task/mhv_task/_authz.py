@@ -12,17 +12,21 @@ that may never call a method; this module adds the per-task rules.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
 from mhv_common import context
 from mhv_common.auth import Principal, Role
+from mhv_common.db import Database
 from mhv_common.errors import (
     AuthenticationError,
     AuthorizationError,
     FieldViolation,
+    UserInactiveError,
     ValidationError,
 )
+from mhv_task import _store as store
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +98,39 @@ def ensure_admin(actor_principal: Principal, what: str) -> None:
     """Refuse anyone but an administrator."""
     if not actor_principal.has(Role.ADMIN):
         raise AuthorizationError(f"Only administrators may {what}.")
+
+
+class ActiveUsers:
+    """Whether a person's token still belongs to an active user, cached for a few seconds.
+
+    Tokens outlive deactivation (they expire on their own, within a day at most); reads check
+    the user here so that a deactivated user loses access within `ttl` seconds. Service
+    principals act for users named per call and are checked there.
+    """
+
+    def __init__(self, db: Database, *, ttl: float = 5.0) -> None:
+        self._db = db
+        self._ttl = ttl
+        self._seen: dict[uuid.UUID, float] = {}
+
+    async def ensure_caller_active(self) -> None:
+        """Refuse a caller whose user is gone or deactivated (MHV-004 / MHV-112)."""
+        principal = current_principal()
+        if principal.is_service:
+            return
+        try:
+            user = uuid.UUID(principal.subject)
+        except ValueError:
+            raise AuthenticationError("The token's subject is not a user id.") from None
+        now = time.monotonic()
+        if self._seen.get(user, 0.0) > now:
+            return
+        async with self._db.connection() as conn:
+            state = await store.user_state(conn, user)
+        if state is None:
+            raise AuthenticationError("The token's user no longer exists.")
+        if not state:
+            raise UserInactiveError("Your user is deactivated.")
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        self._seen[user] = now + self._ttl

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import random
+import signal
 import time
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -75,7 +77,9 @@ class OutboxRelay:
         batch_size: int = 200,
         poll_interval: float = 0.05,
         rpc_timeout: float = 5.0,
+        crash_after_send: bool = False,
     ) -> None:
+        self._crash_after_send = crash_after_send
         self._db = db
         self._target = target
         self._credentials = credentials
@@ -122,6 +126,9 @@ class OutboxRelay:
                     metadata=self._credentials.metadata(),
                     wait_for_ready=True,
                 )
+                if self._crash_after_send:
+                    # The worst moment to die: the events are recorded, not yet marked.
+                    os.kill(os.getpid(), signal.SIGKILL)
                 await store.mark_delivered(conn, [r["id"] for r in rows])
         OUTBOX_DELIVERED.inc(len(rows))
         return len(rows)

@@ -279,6 +279,18 @@ async def user_state(conn: asyncpg.Connection, user_id: uuid.UUID) -> bool | Non
     return value
 
 
+class Taken(Exception):
+    """A unique username or email is taken; `field` says which."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+class StillReferenced(Exception):
+    """A row cannot go: others refer to it (a foreign key with ON DELETE RESTRICT)."""
+
+
 async def insert_user(
     conn: asyncpg.Connection,
     *,
@@ -287,7 +299,27 @@ async def insert_user(
     display_name: str | None,
     metadata: Mapping[str, Any],
 ) -> asyncpg.Record:
-    """Insert a user; raises asyncpg.UniqueViolationError on a taken username or email."""
+    """Insert a user.
+
+    Raises:
+        Taken: The username or the email belongs to another user.
+    """
+    try:
+        return await _insert_user(
+            conn, username=username, email=email, display_name=display_name, metadata=metadata
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise Taken("email" if "email" in (exc.constraint_name or "") else "username") from None
+
+
+async def _insert_user(
+    conn: asyncpg.Connection,
+    *,
+    username: str,
+    email: str,
+    display_name: str | None,
+    metadata: Mapping[str, Any],
+) -> asyncpg.Record:
     row: asyncpg.Record = await conn.fetchrow(
         f"INSERT INTO users (username, email, display_name, metadata) VALUES ($1, $2, $3, $4)"
         f" RETURNING {USER_COLUMNS}",
@@ -365,8 +397,15 @@ async def tasks_assigned_to(
 
 
 async def delete_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> bool:
-    """Delete a user; raises asyncpg.ForeignKeyViolationError if they created tasks."""
-    status: str = await conn.execute("DELETE FROM users WHERE id = $1", user_id, timeout=_t())
+    """Delete a user.
+
+    Raises:
+        StillReferenced: Tasks they created refer to them.
+    """
+    try:
+        status: str = await conn.execute("DELETE FROM users WHERE id = $1", user_id, timeout=_t())
+    except asyncpg.ForeignKeyViolationError:
+        raise StillReferenced() from None
     return status.endswith(" 1")
 
 

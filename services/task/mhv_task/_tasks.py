@@ -37,7 +37,7 @@ from mhv_common.errors import (
 from mhv_common.redaction import redact_details
 from mhv_common.tracing import current_traceparent
 from mhv_task import _store as store
-from mhv_task._authz import Actor, actor_for_change, ensure_can_change
+from mhv_task._authz import ActiveUsers, Actor, actor_for_change, ensure_can_change
 from mhv_task._lifecycle import Action, Status, check, target
 from mhv_task._models import (
     UPDATABLE_FIELDS,
@@ -126,9 +126,10 @@ class Tasks:
         repositories: Repositories tasks may be filed against.
     """
 
-    def __init__(self, db: Database, repositories: RepositoryCatalog) -> None:
+    def __init__(self, db: Database, repositories: RepositoryCatalog, active: ActiveUsers) -> None:
         self._db = db
         self._repos = repositories
+        self._active = active
         # Every known label combination at zero (docs/sre/metrics.md).
         for repository in [*repositories.names(), UNKNOWN_REPOSITORY_LABEL]:
             TASK_CREATION_DURATION.labels(repository)
@@ -237,6 +238,7 @@ class Tasks:
 
     async def get(self, task_id: int) -> asyncpg.Record:
         """One task."""
+        await self._active.ensure_caller_active()
         async with self._db.connection() as conn:
             row = await store.get_task(conn, task_id)
         if row is None:
@@ -247,6 +249,7 @@ class Tasks:
         self, filters: Mapping[str, Any], *, page_size: int, page_token: str
     ) -> tuple[Sequence[asyncpg.Record], str]:
         """A page of tasks, newest first, and the next page's token ("" on the last page)."""
+        await self._active.ensure_caller_active()
         size = paging.page_size(page_size)
         position = paging.decode_token(page_token, filters=filters, fields={"before_id": int})
         before = int(position["before_id"]) if position else None
@@ -264,6 +267,7 @@ class Tasks:
         """Ranked full-text matches and the next page's token."""
         error: BaseException | None = None
         try:
+            await self._active.ensure_caller_active()
             q = validate(FTSSearchQuery, {"query": query})
             size = paging.page_size(page_size)
             scope = {**filters, "query": q.query}

@@ -20,15 +20,16 @@ from mhv_common.errors import (
 from mhv_common.redaction import redact_details
 from mhv_common.tracing import current_traceparent
 from mhv_task import _store as store
-from mhv_task._authz import actor_for_change
+from mhv_task._authz import ActiveUsers, actor_for_change
 from mhv_task._models import UserCreateRequest, validate
 
 
 class Users:
     """User operations for the edge to call."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, active: ActiveUsers) -> None:
         self._db = db
+        self._active = active
 
     async def create(self, data: Mapping[str, Any]) -> asyncpg.Record:
         """Create a user; a taken username or email is MHV-111."""
@@ -42,15 +43,15 @@ class Users:
                     display_name=request.display_name,
                     metadata=request.metadata,
                 )
-        except asyncpg.UniqueViolationError as exc:
-            field = "email" if "email" in (exc.constraint_name or "") else "username"
+        except store.Taken as exc:
             raise UserAlreadyExistsError(
-                f"A user with that {field} already exists.",
-                violations=[FieldViolation(field, "already taken")],
+                f"A user with that {exc.field} already exists.",
+                violations=[FieldViolation(exc.field, "already taken")],
             ) from None
 
     async def get(self, *, user_id: str = "", username: str = "") -> asyncpg.Record:
         """One user by id or username."""
+        await self._active.ensure_caller_active()
         if not user_id and not username:
             raise ValidationError(
                 violations=[FieldViolation("lookup", "give either id or username")]
@@ -68,6 +69,7 @@ class Users:
         self, *, page_size: int, page_token: str, include_inactive: bool
     ) -> tuple[Sequence[asyncpg.Record], str]:
         """A page of users by username, and the next page's token."""
+        await self._active.ensure_caller_active()
         size = paging.page_size(page_size)
         filters = {"include_inactive": include_inactive}
         position = paging.decode_token(page_token, filters=filters, fields={"after": str})
@@ -130,7 +132,7 @@ class Users:
                         ),
                     )
                 await store.delete_user(conn, uid)
-        except asyncpg.ForeignKeyViolationError:
+        except store.StillReferenced:
             # A task by this user was created after our check: the RESTRICT key caught it.
             raise refusal from None
 

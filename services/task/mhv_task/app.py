@@ -14,6 +14,7 @@ from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, Worker, serve_forever
 from mhv_task._api import TaskApi, UserApi
+from mhv_task._authz import ActiveUsers
 from mhv_task._relay import OutboxMonitor, OutboxRelay
 from mhv_task._tasks import Tasks
 from mhv_task._users import Users
@@ -49,8 +50,9 @@ POLICIES: dict[str, MethodPolicy] = {
 def build(settings: TaskSettings) -> ServiceDefinition:
     """Assemble the task service."""
     db = Database.for_service(settings, dsn=settings.task_database_url, name="task")
-    tasks = Tasks(db, load_repositories(settings.repos_file))
-    users = Users(db)
+    active = ActiveUsers(db)
+    tasks = Tasks(db, load_repositories(settings.repos_file), active)
+    users = Users(db, active)
     workers: list[Worker] = [OutboxMonitor(db)]
     if settings.relay_enabled:
         # The relay authenticates to the audit service as the "task" service.
@@ -63,6 +65,7 @@ def build(settings: TaskSettings) -> ServiceDefinition:
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_interval_seconds,
                 rpc_timeout=settings.relay_rpc_timeout_seconds,
+                crash_after_send=settings.relay_crash_after_send,
             )
         )
 

@@ -223,6 +223,7 @@ class WebhookEdge:
                     body,
                     traceparent=outgoing.get("traceparent"),
                     tracestate=outgoing.get("tracestate") or None,
+                    timeout=context.time_left(),
                 )
                 if receipt.accepted:
                     outcome = "accepted"
