@@ -219,7 +219,9 @@ async def _run(args: argparse.Namespace) -> None:
                 "MHV_WEBHOOK_METRICS_PORT": str(ports["metrics"]),
                 "MHV_WEBHOOK_HTTPS_PORT": str(ports["https"]),
                 # A one-second window: the limiter keeps one entry per request in its window.
-                "MHV_RATE_LIMITS": json.dumps({"webhook": "1000000/second"}),
+                "MHV_RATE_LIMITS": json.dumps(
+                    {"webhook": "1000000/second", "webhook_unverified": "1000000/second"}
+                ),
                 "MHV_LOG_LEVEL": "WARNING",
                 "MHV_DB_POOL_MAX_SIZE": "16",
             }
