@@ -190,6 +190,20 @@ async def tasks_titled(system: SagaSystem, title: str) -> list[int]:
         await conn.close()
 
 
+async def deactivated_user(system: SagaSystem, username: str) -> None:
+    """A deactivated user: assigning a task to it can never succeed."""
+    conn = await asyncpg.connect(system.deployment.admin_url)
+    try:
+        await conn.execute(
+            "INSERT INTO task.users (username, email, is_active) VALUES ($1, $2, false)"
+            " ON CONFLICT DO NOTHING",
+            username,
+            f"{username}@example.test",
+        )
+    finally:
+        await conn.close()
+
+
 def unique() -> int:
     return int(uuid.uuid4().int % 10**9)
 
@@ -393,14 +407,7 @@ async def test_concurrent_deliveries_about_one_issue_make_one_task(
 async def test_a_failed_change_never_cancels_a_task_it_did_not_create(
     system: SagaSystem, gateway: GatewayProcess
 ) -> None:
-    conn = await asyncpg.connect(system.deployment.admin_url)
-    try:
-        await conn.execute(
-            "INSERT INTO task.users (username, email, is_active) VALUES"
-            " ('github.gone', 'gone@example.test', false) ON CONFLICT DO NOTHING"
-        )
-    finally:
-        await conn.close()
+    await deactivated_user(system, "github.gone")
     number = unique()
     title = f"Kept {uuid.uuid4().hex[:8]}"
     opened = await wait_state(
@@ -463,15 +470,7 @@ async def test_thousand_identical_deliveries_make_one_task(
 async def test_permanent_failure_is_compensated(
     system: SagaSystem, gateway: GatewayProcess
 ) -> None:
-    # Make "github.gone" a deactivated user: assigning to it can never succeed.
-    conn = await asyncpg.connect(system.deployment.admin_url)
-    try:
-        await conn.execute(
-            "INSERT INTO task.users (username, email, is_active) VALUES"
-            " ('github.gone', 'gone@example.test', false) ON CONFLICT DO NOTHING"
-        )
-    finally:
-        await conn.close()
+    await deactivated_user(system, "github.gone")
     title = f"Compensated {uuid.uuid4().hex[:8]}"
     # The first event about this issue is the assignment: the saga creates its task, then
     # fails to assign, and undoes the creation by cancelling the task.
