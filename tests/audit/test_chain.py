@@ -85,6 +85,19 @@ def test_canonical_json_sorts_by_utf16_and_escapes_minimally() -> None:
     )
 
 
+@pytest.mark.parametrize("ensure_ascii", [True, False], ids=["escaped", "raw"])
+@pytest.mark.parametrize(
+    ("value", "written"), [(None, "null"), ("x", '"x"'), (2.5, "2.5")], ids=["null", "str", "num"]
+)
+def test_keys_beyond_the_bmp_sort_by_utf16_on_every_path(
+    ensure_ascii: bool, value: Any, written: str
+) -> None:
+    # Whether the astral key arrives raw or as a \ud800\udc00 escape, and whichever path the
+    # values select, U+10000 (D800 DC00 in UTF-16) sorts before U+E000.
+    text = json.dumps({"\ue000": value, "\U00010000": value}, ensure_ascii=ensure_ascii)
+    assert canonical_json(text) == f'{{"\U00010000":{written},"\ue000":{written}}}'
+
+
 def test_canonical_json_ignores_formatting_and_key_order() -> None:
     assert canonical_json('{ "z" : [ 1 , 2.50 ], "a":{"y":null,"x":true} }') == (
         '{"a":{"x":true,"y":null},"z":[1,2.5]}'

@@ -91,8 +91,9 @@ _FAST_DECODER = json.JSONDecoder(
     parse_float=_fast_float, parse_int=_fast_int, parse_constant=_reject_constant
 )
 # Python and orjson sort keys by code point, JCS by UTF-16 code unit: they differ only around
-# characters outside the Basic Multilingual Plane.
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+# characters outside the Basic Multilingual Plane, written as themselves or escaped as a
+# surrogate pair (\ud800..\udbff first), and such texts take the exact pure-Python path.
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]|\\\\u[dD][89abAB]")
 # A JSON number starts the text or follows '[', ':' or ',' (spaces allowed). No match means no
 # number, and then orjson alone is exact (its escaping and key order are JCS's); a match inside
 # a string only costs the slower path.
@@ -166,7 +167,7 @@ def canonical_json(text: str) -> str:
         ValueError: `text` is not JSON, or holds a number no double can represent.
 
     """
-    if not text.isascii() and _ASTRAL.search(text) is not None:
+    if _ASTRAL.search(text) is not None:
         return _jcs(json.loads(text, parse_constant=_reject_constant))
     if _MAYBE_NUMBER.search(text) is None:
         return orjson.dumps(orjson.loads(text), option=_SORT_KEYS).decode()
