@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mhv_cli.devstate import DevState
 from tests.harness import (
     Cluster,
     Deployment,
@@ -43,13 +44,18 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 @dataclass
 class Services:
-    """The three services running as separate processes against the session database."""
+    """The three services running as separate processes against the session database.
+
+    They serve gRPC over TLS only, each with its own certificate from a private CA (`ca_file`),
+    and call each other over TLS, as `mhv up` runs them.
+    """
 
     task: ServiceProcess
     audit: ServiceProcess
     webhook: ServiceProcess
     ports: dict[str, int]
     env: dict[str, str]
+    ca_file: Path
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +64,8 @@ async def services(
 ) -> AsyncIterator[Services]:
     """Task, audit and webhook services as real processes (started once per run)."""
     logs = Path(tmp_path_factory.mktemp("service-logs"))
+    state = DevState(Path(tmp_path_factory.mktemp("grpc-tls")))
+    state.ensure_grpc_tls()
     ports = start_order_ports()
     common = {
         "MHV_TASK_GRPC_PORT": str(ports["task_grpc"]),
@@ -70,24 +78,32 @@ async def services(
         "MHV_AUDIT_TARGET": f"127.0.0.1:{ports['audit_grpc']}",
         "MHV_TASK_TARGET": f"127.0.0.1:{ports['task_grpc']}",
         **webhook_env(Path(tmp_path_factory.mktemp("webhook-state"))),
+        "MHV_GRPC_TLS_CA_FILE": str(state.grpc_ca),
     }
     env = service_env(deployment, keys, common)
+
+    def process(service: str) -> ServiceProcess:
+        own = {
+            **env,
+            "MHV_GRPC_TLS_CERT_FILE": str(state.grpc_cert(service)),
+            "MHV_GRPC_TLS_KEY_FILE": str(state.grpc_key(service)),
+        }
+        return ServiceProcess(
+            f"mhv_{service}",
+            own,
+            ports[f"{service}_grpc"],
+            ports[f"{service}_metrics"],
+            logs / f"{service}.log",
+            ca_file=state.grpc_ca,
+        )
+
     running = Services(
-        task=ServiceProcess(
-            "mhv_task", env, ports["task_grpc"], ports["task_metrics"], logs / "task.log"
-        ),
-        audit=ServiceProcess(
-            "mhv_audit", env, ports["audit_grpc"], ports["audit_metrics"], logs / "audit.log"
-        ),
-        webhook=ServiceProcess(
-            "mhv_webhook",
-            env,
-            ports["webhook_grpc"],
-            ports["webhook_metrics"],
-            logs / "webhook.log",
-        ),
+        task=process("task"),
+        audit=process("audit"),
+        webhook=process("webhook"),
         ports=ports,
         env=env,
+        ca_file=state.grpc_ca,
     )
     for process in (running.audit, running.task, running.webhook):
         await process.start()

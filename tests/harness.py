@@ -207,11 +207,21 @@ RELAXED_LIMITS = json.dumps(
 )
 
 
-async def wait_healthy(target: str, *, timeout: float = 30.0, service: str = "") -> None:
+def grpc_channel(target: str, ca_file: Path | None = None) -> aio.Channel:
+    """A plaintext channel, or a TLS one trusting only `ca_file`."""
+    if ca_file is None:
+        return aio.insecure_channel(target)
+    tls = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
+    return aio.secure_channel(target, tls)
+
+
+async def wait_healthy(
+    target: str, *, timeout: float = 30.0, service: str = "", ca_file: Path | None = None
+) -> None:
     """Wait until the gRPC health service at `target` says SERVING."""
     deadline = time.monotonic() + timeout
-    async with aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    async with grpc_channel(target, ca_file) as channel_:
+        stub = health_pb2_grpc.HealthStub(channel_)
         while True:
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
@@ -241,6 +251,8 @@ class ServiceProcess:
     metrics_port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None)
+    # The CA of its gRPC certificate when it serves TLS (MHV_GRPC_TLS_CERT_FILE).
+    ca_file: Path | None = None
 
     @property
     def target(self) -> str:
@@ -259,7 +271,7 @@ class ServiceProcess:
         )
         log.close()
         try:
-            await wait_healthy(self.target, timeout=timeout)
+            await wait_healthy(self.target, timeout=timeout, ca_file=self.ca_file)
         except TimeoutError:
             self.kill()
             raise RuntimeError(

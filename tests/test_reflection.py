@@ -1,4 +1,7 @@
-"""Operators' view: grpcurl lists, describes and calls every RPC through server reflection."""
+"""Operators' view: grpcurl lists, describes and calls every RPC through server reflection.
+
+The services serve TLS only, so grpcurl trusts their CA as an operator's would.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ def _target(services: Services, name: str) -> str:
     return getattr(services, name).target
 
 
+def _tls(services: Services) -> tuple[str, str]:
+    return ("-cacert", str(services.ca_file))
+
+
 @pytest.mark.parametrize(
     ("process", "service", "role"), SERVICES, ids=lambda x: getattr(x, "full_name", x)
 )
@@ -50,18 +57,18 @@ async def test_list_and_describe_every_rpc(
     services: Services, process: str, service: descriptor.ServiceDescriptor, role: Role
 ) -> None:
     target = _target(services, process)
-    listed = await grpcurl("-plaintext", target, "list", service.full_name)
+    listed = await grpcurl(*_tls(services), target, "list", service.full_name)
     assert listed.returncode == 0, listed.stderr
     assert {line.strip() for line in listed.stdout.splitlines()} == {
         f"{service.full_name}.{m.name}" for m in service.methods
     }
     for method in service.methods:
         described = await grpcurl(
-            "-plaintext", target, "describe", f"{service.full_name}.{method.name}"
+            *_tls(services), target, "describe", f"{service.full_name}.{method.name}"
         )
         assert described.returncode == 0, described.stderr
         assert f"rpc {method.name} (" in described.stdout
-        message = await grpcurl("-plaintext", target, "describe", method.input_type.full_name)
+        message = await grpcurl(*_tls(services), target, "describe", method.input_type.full_name)
         assert message.returncode == 0 and "message" in message.stdout
 
 
@@ -78,7 +85,7 @@ async def test_call_every_rpc(
     target = _target(services, process)
     for method in service.methods:
         result = await grpcurl(
-            "-plaintext",
+            *_tls(services),
             "-H",
             f"authorization: Bearer {keys.token(role)}",
             "-d",

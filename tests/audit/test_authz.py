@@ -6,14 +6,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_audit.app import POLICIES, SERVICE
 from mhv_common.auth import Role
 from tests.audit.support import as_role, event, list_all, random_task_id, rpc_error, stub
 from tests.conftest import Services
-from tests.harness import Keys, bearer
+from tests.harness import Keys, bearer, grpc_channel
 
 ALLOWED = {
     "RecordEvents": {Role.SERVICE},
@@ -24,7 +23,7 @@ ALLOWED = {
 
 @pytest.fixture
 async def client(services: Services) -> AsyncIterator[audit_pb2_grpc.AuditServiceStub]:
-    async with aio.insecure_channel(services.audit.target) as channel:
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
         yield stub(channel)
 
 

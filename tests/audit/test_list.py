@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common.auth import Role
@@ -25,7 +24,7 @@ from tests.audit.support import (
     violations,
 )
 from tests.conftest import Services
-from tests.harness import Keys
+from tests.harness import Keys, grpc_channel
 
 OLDEST = audit_pb2.ORDER_OLDEST_FIRST
 NEWEST = audit_pb2.ORDER_NEWEST_FIRST
@@ -33,7 +32,7 @@ NEWEST = audit_pb2.ORDER_NEWEST_FIRST
 
 @pytest.fixture
 async def client(services: Services) -> AsyncIterator[audit_pb2_grpc.AuditServiceStub]:
-    async with aio.insecure_channel(services.audit.target) as channel:
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
         yield stub(channel)
 
 

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from google.protobuf import json_format
-from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common.auth import Role
@@ -31,12 +30,12 @@ from tests.audit.support import (
     violations,
 )
 from tests.conftest import Services
-from tests.harness import Keys
+from tests.harness import Keys, grpc_channel
 
 
 @pytest.fixture
 async def client(services: Services) -> AsyncIterator[audit_pb2_grpc.AuditServiceStub]:
-    async with aio.insecure_channel(services.audit.target) as channel:
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
         yield stub(channel)
 
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from mhv_cli.migrate import RoleNames, drop_roles
@@ -72,8 +77,13 @@ class Up:
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            # As Ctrl-C would: the private PostgreSQL is stopped too. Then no mercy.
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self._reader.join(timeout=10)
         if self.process.stdout is not None:
             self.process.stdout.close()
@@ -107,18 +117,23 @@ def _grpcurl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
 def _check_running_system(up: Up) -> None:
     env = up.env
     task = f"127.0.0.1:{env['MHV_TASK_GRPC_PORT']}"
-    listed = _grpcurl("-plaintext", task, "list")
+    # gRPC is served over TLS only, with certificates from the state folder's private CA.
+    ca = str(Path(env["MHV_HOME"]) / "tls" / "grpc-ca.pem")
+    assert f"grpcurl -cacert {ca} 127.0.0.1:{env['MHV_TASK_GRPC_PORT']} list" in up.output()
+    assert _grpcurl("-plaintext", task, "list").returncode != 0
+    listed = _grpcurl("-cacert", ca, task, "list")
     assert listed.returncode == 0, listed.stderr
     assert "mahavishnu.task.v1.TaskService" in listed.stdout
     for port_key, service in (
         ("MHV_AUDIT_GRPC_PORT", "mahavishnu.audit.v1.AuditService"),
         ("MHV_WEBHOOK_ADMIN_GRPC_PORT", "mahavishnu.webhook.v1.WebhookAdminService"),
     ):
-        result = _grpcurl("-plaintext", f"127.0.0.1:{env[port_key]}", "list")
+        result = _grpcurl("-cacert", ca, f"127.0.0.1:{env[port_key]}", "list")
         assert service in result.stdout, result.stderr
     # The printed token works as printed: an admin reaches the task service.
     call = _grpcurl(
-        "-plaintext",
+        "-cacert",
+        ca,
         "-H",
         f"authorization: Bearer {up.token()}",
         "-d",
@@ -130,7 +145,8 @@ def _check_running_system(up: Up) -> None:
     assert [u["username"] for u in json.loads(call.stdout)["users"]] == ["admin"]
     # The README's first call works as written: a task in the demo repository.
     created = _grpcurl(
-        "-plaintext",
+        "-cacert",
+        ca,
         "-H",
         f"authorization: Bearer {up.token()}",
         "-d",
@@ -140,6 +156,7 @@ def _check_running_system(up: Up) -> None:
     )
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["status"] == "TASK_STATUS_PENDING"
+    _check_webhook_to_audit(up, ca)
     # `mhv token` finds the deployment through the state folder.
     token = subprocess.run(
         [sys.executable, "-m", "mhv_cli.main", "token", "--username", "admin", "--role", "viewer"],
@@ -172,6 +189,72 @@ def _check_running_system(up: Up) -> None:
     assert "[MHV-110]" in unknown.stderr
 
 
+def _check_webhook_to_audit(up: Up, ca: str) -> None:
+    """The README's GitHub delivery becomes a task, and the task's creation an audit record.
+
+    This crosses every service-to-service call over TLS: gateway -> task, task -> audit.
+    """
+    env = up.env
+    state = Path(env["MHV_HOME"])
+    secret = json.loads((state / "secrets.json").read_text())["webhook_secrets"]["github"]
+    title = f"From GitHub {secrets.token_hex(4)}"
+    body = json.dumps(
+        {
+            "action": "opened",
+            "issue": {"number": 1, "title": title, "body": "hello"},
+            "repository": {"full_name": "example/demo"},
+            "sender": {"login": "octocat"},
+        }
+    ).encode()
+    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    answer = httpx.post(
+        f"https://localhost:{env['MHV_WEBHOOK_HTTPS_PORT']}/webhooks/github",
+        content=body,
+        headers={
+            "X-Hub-Signature-256": f"sha256={signature}",
+            "X-GitHub-Event": "issues",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+        },
+        verify=ssl.create_default_context(cafile=str(state / "tls" / "cert.pem")),
+        timeout=30,
+    )
+    assert answer.status_code == 202, answer.text
+    auth = f"authorization: Bearer {up.token()}"
+    task = f"127.0.0.1:{env['MHV_TASK_GRPC_PORT']}"
+    audit = f"127.0.0.1:{env['MHV_AUDIT_GRPC_PORT']}"
+    deadline = time.monotonic() + 60
+    events: list[str] = []
+    while time.monotonic() < deadline and "task_created" not in events:
+        time.sleep(0.5)
+        listed = _grpcurl(
+            "-cacert",
+            ca,
+            "-H",
+            auth,
+            "-d",
+            json.dumps({"page_size": 100}),
+            task,
+            "mahavishnu.task.v1.TaskService/ListTasks",
+        )
+        assert listed.returncode == 0, listed.stderr
+        ids = [t["id"] for t in json.loads(listed.stdout).get("tasks", []) if t["title"] == title]
+        if not ids:
+            continue
+        found = _grpcurl(
+            "-cacert",
+            ca,
+            "-H",
+            auth,
+            "-d",
+            json.dumps({"task_id": ids[0]}),
+            audit,
+            "mahavishnu.audit.v1.AuditService/ListAuditEvents",
+        )
+        assert found.returncode == 0, found.stderr
+        events = [e["event_type"] for e in json.loads(found.stdout).get("events", [])]
+    assert "task_created" in events, up.output()[-3000:]
+
+
 @pytest.fixture
 def stop_stray(request: pytest.FixtureRequest) -> Iterator[list[Up]]:
     started: list[Up] = []
@@ -201,6 +284,20 @@ def test_up_without_database_starts_a_private_postgresql(
     assert ready.returncode != 0
 
 
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def _wait_gone(pids: list[int], timeout: float = 40) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [pid for pid in pids if Path(f"/proc/{pid}").exists()]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"services still running after mhv up was killed: {pids}")
+
+
 def _pg_isready() -> Path:
     from mhv_cli.pgcluster import binary
 
@@ -228,7 +325,13 @@ async def test_up_with_configured_database(
         await asyncio.to_thread(up.wait_ready)
         assert "starting a private PostgreSQL" not in up.output()
         await asyncio.to_thread(_check_running_system, up)
-        assert await asyncio.to_thread(up.interrupt) == 0
+        # Killed outright, `mhv up` takes its services with it: none is left holding the
+        # database or a port.
+        children = _children(up.process.pid)
+        assert len(children) == 3
+        up.process.kill()
+        up.process.wait()
+        await asyncio.to_thread(_wait_gone, children)
     finally:
         conn = await asyncpg.connect(cluster.admin_url)
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -28,7 +28,7 @@ from mhv_common.auth import Role
 from mhv_tools.gen_dashboards import load_dashboards, panel_queries
 from mhv_tools.gen_rules import JOBS
 from tests.conftest import Services
-from tests.harness import Deployment, Keys, bearer
+from tests.harness import Deployment, Keys, bearer, grpc_channel
 from tests.observability.prometheus import RULE_FILES, Prometheus, scrape_config
 from tests.observability.test_dashboards import recorded_names
 
@@ -49,7 +49,7 @@ async def _traffic(services: Services, deployment: Deployment, keys: Keys) -> No
     finally:
         await conn.close()
     member = bearer(keys.token(Role.MEMBER, subject=user))
-    async with aio.insecure_channel(services.task.target) as channel:
+    async with grpc_channel(services.task.target, services.ca_file) as channel:
         tasks = task_pb2_grpc.TaskServiceStub(channel)
         for i in range(6):
             task = await tasks.CreateTask(
@@ -68,7 +68,7 @@ async def _traffic(services: Services, deployment: Deployment, keys: Keys) -> No
         ):
             with pytest.raises(aio.AioRpcError):
                 await bad
-    async with aio.insecure_channel(services.audit.target) as channel:
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
         audit = audit_pb2_grpc.AuditServiceStub(channel)
         auditor = bearer(keys.token(Role.AUDITOR))
         await audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(page_size=5), metadata=auditor)

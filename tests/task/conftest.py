@@ -13,7 +13,7 @@ from grpc import aio
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role
 from tests.conftest import Services
-from tests.harness import Deployment, Keys, bearer
+from tests.harness import Deployment, Keys, bearer, grpc_channel
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ async def people(deployment: Deployment, keys: Keys) -> People:
 
 @pytest.fixture(scope="session")
 async def task_channel(services: Services) -> AsyncIterator[aio.Channel]:
-    async with aio.insecure_channel(services.task.target) as channel:
+    async with grpc_channel(services.task.target, services.ca_file) as channel:
         yield channel
 
 

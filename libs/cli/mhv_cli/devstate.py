@@ -1,9 +1,10 @@
 """The local deployment's state folder (``.mhv/``, git-ignored; ``MHV_HOME`` moves it).
 
 `mhv up` keeps here what a fresh machine lacks: the private PostgreSQL cluster, a token
-signing key and its JWKS, database role passwords, webhook secrets and a self-signed TLS
-certificate for the gateway. Everything is created on first use, readable by the owner only,
-and reused afterwards, so tokens and secrets stay valid across restarts.
+signing key and its JWKS, database role passwords, webhook secrets, a self-signed TLS
+certificate for the gateway's HTTPS edge, and a private CA with one gRPC certificate per
+service. Everything is created on first use, readable by the owner only, and reused
+afterwards, so tokens and secrets stay valid across restarts.
 """
 
 from __future__ import annotations
@@ -48,6 +49,59 @@ def _private_file(path: Path, content: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(content)
+
+
+_LOCALHOST = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _certificate(
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey],
+    ca: bool,
+    dns_names: tuple[str, ...] = ("localhost",),
+) -> x509.Certificate:
+    """A certificate for `subject` valid for a year, naming localhost and 127.0.0.1."""
+    issuer_name, issuer_key = issuer
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    *(x509.DNSName(name) for name in dns_names),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -126,37 +180,68 @@ class DevState:
         if self.tls_cert.exists() and self.tls_key.exists():
             return
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=365))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256())
-        )
-        _private_file(
-            self.tls_key,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
+        cert = _certificate(_LOCALHOST, key.public_key(), issuer=(_LOCALHOST, key), ca=True)
+        _private_file(self.tls_key, _pem_key(key))
         _private_file(self.tls_cert, cert.public_bytes(serialization.Encoding.PEM))
+
+    @property
+    def grpc_ca(self) -> Path:
+        """Certificate of the private CA the services' gRPC certificates are issued by."""
+        return self.root / "tls" / "grpc-ca.pem"
+
+    @property
+    def grpc_ca_key(self) -> Path:
+        """The private CA's key: stays here, no service ever receives it."""
+        return self.root / "tls" / "grpc-ca-key.pem"
+
+    def grpc_cert(self, service: str) -> Path:
+        """`service`'s gRPC server certificate, issued by the private CA."""
+        return self.root / "tls" / f"grpc-{service}.pem"
+
+    def grpc_key(self, service: str) -> Path:
+        """`service`'s gRPC server key, given to that service only."""
+        return self.root / "tls" / f"grpc-{service}-key.pem"
+
+    def ensure_grpc_tls(self, services: tuple[str, ...] = SERVICE_SLICES) -> None:
+        """Create the private CA and a certificate per service, where missing.
+
+        Each certificate names ``localhost`` and ``127.0.0.1`` and the service itself, is valid
+        for server authentication only, and has its own key, so one service's key never lets it
+        pose as another.
+        """
+        if self.grpc_ca.exists() and self.grpc_ca_key.exists():
+            loaded = serialization.load_pem_private_key(
+                self.grpc_ca_key.read_bytes(), password=None
+            )
+            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+                raise ConfigurationError(f"{self.grpc_ca_key.name} is not an EC private key.")
+            ca_key = loaded
+            ca_cert = x509.load_pem_x509_certificate(self.grpc_ca.read_bytes())
+        else:
+            ca_key = ec.generate_private_key(ec.SECP256R1())
+            ca_name = x509.Name(
+                [x509.NameAttribute(NameOID.COMMON_NAME, "Mahavishnu local gRPC CA")]
+            )
+            ca_cert = _certificate(ca_name, ca_key.public_key(), issuer=(ca_name, ca_key), ca=True)
+            _private_file(self.grpc_ca_key, _pem_key(ca_key))
+            _private_file(self.grpc_ca, ca_cert.public_bytes(serialization.Encoding.PEM))
+            # Certificates of an older CA would no longer verify.
+            for service in services:
+                self.grpc_cert(service).unlink(missing_ok=True)
+        for service in services:
+            if self.grpc_cert(service).exists() and self.grpc_key(service).exists():
+                continue
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mahavishnu-{service}")])
+            cert = _certificate(
+                name,
+                key.public_key(),
+                issuer=(ca_cert.subject, ca_key),
+                ca=False,
+                dns_names=("localhost", f"mahavishnu-{service}"),
+            )
+            _private_file(self.grpc_key(service), _pem_key(key))
+            _private_file(self.grpc_cert(service), cert.public_bytes(serialization.Encoding.PEM))
 
     def secrets(self) -> dict[str, Any]:
         """Generated secrets, created on first use."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -28,6 +30,8 @@ from mhv_common.config import (
     load_settings,
     redact_dsn,
 )
+from mhv_common.errors import ConfigurationError
+from mhv_common.tls import channel_credentials
 
 HEALTH_TIMEOUT_SECONDS = 60.0
 ADMIN_USERNAME = "admin"
@@ -41,6 +45,12 @@ class Child:
     module: str
     grpc_port: int
     process: asyncio.subprocess.Process | None = None
+
+
+def _stop_with_parent() -> None:
+    """In a service process before exec: SIGTERM it when `mhv up` dies, even by SIGKILL."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _say(message: str) -> None:
@@ -76,14 +86,19 @@ async def ensure_admin_user(admin_url: str) -> str:
 
 
 async def wait_healthy(
-    target: str, *, timeout: float, alive: Callable[[], bool] = lambda: True
+    target: str,
+    *,
+    timeout: float,
+    tls: grpc.ChannelCredentials | None = None,
+    alive: Callable[[], bool] = lambda: True,
 ) -> bool:
     """Poll the gRPC health service at `target` until it reports SERVING.
 
     Gives up early once `alive` says the process behind `target` is gone.
     """
     deadline = time.monotonic() + timeout
-    async with aio.insecure_channel(target) as channel:
+    channel = aio.insecure_channel(target) if tls is None else aio.secure_channel(target, tls)
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and alive():
             try:
@@ -97,8 +112,9 @@ async def wait_healthy(
 
 
 # What each service may know, beyond the shared settings: its own database role's URL, its
-# own signing key if it calls other services, and (the gateway only) the webhook secrets and
-# TLS key. Nothing else: in particular never the administrator database URL.
+# own gRPC TLS key, its own signing key if it calls other services, and (the gateway only) the
+# webhook secrets and HTTPS key. Nothing else: in particular never the administrator database
+# URL, and never the key of the CA that issued the gRPC certificates.
 _PRIVATE_PREFIXES = (
     "MHV_DATABASE_URL",
     "MHV_TASK_DATABASE_URL",
@@ -112,16 +128,28 @@ _PRIVATE_PREFIXES = (
 
 
 def _child_env(
-    service: str, state: devstate.DevState, admin_url: str, secrets: dict[str, object]
+    service: str,
+    state: devstate.DevState,
+    admin_url: str,
+    secrets: dict[str, object],
+    targets: dict[str, str],
 ) -> dict[str, str]:
     """The environment of one service process: shared settings and only its own secrets."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES)}
+    # Where the other services listen, as started here (unless the operator points elsewhere).
+    for name, target in targets.items():
+        env.setdefault(name, target)
     passwords = secrets["db_passwords"]
     assert isinstance(passwords, dict)
     own_url = f"MHV_{service.upper()}_DATABASE_URL"
     urls = devstate.database_urls(admin_url, role_names(), passwords)
     env[own_url] = os.environ.get(own_url) or urls[own_url]
     env.setdefault("MHV_AUTH_JWKS_FILE", str(state.jwks))
+    if "MHV_GRPC_TLS_CERT_FILE" not in os.environ:
+        # gRPC over TLS with the service's own certificate from the local CA.
+        env["MHV_GRPC_TLS_CERT_FILE"] = str(state.grpc_cert(service))
+        env["MHV_GRPC_TLS_KEY_FILE"] = str(state.grpc_key(service))
+        env.setdefault("MHV_GRPC_TLS_CA_FILE", str(state.grpc_ca))
     if service in devstate.SERVICE_KEY_IDS:
         # A key given in the environment is the operator's choice; else the service's own.
         given = {k: v for k, v in os.environ.items() if k.startswith("MHV_AUTH_SIGNING_KEY_")}
@@ -174,11 +202,28 @@ async def run_up() -> int:
         state.ensure_keys(settings.auth_signing_key_id)
     if webhook_settings.webhook_tls_cert_file is None:
         state.ensure_tls()
+    if settings.grpc_tls_cert_file is None:
+        state.ensure_grpc_tls()
+        ca_file = settings.grpc_tls_ca_file or state.grpc_ca
+    elif settings.grpc_tls_ca_file is None:
+        raise ConfigurationError(
+            "MHV_GRPC_TLS_CERT_FILE is set without MHV_GRPC_TLS_CA_FILE: the services (and "
+            "mhv up) need the CA that issued it to call each other."
+        )
+    else:
+        ca_file = settings.grpc_tls_ca_file
+    tls = channel_credentials(ca_file)
     applied = await migrate_up(admin_url, roles=role_names(), passwords=secrets["db_passwords"])
     _say(f"migrations: {len(applied)} applied")
     await ensure_admin_user(admin_url)
     state.write_state(database_url=admin_url, role_prefix=role_names().prefix)
 
+    # The services call each other where this command starts them: a moved port moves the call.
+    local = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::") else settings.bind_host  # noqa: S104
+    targets = {
+        "MHV_TASK_TARGET": f"{local}:{task_settings.task_grpc_port}",
+        "MHV_AUDIT_TARGET": f"{local}:{audit_settings.audit_grpc_port}",
+    }
     children = [
         Child("audit", "mhv_audit", audit_settings.audit_grpc_port),
         Child("task", "mhv_task", task_settings.task_grpc_port),
@@ -194,7 +239,8 @@ async def run_up() -> int:
                 sys.executable,
                 "-m",
                 child.module,
-                env=_child_env(child.name, state, admin_url, secrets),
+                env=_child_env(child.name, state, admin_url, secrets, targets),
+                preexec_fn=_stop_with_parent,
             )
         for child in children:
             process = child.process
@@ -202,6 +248,7 @@ async def run_up() -> int:
             healthy = await wait_healthy(
                 f"{settings.bind_host}:{child.grpc_port}",
                 timeout=HEALTH_TIMEOUT_SECONDS,
+                tls=tls,
                 alive=lambda p=process: p.returncode is None and not stop.is_set(),  # type: ignore[misc]
             )
             if not healthy:
@@ -213,7 +260,9 @@ async def run_up() -> int:
             ttl_seconds=3600,
             username=ADMIN_USERNAME,
         )
-        _print_ready(settings, task_settings, audit_settings, webhook_settings, token)
+        _print_ready(
+            settings, task_settings, audit_settings, webhook_settings, token, ca_file=ca_file
+        )
         while not stop.is_set():
             if any(c.process is not None and c.process.returncode is not None for c in children):
                 _say("a service exited; stopping the others")
@@ -241,14 +290,25 @@ async def run_up() -> int:
             _say("private PostgreSQL stopped")
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _print_ready(
     settings: CommonSettings,
     task: TaskSettings,
     audit: AuditSettings,
     webhook: WebhookSettings,
     token: str,
+    *,
+    ca_file: Path,
 ) -> None:
     host = settings.bind_host
+    transport = f"-cacert {_shown(ca_file)}"
     lines = [
         "",
         "Mahavishnu is up.",
@@ -264,8 +324,8 @@ def _print_ready(
         f"  export TOKEN={token}",
         "",
         "Try it:",
-        f"  grpcurl -plaintext {host}:{task.task_grpc_port} list",
-        f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" '
+        f"  grpcurl {transport} {host}:{task.task_grpc_port} list",
+        f'  grpcurl {transport} -H "authorization: Bearer $TOKEN" '
         f'-d \'{{"title": "Hello", "repository": "demo"}}\' '
         f"{host}:{task.task_grpc_port} mahavishnu.task.v1.TaskService/CreateTask",
         "",

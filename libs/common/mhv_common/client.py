@@ -7,6 +7,7 @@ call's timeout (`mhv_common.context.time_left`).
 
 from __future__ import annotations
 
+import grpc
 from grpc import aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
@@ -23,6 +24,13 @@ _OPTIONS = [
 ]
 
 
-def service_channel(target: str) -> aio.Channel:
-    """An insecure (loopback / private network) channel to another Mahavishnu service."""
-    return aio.insecure_channel(target, options=_OPTIONS, interceptors=aio_client_interceptors())
+def service_channel(target: str, credentials: grpc.ChannelCredentials | None) -> aio.Channel:
+    """A channel to another Mahavishnu service: TLS with `credentials`, else plaintext.
+
+    `credentials` come from `mhv_common.tls.channel_credentials` (the CA the callee's
+    certificate is issued by); plaintext is for loopback deployments only.
+    """
+    interceptors = aio_client_interceptors()
+    if credentials is None:
+        return aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
+    return aio.secure_channel(target, credentials, options=_OPTIONS, interceptors=interceptors)

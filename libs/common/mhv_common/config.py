@@ -51,6 +51,14 @@ class CommonSettings(BaseSettings):
     reuse_port: bool = False
     metrics_host: str = "127.0.0.1"
 
+    # gRPC over TLS. With a certificate and its key the server listens with TLS only; with a CA
+    # file this service's calls to the others use TLS and trust only that CA. Plaintext is
+    # allowed on a loopback address only, unless grpc_allow_plaintext says otherwise.
+    grpc_tls_cert_file: Path | None = None
+    grpc_tls_key_file: Path | None = None
+    grpc_tls_ca_file: Path | None = None
+    grpc_allow_plaintext: bool = False
+
     auth_jwks: str | None = None
     auth_jwks_file: Path | None = None
     auth_issuer: str = "mahavishnu"

@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from grpc import aio
@@ -28,8 +28,10 @@ from prometheus_client import disable_created_metrics, start_http_server
 from mhv_common import logs, tracing
 from mhv_common.auth import TokenVerifier
 from mhv_common.config import CommonSettings
+from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy, build_interceptors
 from mhv_common.ratelimit import RateLimiter
+from mhv_common.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ class RunningService:
     async def start(self) -> None:
         """Run startup, bind the listeners and start workers; health turns SERVING."""
         d, s = self.definition, self.settings
+        # Transport settings are checked before anything opens: a refused start leaves nothing.
+        tls = server_credentials(s)
         tracing.configure(f"mahavishnu-{d.name}")
         verifier = TokenVerifier.from_sources(
             jwks_json=s.auth_jwks,
@@ -145,7 +149,11 @@ class RunningService:
             ),
             server,
         )
-        self.grpc_port = server.add_insecure_port(f"{s.bind_host}:{d.grpc_port}")
+        address = f"{s.bind_host}:{d.grpc_port}"
+        if tls is None:
+            self.grpc_port = server.add_insecure_port(address)
+        else:
+            self.grpc_port = server.add_secure_port(address, tls)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC port {d.grpc_port}")
         await server.start()
@@ -162,7 +170,11 @@ class RunningService:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
             "service started",
-            extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port},
+            extra={
+                "grpc_port": self.grpc_port,
+                "grpc_tls": tls is not None,
+                "metrics_port": self.metrics_port,
+            },
         )
 
     async def _run_worker(self, worker: Worker) -> None:
@@ -202,6 +214,13 @@ class RunningService:
         logger.info("service stopped")
 
 
+def refuse_start(service: str, error: MahavishnuError) -> NoReturn:
+    """Log why `service` will not start (one line, no traceback) and exit with status 1."""
+    logs.configure(f"mahavishnu-{service}")
+    logger.error("service not started", extra={"error_code": error.code, "reason": error.message})
+    raise SystemExit(1)
+
+
 async def serve_forever(
     definition: ServiceDefinition,
     settings: CommonSettings,
@@ -226,7 +245,10 @@ async def serve_forever(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     running = RunningService(definition, settings)
-    await running.start()
+    try:
+        await running.start()
+    except MahavishnuError as exc:
+        refuse_start(definition.name, exc)
     # The extra listeners stop only after health says NOT_SERVING, like the gRPC listener.
     stop_extras = asyncio.Event()
     extra_tasks = [asyncio.create_task(run(stop_extras)) for run in extra]

@@ -16,8 +16,9 @@ from mhv_audit._store import AuditStore
 from mhv_common.auth import Role
 from mhv_common.config import AuditSettings, load_settings
 from mhv_common.db import Database
+from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, Worker, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, refuse_start, serve_forever
 
 SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 _READERS = frozenset({Role.ADMIN, Role.AUDITOR})
@@ -62,5 +63,9 @@ def build(settings: AuditSettings) -> ServiceDefinition:
 
 def main() -> None:
     """Run the audit service until SIGTERM/SIGINT."""
-    settings = load_settings(AuditSettings)
-    asyncio.run(serve_forever(build(settings), settings))
+    try:
+        settings = load_settings(AuditSettings)
+        definition = build(settings)
+    except MahavishnuError as exc:
+        refuse_start("audit", exc)
+    asyncio.run(serve_forever(definition, settings))

@@ -20,6 +20,7 @@ import random
 import signal
 import time
 
+import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 from prometheus_client import Counter, Gauge
 
@@ -74,6 +75,7 @@ class OutboxRelay:
         *,
         target: str,
         credentials: ServiceCredentials,
+        channel_tls: grpc.ChannelCredentials | None,
         batch_size: int = 200,
         poll_interval: float = 0.05,
         rpc_timeout: float = 5.0,
@@ -83,6 +85,7 @@ class OutboxRelay:
         self._db = db
         self._target = target
         self._credentials = credentials
+        self._channel_tls = channel_tls
         self._batch = batch_size
         self._poll = poll_interval
         self._rpc_timeout = rpc_timeout
@@ -95,7 +98,7 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until stopped."""
         backoff = 0.0
-        async with service_channel(self._target) as channel:
+        async with service_channel(self._target, self._channel_tls) as channel:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
             while not self._stop.is_set():
                 try:

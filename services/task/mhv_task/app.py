@@ -11,8 +11,10 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import TaskSettings, load_repositories, load_settings
 from mhv_common.db import Database
+from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, Worker, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, refuse_start, serve_forever
+from mhv_common.tls import channel_credentials
 from mhv_task._api import TaskApi, UserApi
 from mhv_task._authz import ActiveUsers
 from mhv_task._relay import OutboxMonitor, OutboxRelay
@@ -62,6 +64,7 @@ def build(settings: TaskSettings) -> ServiceDefinition:
                 db,
                 target=settings.audit_target,
                 credentials=credentials,
+                channel_tls=channel_credentials(settings.grpc_tls_ca_file),
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_interval_seconds,
                 rpc_timeout=settings.relay_rpc_timeout_seconds,
@@ -88,5 +91,9 @@ def build(settings: TaskSettings) -> ServiceDefinition:
 
 def main() -> None:
     """Run the task service until SIGTERM/SIGINT."""
-    settings = load_settings(TaskSettings)
-    asyncio.run(serve_forever(build(settings), settings))
+    try:
+        settings = load_settings(TaskSettings)
+        definition = build(settings)
+    except MahavishnuError as exc:
+        refuse_start("task", exc)
+    asyncio.run(serve_forever(definition, settings))

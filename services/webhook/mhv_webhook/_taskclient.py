@@ -63,14 +63,21 @@ class TaskClient:
     Args:
         target: host:port of the task service.
         credentials: The gateway's own service token source.
+        channel_tls: TLS trust for the task service's certificate; None for plaintext.
         rpc_timeout: Upper bound on each call; the current deadline may be tighter.
     """
 
     def __init__(
-        self, target: str, credentials: ServiceCredentials, *, rpc_timeout: float = 5.0
+        self,
+        target: str,
+        credentials: ServiceCredentials,
+        channel_tls: grpc.ChannelCredentials | None,
+        *,
+        rpc_timeout: float = 5.0,
     ) -> None:
         self._target = target
         self._credentials = credentials
+        self._channel_tls = channel_tls
         self._rpc_timeout = rpc_timeout
         self._channel: aio.Channel | None = None
         self._tasks: task_pb2_grpc.TaskServiceStub | None = None
@@ -78,7 +85,7 @@ class TaskClient:
 
     async def open(self) -> None:
         """Create the channel (connections are made lazily)."""
-        self._channel = service_channel(self._target)
+        self._channel = service_channel(self._target, self._channel_tls)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._users = task_pb2_grpc.UserServiceStub(self._channel)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,7 +12,6 @@ from dataclasses import dataclass
 from grpc import aio
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
-from mhv_common import logs
 from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import (
     WebhookSettings,
@@ -25,7 +23,8 @@ from mhv_common.db import Database
 from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.ratelimit import RateLimiter
-from mhv_common.server import ServiceDefinition, serve_forever
+from mhv_common.server import ServiceDefinition, refuse_start, serve_forever
+from mhv_common.tls import channel_credentials
 from mhv_webhook import _metrics as metrics
 from mhv_webhook._admin import WebhookAdminServicer
 from mhv_webhook._http import WebhookEdge
@@ -122,6 +121,7 @@ def build(
         client = TaskClient(
             settings.task_target,
             ServiceCredentials.from_settings(settings, service_name="webhook"),
+            channel_credentials(settings.grpc_tls_ca_file),
         )
         repositories = load_repositories(settings.repos_file)
         schemes = {name: source.scheme for name, source in sources.items()}
@@ -191,9 +191,5 @@ def main() -> None:
         settings = load_settings(WebhookSettings)
         gateway = build(settings)
     except MahavishnuError as exc:
-        logs.configure("mahavishnu-webhook")
-        logger.error(
-            "webhook gateway not started", extra={"error_code": exc.code, "reason": exc.message}
-        )
-        sys.exit(1)
+        refuse_start("webhook", exc)
     asyncio.run(serve_forever(gateway.definition, settings, extra=[gateway.listener.serve]))

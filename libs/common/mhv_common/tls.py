@@ -1,0 +1,84 @@
+"""gRPC transport security: what a server listens with, and whom a service's calls trust.
+
+A service with ``MHV_GRPC_TLS_CERT_FILE`` and ``MHV_GRPC_TLS_KEY_FILE`` serves gRPC over TLS
+only. A service with ``MHV_GRPC_TLS_CA_FILE`` calls the other services over TLS and trusts only
+certificates issued by that CA. Plaintext stays possible for a listener on a loopback address
+(tests, benchmarks, a sidecar that terminates TLS) and, elsewhere, only when
+``MHV_GRPC_ALLOW_PLAINTEXT`` says so: bearer tokens must not cross a network in the clear by
+accident.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+from pathlib import Path
+
+import grpc
+
+from mhv_common.config import CommonSettings
+from mhv_common.errors import ConfigurationError
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC listener, or None to listen in plaintext.
+
+    Raises:
+        ConfigurationError: Only one of certificate and key is set, they cannot be read or do
+            not match, or plaintext was asked for on a non-loopback address without
+            ``MHV_GRPC_ALLOW_PLAINTEXT``.
+
+    """
+    cert, key = settings.grpc_tls_cert_file, settings.grpc_tls_key_file
+    if cert is None and key is None:
+        if not is_loopback(settings.bind_host) and not settings.grpc_allow_plaintext:
+            raise ConfigurationError(
+                f"gRPC would listen on {settings.bind_host} without TLS. Set "
+                "MHV_GRPC_TLS_CERT_FILE and MHV_GRPC_TLS_KEY_FILE, or MHV_GRPC_ALLOW_PLAINTEXT="
+                "true where a trusted proxy terminates TLS."
+            )
+        return None
+    if cert is None or key is None:
+        raise ConfigurationError(
+            "MHV_GRPC_TLS_CERT_FILE and MHV_GRPC_TLS_KEY_FILE go together: set both or neither."
+        )
+    # grpc only reports a bad pair at the first handshake; OpenSSL checks it now.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        pair = (key.read_bytes(), cert.read_bytes())
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"Cannot load the gRPC TLS certificate {cert.name} with key {key.name}: both must "
+            "be readable PEM files of one key pair."
+        ) from exc
+    return grpc.ssl_server_credentials([pair])
+
+
+def channel_credentials(ca_file: Path | None) -> grpc.ChannelCredentials | None:
+    """Credentials trusting only `ca_file`'s certificates, or None for plaintext.
+
+    Raises:
+        ConfigurationError: The CA file cannot be read or holds no PEM certificate.
+
+    """
+    if ca_file is None:
+        return None
+    try:
+        pem = ca_file.read_bytes()
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise ConfigurationError(
+            f"Cannot load the gRPC CA file {ca_file.name}: it must hold PEM certificates."
+        ) from exc
+    return grpc.ssl_channel_credentials(root_certificates=pem)

@@ -1,0 +1,191 @@
+"""gRPC over TLS: what the services accept, what they refuse, and what they refuse to start with.
+
+The session's services (tests/conftest.py) serve TLS only with certificates from a private CA,
+and call each other over TLS; every test that talks to them shows the happy path. Here: the
+ways in that must stay shut, and the configurations a service must not start with.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_cli.devstate import DevState
+from mhv_common.auth import Role
+from mhv_common.tls import is_loopback
+from tests.conftest import Services
+from tests.harness import Deployment, Keys, bearer, grpc_channel, service_env
+
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+
+
+async def _health(channel: aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=5
+    )
+    return int(reply.status)
+
+
+@pytest.mark.parametrize("name", ["task", "audit", "webhook"])
+async def test_each_service_answers_over_tls_only(services: Services, name: str) -> None:
+    target = getattr(services, name).target
+    async with grpc_channel(target, services.ca_file) as channel:
+        assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    async with aio.insecure_channel(target) as channel:
+        with pytest.raises(aio.AioRpcError) as refused:
+            await _health(channel)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_certificate_from_another_ca_is_not_trusted(
+    services: Services, keys: Keys, tmp_path: Path
+) -> None:
+    other = DevState(tmp_path)
+    other.ensure_grpc_tls()
+    async with grpc_channel(services.task.target, other.grpc_ca) as channel:
+        stub = task_pb2_grpc.TaskServiceStub(channel)
+        with pytest.raises(aio.AioRpcError) as refused:
+            # The token never leaves: the handshake fails before any request is sent.
+            await stub.ListTasks(
+                task_pb2.ListTasksRequest(), metadata=bearer(keys.token(Role.ADMIN)), timeout=5
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_grpcurl_needs_the_ca(services: Services) -> None:
+    def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(GRPCURL), *args, services.task.target, "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    trusted = grpcurl("-cacert", str(services.ca_file))
+    assert trusted.returncode == 0, trusted.stderr
+    assert "mahavishnu.task.v1.TaskService" in trusted.stdout
+    assert grpcurl("-plaintext").returncode != 0
+    # Without the CA, the system trust store does not know the private CA.
+    unknown = grpcurl()
+    assert unknown.returncode != 0
+    assert "certificate" in unknown.stderr
+
+
+def test_each_service_has_its_own_key(tmp_path: Path) -> None:
+    state = DevState(tmp_path)
+    state.ensure_grpc_tls()
+    keys = {state.grpc_key(s).read_bytes() for s in ("task", "audit", "webhook")}
+    assert len(keys) == 3
+    # A second run keeps what exists: certificates stay valid across restarts.
+    before = state.grpc_cert("task").read_bytes()
+    state.ensure_grpc_tls()
+    assert state.grpc_cert("task").read_bytes() == before
+    assert oct(state.grpc_key("task").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),  # noqa: S104
+        ("::", False),
+        ("10.0.0.5", False),
+        ("task.internal", False),
+    ],
+)
+def test_loopback_hosts(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+@pytest.fixture(scope="module")
+def tls_state(tmp_path_factory: pytest.TempPathFactory) -> DevState:
+    state = DevState(Path(tmp_path_factory.mktemp("grpc-tls-config")))
+    state.ensure_grpc_tls()
+    return state
+
+
+def _bad_pem(tmp_path: Path) -> str:
+    path = tmp_path / "not-a-ca.pem"
+    path.write_text("not a certificate\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("cert without key", "go together"),
+        ("cert with another service's key", "one key pair"),
+        ("plaintext on every interface", "without TLS"),
+        ("unreadable CA", "gRPC CA file"),
+    ],
+)
+def test_start_refused_with_unusable_transport_settings(
+    deployment: Deployment,
+    keys: Keys,
+    tls_state: DevState,
+    tmp_path: Path,
+    case: str,
+    message: str,
+) -> None:
+    settings = {
+        "cert without key": {"MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task"))},
+        "cert with another service's key": {
+            "MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task")),
+            "MHV_GRPC_TLS_KEY_FILE": str(tls_state.grpc_key("audit")),
+        },
+        "plaintext on every interface": {"MHV_BIND_HOST": "0.0.0.0"},  # noqa: S104
+        "unreadable CA": {"MHV_GRPC_TLS_CA_FILE": _bad_pem(tmp_path)},
+    }[case]
+    env = service_env(deployment, keys, {"MHV_TASK_GRPC_PORT": "0", **settings})
+    result = subprocess.run(
+        [sys.executable, "-m", "mhv_task"],
+        env={**env, "MHV_TASK_METRICS_PORT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "MHV-001" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plaintext_elsewhere_only_when_allowed(deployment: Deployment, keys: Keys) -> None:
+    # The explicit opt-out (a trusted proxy terminates TLS) starts; SIGTERM stops it cleanly.
+    env = service_env(
+        deployment,
+        keys,
+        {
+            "MHV_BIND_HOST": "0.0.0.0",  # noqa: S104
+            "MHV_GRPC_ALLOW_PLAINTEXT": "true",
+            "MHV_TASK_GRPC_PORT": "0",
+            "MHV_TASK_METRICS_PORT": "0",
+            "MHV_RELAY_ENABLED": "false",
+        },
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "mhv_task"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            started = next((line for line in process.stdout if '"service started"' in line), "")
+            assert '"grpc_tls": false' in started
+        finally:
+            process.terminate()
+            assert process.wait(timeout=30) == 0
