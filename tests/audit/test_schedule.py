@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -34,12 +35,23 @@ async def test_scheduled_verification_counts_runs_and_reports_a_break(
             return await metric(port, "audit_chain_verifications_total", {"result": "ok"}) >= 3
 
         await _eventually(ok_runs)
+        verified_at = await metric(port, "audit_chain_last_verified_timestamp_seconds", {})
+        assert abs(verified_at - time.time()) < 60
         await audit.tamper("DELETE FROM audit.task_audit_log WHERE id = 3")
 
-        async def broken_runs() -> bool:
-            broken = await metric(port, "audit_chain_verifications_total", {"result": "broken"})
-            return broken >= 1
+        def broken_runs(at_least: float) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                labels = {"result": "broken"}
+                return await metric(port, "audit_chain_verifications_total", labels) >= at_least
 
-        await _eventually(broken_runs)
+            return check
+
+        await _eventually(broken_runs(1))
+        # A broken chain is not "verified": the time of the last intact run stays put (and
+        # AuditChainVerificationStale fires once it is old enough).
+        stuck = await metric(port, "audit_chain_last_verified_timestamp_seconds", {})
+        runs = await metric(port, "audit_chain_verifications_total", {"result": "broken"})
+        await _eventually(broken_runs(runs + 2))
+        assert await metric(port, "audit_chain_last_verified_timestamp_seconds", {}) == stuck
         lines = [line for line in audit.process.logs().splitlines() if "chain broken" in line]
         assert lines and '"error_code": "MHV-400"' in lines[0] and '"kind": "missing"' in lines[0]

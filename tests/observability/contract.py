@@ -101,6 +101,7 @@ CONTRACT: tuple[Metric, ...] = (
         {"result": ("ok", "broken", "error")},
         ("audit",),
     ),
+    Metric("audit_chain_last_verified_timestamp_seconds", "gauge", {}, ("audit",)),
     # Webhook gateway.
     Metric(
         "webhook_requests_total",

@@ -634,6 +634,21 @@ def operational_health_dashboard() -> dashboard.Dashboard:
             )
         )
         .with_panel(
+            stat_panel(
+                "Audit chain last verified",
+                "Time since an audit service last verified the whole hash chain intact; "
+                "AuditChainVerificationStale warns past 3 hours.",
+                [
+                    Query(
+                        f"time() - max(audit_chain_last_verified_timestamp_seconds{{{AUDIT}}})",
+                        "since last intact verification",
+                    )
+                ],
+                unit="s",
+                thresholds=[(None, "green"), (3600 * 2, "orange"), (3600 * 3, "red")],
+            )
+        )
+        .with_panel(
             series_panel(
                 "Saga outcomes",
                 "Webhook sagas finished per second: completed, ignored, compensated, "

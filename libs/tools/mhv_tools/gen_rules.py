@@ -51,6 +51,8 @@ JOBS = {
     "audit": "mahavishnu-audit",
     "webhook": "mahavishnu-webhook",
 }
+# The audit service verifies its whole chain hourly by default; three missed runs is stale.
+AUDIT_VERIFICATION_MAX_AGE_SECONDS = 3 * 3600
 
 # Severity is the one label Alertmanager routes on (deploy/alertmanager/alertmanager.yml).
 Severity = Literal["page", "warning", "ticket", "none"]
@@ -463,6 +465,19 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
                 "found a broken chain: audit records were altered or removed."
             ),
             runbook_url=spec.runbook_url("docs/runbooks/audit-chain-broken.md"),
+        ),
+        alert(
+            "AuditChainVerificationStale",
+            "time() - max(audit_chain_last_verified_timestamp_seconds"
+            f'{{job="{JOBS["audit"]}"}}) > {AUDIT_VERIFICATION_MAX_AGE_SECONDS}',
+            for_="15m",
+            severity="warning",
+            summary="The audit chain has not been verified recently",
+            description=(
+                "No audit service has verified the whole hash chain intact for "
+                "{{ $value | humanizeDuration }}: tampering would go unnoticed meanwhile."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/audit-verification-stale.md"),
         ),
         alert(
             "TaskOutboxBacklog",

@@ -25,7 +25,7 @@ from mhv_audit._events import (
     prepare_batch,
     timestamp_micros,
 )
-from mhv_audit._metrics import CHAIN_VERIFICATIONS, EVENTS_RECORDED
+from mhv_audit._metrics import CHAIN_VERIFICATIONS, EVENTS_RECORDED, LAST_VERIFIED
 from mhv_audit._pages import decode_page_token, encode_page_token
 from mhv_audit._store import AuditStore, ChainHead, ListFilter
 from mhv_audit._verify import BreakKind, ChainBreak, diagnose
@@ -197,6 +197,8 @@ class AuditLog:
         async with self._verifying:
             result = await self._verify(start_id, end_id)
         CHAIN_VERIFICATIONS.labels("ok" if result.ok else "broken").inc()
+        if result.ok and start_id <= 1 and end_id == 0:
+            LAST_VERIFIED.set_to_current_time()
         if result.first_break is not None:
             brk = result.first_break
             logger.error(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from mhv_audit._store import AuditStore
 from mhv_common.db import DATABASE_SIZE_BYTES as DATABASE_SIZE
@@ -18,6 +18,11 @@ CHAIN_VERIFICATIONS = Counter(
     "Chain verifications, by outcome: ok; broken (a link failed; see MHV-400); error (the "
     "scheduled run could not finish).",
     ["result"],
+)
+LAST_VERIFIED = Gauge(
+    "audit_chain_last_verified_timestamp_seconds",
+    "Unix time at which a verification of the whole chain last found it intact (0: never since "
+    "this process started). The AuditChainVerificationStale alert watches it.",
 )
 for _result in ("recorded", "duplicate"):
     EVENTS_RECORDED.labels(_result)
