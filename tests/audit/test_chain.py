@@ -105,7 +105,10 @@ def test_canonical_json_ignores_formatting_and_key_order() -> None:
 
 
 def test_canonical_json_refuses_what_is_not_json() -> None:
-    for text in ("NaN", '{"a": Infinity}', "{", '{"a": 1e400}'):
+    # Lone surrogates, escaped or raw, in values and keys: JSON parsers may accept them, but
+    # no UTF-8 text (and no RFC 8785 form) can hold them.
+    surrogates = ('{"a": "\\ud800"}', '{"\\udc00": 1}', '["x\\udbff"]', '{"a": "\ud800"}')
+    for text in ("NaN", '{"a": Infinity}', "{", '{"a": 1e400}', *surrogates):
         with pytest.raises(ValueError):  # noqa: PT011 - json's own error types vary
             canonical_json(text)
 

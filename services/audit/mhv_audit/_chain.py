@@ -92,8 +92,9 @@ _FAST_DECODER = json.JSONDecoder(
 )
 # Python and orjson sort keys by code point, JCS by UTF-16 code unit: they differ only around
 # characters outside the Basic Multilingual Plane, written as themselves or escaped as a
-# surrogate pair (\ud800..\udbff first), and such texts take the exact pure-Python path.
-_ASTRAL = re.compile("[\U00010000-\U0010ffff]|\\\\u[dD][89abAB]")
+# surrogate pair. Such texts, and any surrogate (raw or escaped, which must then be refused),
+# take the exact pure-Python path.
+_ASTRAL = re.compile("[\U00010000-\U0010ffff\ud800-\udfff]|\\\\u[dD][89a-fA-F]")
 # A JSON number starts the text or follows '[', ':' or ',' (spaces allowed). No match means no
 # number, and then orjson alone is exact (its escaping and key order are JCS's); a match inside
 # a string only costs the slower path.
@@ -168,7 +169,13 @@ def canonical_json(text: str) -> str:
 
     """
     if _ASTRAL.search(text) is not None:
-        return _jcs(json.loads(text, parse_constant=_reject_constant))
+        canonical = _jcs(json.loads(text, parse_constant=_reject_constant))
+        try:
+            # json.loads accepts an escaped lone surrogate; RFC 8785 (and UTF-8) do not.
+            canonical.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("JSON text holds a lone UTF-16 surrogate") from None
+        return canonical
     if _MAYBE_NUMBER.search(text) is None:
         return orjson.dumps(orjson.loads(text), option=_SORT_KEYS).decode()
     try:
