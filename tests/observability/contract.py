@@ -87,6 +87,8 @@ CONTRACT: tuple[Metric, ...] = (
     Metric(
         "semantic_search_total", "counter", {"status": ("success", "rejected", "error")}, ("task",)
     ),
+    # From prometheus_client's default process collector.
+    Metric("process_start_time_seconds", "gauge", {}, ALL),
     Metric("task_outbox_depth", "gauge", {}, ("task",)),
     Metric("task_outbox_lag_seconds", "gauge", {}, ("task",)),
     Metric("task_outbox_delivered_total", "counter", {}, ("task",)),

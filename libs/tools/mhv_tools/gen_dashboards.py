@@ -640,8 +640,10 @@ def operational_health_dashboard() -> dashboard.Dashboard:
                 "AuditChainVerificationStale warns past 3 hours.",
                 [
                     Query(
-                        f"time() - max(audit_chain_last_verified_timestamp_seconds{{{AUDIT}}})",
-                        "since last intact verification",
+                        "time() - max((audit_chain_last_verified_timestamp_seconds"
+                        f"{{{AUDIT}}} > 0) or on (instance) process_start_time_seconds"
+                        f"{{{AUDIT}}})",
+                        "since last intact verification (or start)",
                     )
                 ],
                 unit="s",

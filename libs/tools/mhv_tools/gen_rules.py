@@ -468,8 +468,11 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
         ),
         alert(
             "AuditChainVerificationStale",
-            "time() - max(audit_chain_last_verified_timestamp_seconds"
-            f'{{job="{JOBS["audit"]}"}}) > {AUDIT_VERIFICATION_MAX_AGE_SECONDS}',
+            # Per replica: its last intact verification, or, before its first one finished,
+            # when it started; a fresh rollout is not stale, one that never verifies becomes so.
+            "time() - max(\n  (audit_chain_last_verified_timestamp_seconds"
+            f'{{job="{JOBS["audit"]}"}} > 0)\n  or on (instance)\n  process_start_time_seconds'
+            f'{{job="{JOBS["audit"]}"}}\n) > {AUDIT_VERIFICATION_MAX_AGE_SECONDS}',
             for_="15m",
             severity="warning",
             summary="The audit chain has not been verified recently",
