@@ -317,6 +317,9 @@ async def test_up_with_configured_database(
             tmp_path,
             MHV_DATABASE_URL=with_database(cluster.admin_url, name),
             MHV_DB_ROLE_PREFIX=name,
+            # As in a container: every interface. Health checks, the services' calls to each
+            # other and the printed commands still go to 127.0.0.1, with TLS.
+            MHV_BIND_HOST="0.0.0.0",  # noqa: S104
         )
         up = Up(env)
         stop_stray.append(up)
@@ -337,3 +340,21 @@ async def test_up_with_configured_database(
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
         await drop_roles(cluster.admin_url, roles=RoleNames(name))
+
+
+def test_up_refuses_grpc_tls_settings_it_would_share(tmp_path: Path) -> None:
+    # One MHV_GRPC_TLS_KEY_FILE would be every service's key: mhv up issues its own per service.
+    env = _env(tmp_path, MHV_GRPC_TLS_KEY_FILE=str(tmp_path / "key.pem"))
+    result = subprocess.run(
+        [sys.executable, "-m", "mhv_cli.main", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert "[MHV-001]" in result.stderr and "MHV_GRPC_TLS_KEY_FILE" in result.stderr
+    # Refused before anything started: no private PostgreSQL was created.
+    assert not (tmp_path / "state" / "pg").exists()

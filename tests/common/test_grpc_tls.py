@@ -7,19 +7,22 @@ ways in that must stay shut, and the configurations a service must not start wit
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_cli.devstate import DevState
 from mhv_common.auth import Role
-from mhv_common.tls import is_loopback
+from mhv_common.client import Peer, service_channel
+from mhv_common.tls import channel_credentials, is_loopback
 from tests.conftest import Services
 from tests.harness import Deployment, Keys, bearer, grpc_channel, service_env
 
@@ -59,6 +62,25 @@ async def test_a_certificate_from_another_ca_is_not_trusted(
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize(
+    ("name", "accepted"), [("mahavishnu-webhook", True), ("mahavishnu-audit", False)]
+)
+async def test_a_service_cannot_pose_as_another(
+    services: Services, name: str, accepted: bool
+) -> None:
+    # The webhook gateway's certificate, from the same CA, on a loopback address its
+    # certificate names: a caller expecting the audit service still refuses it.
+    tls = channel_credentials(services.ca_file)
+    assert tls is not None
+    async with service_channel(Peer(services.webhook.target, tls, name)) as channel:
+        if accepted:
+            assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+        else:
+            with pytest.raises(aio.AioRpcError) as refused:
+                await _health(channel)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def test_grpcurl_needs_the_ca(services: Services) -> None:
     def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -79,16 +101,37 @@ def test_grpcurl_needs_the_ca(services: Services) -> None:
     assert "certificate" in unknown.stderr
 
 
-def test_each_service_has_its_own_key(tmp_path: Path) -> None:
+def _leaf(state: DevState, service: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(state.grpc_cert(service).read_bytes())
+
+
+def test_each_service_has_its_own_key_and_name(tmp_path: Path) -> None:
     state = DevState(tmp_path)
     state.ensure_grpc_tls()
     keys = {state.grpc_key(s).read_bytes() for s in ("task", "audit", "webhook")}
     assert len(keys) == 3
+    names = _leaf(state, "audit").extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert "mahavishnu-audit" in names.value.get_values_for_type(x509.DNSName)
+    assert "mahavishnu-task" not in names.value.get_values_for_type(x509.DNSName)
     # A second run keeps what exists: certificates stay valid across restarts.
     before = state.grpc_cert("task").read_bytes()
     state.ensure_grpc_tls()
     assert state.grpc_cert("task").read_bytes() == before
     assert oct(state.grpc_key("task").stat().st_mode & 0o777) == "0o600"
+
+
+def test_certificates_of_another_ca_are_reissued(tmp_path: Path) -> None:
+    state = DevState(tmp_path)
+    state.ensure_grpc_tls()
+    old_ca = state.grpc_ca.read_bytes()
+    # The CA is lost (or replaced): the next start makes a new one, and no certificate of the
+    # old one is kept, since the new CA's clients would refuse it.
+    state.grpc_ca_key.unlink()
+    state.ensure_grpc_tls()
+    assert state.grpc_ca.read_bytes() != old_ca
+    ca = x509.load_pem_x509_certificate(state.grpc_ca.read_bytes())
+    for service in ("task", "audit", "webhook"):
+        _leaf(state, service).verify_directly_issued_by(ca)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +172,8 @@ def _bad_pem(tmp_path: Path) -> str:
         ("cert with another service's key", "one key pair"),
         ("plaintext on every interface", "without TLS"),
         ("unreadable CA", "gRPC CA file"),
+        ("serving TLS, calling in plaintext", "would call 127.0.0.1:1 in plaintext"),
+        ("plaintext call across the network", "would cross the network in plaintext"),
     ],
 )
 def test_start_refused_with_unusable_transport_settings(
@@ -139,14 +184,21 @@ def test_start_refused_with_unusable_transport_settings(
     case: str,
     message: str,
 ) -> None:
+    ca = {"MHV_GRPC_TLS_CA_FILE": str(tls_state.grpc_ca)}
     settings = {
-        "cert without key": {"MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task"))},
+        "cert without key": {**ca, "MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task"))},
         "cert with another service's key": {
+            **ca,
             "MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task")),
             "MHV_GRPC_TLS_KEY_FILE": str(tls_state.grpc_key("audit")),
         },
         "plaintext on every interface": {"MHV_BIND_HOST": "0.0.0.0"},  # noqa: S104
         "unreadable CA": {"MHV_GRPC_TLS_CA_FILE": _bad_pem(tmp_path)},
+        "serving TLS, calling in plaintext": {
+            "MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task")),
+            "MHV_GRPC_TLS_KEY_FILE": str(tls_state.grpc_key("task")),
+        },
+        "plaintext call across the network": {"MHV_AUDIT_TARGET": "audit.internal:50052"},
     }[case]
     env = service_env(deployment, keys, {"MHV_TASK_GRPC_PORT": "0", **settings})
     result = subprocess.run(
@@ -162,30 +214,40 @@ def test_start_refused_with_unusable_transport_settings(
     assert "Traceback" not in result.stderr
 
 
-def test_plaintext_elsewhere_only_when_allowed(deployment: Deployment, keys: Keys) -> None:
-    # The explicit opt-out (a trusted proxy terminates TLS) starts; SIGTERM stops it cleanly.
+async def test_plaintext_elsewhere_only_when_allowed(deployment: Deployment, keys: Keys) -> None:
+    # The explicit opt-out (a trusted proxy does TLS) starts, on every interface and with a
+    # relay target beyond loopback; SIGTERM stops it cleanly.
     env = service_env(
         deployment,
         keys,
         {
             "MHV_BIND_HOST": "0.0.0.0",  # noqa: S104
             "MHV_GRPC_ALLOW_PLAINTEXT": "true",
+            "MHV_AUDIT_TARGET": "audit.internal:50052",
             "MHV_TASK_GRPC_PORT": "0",
             "MHV_TASK_METRICS_PORT": "0",
-            "MHV_RELAY_ENABLED": "false",
         },
     )
-    with subprocess.Popen(
-        [sys.executable, "-m", "mhv_task"],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mhv_task",
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as process:
-        try:
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        assert process.stdout is not None
+
+        async def started() -> bytes:
             assert process.stdout is not None
-            started = next((line for line in process.stdout if '"service started"' in line), "")
-            assert '"grpc_tls": false' in started
-        finally:
+            async for line in process.stdout:
+                if b'"service started"' in line:
+                    return line
+            return b""
+
+        assert b'"grpc_tls": false' in await asyncio.wait_for(started(), timeout=60)
+    finally:
+        if process.returncode is None:
             process.terminate()
-            assert process.wait(timeout=30) == 0
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import jwt
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -52,6 +53,11 @@ def _private_file(path: Path, content: bytes) -> None:
 
 
 _LOCALHOST = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+
+
+def _expiring(cert: x509.Certificate) -> bool:
+    """Whether `cert` expires within 30 days."""
+    return cert.not_valid_after_utc < dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -90,14 +96,29 @@ def _certificate(
             ),
             critical=False,
         )
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
             critical=False,
         )
     )
-    if not ca:
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
         )
@@ -203,21 +224,15 @@ class DevState:
         return self.root / "tls" / f"grpc-{service}-key.pem"
 
     def ensure_grpc_tls(self, services: tuple[str, ...] = SERVICE_SLICES) -> None:
-        """Create the private CA and a certificate per service, where missing.
+        """Create the private CA and a certificate per service, where missing or expiring.
 
-        Each certificate names ``localhost`` and ``127.0.0.1`` and the service itself, is valid
-        for server authentication only, and has its own key, so one service's key never lets it
-        pose as another.
+        Each certificate names the service itself (``mahavishnu-<service>``, which the callers
+        check) besides ``localhost`` and ``127.0.0.1`` (for people with grpcurl), is valid for
+        server authentication only, and has its own key. A CA or certificate within 30 days of
+        expiry, or a certificate the current CA did not issue, is replaced.
         """
-        if self.grpc_ca.exists() and self.grpc_ca_key.exists():
-            loaded = serialization.load_pem_private_key(
-                self.grpc_ca_key.read_bytes(), password=None
-            )
-            if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-                raise ConfigurationError(f"{self.grpc_ca_key.name} is not an EC private key.")
-            ca_key = loaded
-            ca_cert = x509.load_pem_x509_certificate(self.grpc_ca.read_bytes())
-        else:
+        ca = self._grpc_ca()
+        if ca is None:
             ca_key = ec.generate_private_key(ec.SECP256R1())
             ca_name = x509.Name(
                 [x509.NameAttribute(NameOID.COMMON_NAME, "Mahavishnu local gRPC CA")]
@@ -225,11 +240,10 @@ class DevState:
             ca_cert = _certificate(ca_name, ca_key.public_key(), issuer=(ca_name, ca_key), ca=True)
             _private_file(self.grpc_ca_key, _pem_key(ca_key))
             _private_file(self.grpc_ca, ca_cert.public_bytes(serialization.Encoding.PEM))
-            # Certificates of an older CA would no longer verify.
-            for service in services:
-                self.grpc_cert(service).unlink(missing_ok=True)
+        else:
+            ca_cert, ca_key = ca
         for service in services:
-            if self.grpc_cert(service).exists() and self.grpc_key(service).exists():
+            if self._usable_leaf(service, ca_cert):
                 continue
             key = ec.generate_private_key(ec.SECP256R1())
             name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mahavishnu-{service}")])
@@ -242,6 +256,27 @@ class DevState:
             )
             _private_file(self.grpc_key(service), _pem_key(key))
             _private_file(self.grpc_cert(service), cert.public_bytes(serialization.Encoding.PEM))
+
+    def _grpc_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+        """The existing CA and its key, unless missing, unreadable or expiring."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.grpc_ca.read_bytes())
+            key = serialization.load_pem_private_key(self.grpc_ca_key.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError):
+            return None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or _expiring(cert):
+            return None
+        return cert, key
+
+    def _usable_leaf(self, service: str, ca_cert: x509.Certificate) -> bool:
+        try:
+            cert = x509.load_pem_x509_certificate(self.grpc_cert(service).read_bytes())
+            if not self.grpc_key(service).exists():
+                return False
+            cert.verify_directly_issued_by(ca_cert)
+        except (OSError, ValueError, TypeError, InvalidSignature):
+            return False
+        return not _expiring(cert)
 
     def secrets(self) -> dict[str, Any]:
         """Generated secrets, created on first use."""

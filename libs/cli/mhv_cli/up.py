@@ -31,7 +31,7 @@ from mhv_common.config import (
     redact_dsn,
 )
 from mhv_common.errors import ConfigurationError
-from mhv_common.tls import channel_credentials
+from mhv_common.tls import channel_credentials, is_loopback
 
 HEALTH_TIMEOUT_SECONDS = 60.0
 ADMIN_USERNAME = "admin"
@@ -47,10 +47,21 @@ class Child:
     process: asyncio.subprocess.Process | None = None
 
 
-def _stop_with_parent() -> None:
-    """In a service process before exec: SIGTERM it when `mhv up` dies, even by SIGKILL."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+# Looked up here, in the parent: between fork and exec the child should only make the call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(parent: int) -> Callable[[], None]:
+    """For a service process before exec: SIGTERM it when `mhv up` dies, even by SIGKILL."""
+
+    def preexec() -> None:
+        if _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            os._exit(70)
+        if os.getppid() != parent:  # the parent died before the call above: do not start
+            os._exit(70)
+
+    return preexec
 
 
 def _say(message: str) -> None:
@@ -90,14 +101,20 @@ async def wait_healthy(
     *,
     timeout: float,
     tls: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
     alive: Callable[[], bool] = lambda: True,
 ) -> bool:
     """Poll the gRPC health service at `target` until it reports SERVING.
 
-    Gives up early once `alive` says the process behind `target` is gone.
+    With `tls`, the certificate must name `server_name`. Gives up early once `alive` says the
+    process behind `target` is gone.
     """
     deadline = time.monotonic() + timeout
-    channel = aio.insecure_channel(target) if tls is None else aio.secure_channel(target, tls)
+    if tls is None:
+        channel = aio.insecure_channel(target)
+    else:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        channel = aio.secure_channel(target, tls, options=options)
     async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and alive():
@@ -145,11 +162,10 @@ def _child_env(
     urls = devstate.database_urls(admin_url, role_names(), passwords)
     env[own_url] = os.environ.get(own_url) or urls[own_url]
     env.setdefault("MHV_AUTH_JWKS_FILE", str(state.jwks))
-    if "MHV_GRPC_TLS_CERT_FILE" not in os.environ:
-        # gRPC over TLS with the service's own certificate from the local CA.
-        env["MHV_GRPC_TLS_CERT_FILE"] = str(state.grpc_cert(service))
-        env["MHV_GRPC_TLS_KEY_FILE"] = str(state.grpc_key(service))
-        env.setdefault("MHV_GRPC_TLS_CA_FILE", str(state.grpc_ca))
+    # gRPC over TLS with the service's own certificate from the local CA.
+    env["MHV_GRPC_TLS_CERT_FILE"] = str(state.grpc_cert(service))
+    env["MHV_GRPC_TLS_KEY_FILE"] = str(state.grpc_key(service))
+    env["MHV_GRPC_TLS_CA_FILE"] = str(state.grpc_ca)
     if service in devstate.SERVICE_KEY_IDS:
         # A key given in the environment is the operator's choice; else the service's own.
         given = {k: v for k, v in os.environ.items() if k.startswith("MHV_AUTH_SIGNING_KEY_")}
@@ -184,6 +200,15 @@ async def run_up() -> int:
     task_settings = load_settings(TaskSettings)
     audit_settings = load_settings(AuditSettings)
     webhook_settings = load_settings(WebhookSettings)
+    given = sorted(k for k in os.environ if k.startswith("MHV_GRPC_TLS_"))
+    if given:
+        # One set of variables would give every service the same key, or a CA that did not
+        # issue the certificates: run the services directly to use your own PKI.
+        raise ConfigurationError(
+            f"mhv up issues each service its own gRPC certificate from its local CA and does "
+            f"not take {', '.join(given)}; unset them, or start the services yourself with "
+            "per-service MHV_GRPC_TLS_* settings."
+        )
     state = devstate.DevState(devstate.home())
     cluster = None
     admin_url = os.environ.get("MHV_DATABASE_URL", "")
@@ -202,24 +227,15 @@ async def run_up() -> int:
         state.ensure_keys(settings.auth_signing_key_id)
     if webhook_settings.webhook_tls_cert_file is None:
         state.ensure_tls()
-    if settings.grpc_tls_cert_file is None:
-        state.ensure_grpc_tls()
-        ca_file = settings.grpc_tls_ca_file or state.grpc_ca
-    elif settings.grpc_tls_ca_file is None:
-        raise ConfigurationError(
-            "MHV_GRPC_TLS_CERT_FILE is set without MHV_GRPC_TLS_CA_FILE: the services (and "
-            "mhv up) need the CA that issued it to call each other."
-        )
-    else:
-        ca_file = settings.grpc_tls_ca_file
-    tls = channel_credentials(ca_file)
+    state.ensure_grpc_tls()
+    tls = channel_credentials(state.grpc_ca)
     applied = await migrate_up(admin_url, roles=role_names(), passwords=secrets["db_passwords"])
     _say(f"migrations: {len(applied)} applied")
     await ensure_admin_user(admin_url)
     state.write_state(database_url=admin_url, role_prefix=role_names().prefix)
 
     # The services call each other where this command starts them: a moved port moves the call.
-    local = "127.0.0.1" if settings.bind_host in ("0.0.0.0", "::") else settings.bind_host  # noqa: S104
+    local = _reachable_host(settings.bind_host)
     targets = {
         "MHV_TASK_TARGET": f"{local}:{task_settings.task_grpc_port}",
         "MHV_AUDIT_TARGET": f"{local}:{audit_settings.audit_grpc_port}",
@@ -240,15 +256,16 @@ async def run_up() -> int:
                 "-m",
                 child.module,
                 env=_child_env(child.name, state, admin_url, secrets, targets),
-                preexec_fn=_stop_with_parent,
+                preexec_fn=_stop_with(os.getpid()),
             )
         for child in children:
             process = child.process
             assert process is not None
             healthy = await wait_healthy(
-                f"{settings.bind_host}:{child.grpc_port}",
+                f"{local}:{child.grpc_port}",
                 timeout=HEALTH_TIMEOUT_SECONDS,
                 tls=tls,
+                server_name=f"mahavishnu-{child.name}",
                 alive=lambda p=process: p.returncode is None and not stop.is_set(),  # type: ignore[misc]
             )
             if not healthy:
@@ -261,7 +278,7 @@ async def run_up() -> int:
             username=ADMIN_USERNAME,
         )
         _print_ready(
-            settings, task_settings, audit_settings, webhook_settings, token, ca_file=ca_file
+            settings, task_settings, audit_settings, webhook_settings, token, ca_file=state.grpc_ca
         )
         while not stop.is_set():
             if any(c.process is not None and c.process.returncode is not None for c in children):
@@ -290,6 +307,11 @@ async def run_up() -> int:
             _say("private PostgreSQL stopped")
 
 
+def _reachable_host(bind_host: str) -> str:
+    """Where a client on this machine reaches a listener bound to `bind_host`."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host  # noqa: S104
+
+
 def _shown(path: Path) -> str:
     """`path` relative to the working directory when it lies below it."""
     try:
@@ -307,8 +329,11 @@ def _print_ready(
     *,
     ca_file: Path,
 ) -> None:
-    host = settings.bind_host
+    host = _reachable_host(settings.bind_host)
     transport = f"-cacert {_shown(ca_file)}"
+    if not is_loopback(host):
+        # The certificates name localhost and 127.0.0.1 besides the service itself.
+        transport += " -servername mahavishnu-task"
     lines = [
         "",
         "Mahavishnu is up.",

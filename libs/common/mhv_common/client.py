@@ -7,6 +7,8 @@ call's timeout (`mhv_common.context.time_left`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 from grpc import aio
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
@@ -24,13 +26,27 @@ _OPTIONS = [
 ]
 
 
-def service_channel(target: str, credentials: grpc.ChannelCredentials | None) -> aio.Channel:
-    """A channel to another Mahavishnu service: TLS with `credentials`, else plaintext.
+@dataclass(frozen=True)
+class Peer:
+    """Another Mahavishnu service this one calls (built by `mhv_common.tls.peer`).
 
-    `credentials` come from `mhv_common.tls.channel_credentials` (the CA the callee's
-    certificate is issued by); plaintext is for loopback deployments only.
+    Attributes:
+        target: host:port it listens on.
+        tls: Credentials trusting the CA of its certificate; None for plaintext (loopback).
+        server_name: The name its certificate must carry. The address alone does not do:
+            every service's certificate may name localhost, so without it a service holding
+            its own key could pose as another on the same host.
     """
+
+    target: str
+    tls: grpc.ChannelCredentials | None
+    server_name: str
+
+
+def service_channel(peer: Peer) -> aio.Channel:
+    """A channel to `peer`: TLS checking its certificate's name, or plaintext on loopback."""
     interceptors = aio_client_interceptors()
-    if credentials is None:
-        return aio.insecure_channel(target, options=_OPTIONS, interceptors=interceptors)
-    return aio.secure_channel(target, credentials, options=_OPTIONS, interceptors=interceptors)
+    if peer.tls is None:
+        return aio.insecure_channel(peer.target, options=_OPTIONS, interceptors=interceptors)
+    options = [*_OPTIONS, ("grpc.ssl_target_name_override", peer.server_name)]
+    return aio.secure_channel(peer.target, peer.tls, options=options, interceptors=interceptors)

@@ -92,6 +92,8 @@ class TaskSettings(CommonSettings):
     task_grpc_port: int = 50051
     task_metrics_port: int = 9101
     audit_target: str = "127.0.0.1:50052"
+    # The name the audit service's certificate must carry (with TLS).
+    audit_tls_name: str = "mahavishnu-audit"
     relay_enabled: bool = True
     relay_batch_size: int = 200
     relay_poll_interval_seconds: float = 0.05
@@ -123,6 +125,8 @@ class WebhookSettings(CommonSettings):
     webhook_tls_cert_file: Path | None = None
     webhook_tls_key_file: Path | None = None
     task_target: str = "127.0.0.1:50051"
+    # The name the task service's certificate must carry (with TLS).
+    task_tls_name: str = "mahavishnu-task"
     webhook_workers: int = 4
     webhook_dedup_retention_seconds: int = 4 * 24 * 3600
     webhook_past_window_seconds: int = 300

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from mhv_common.client import Peer
 from mhv_common.config import CommonSettings
 from mhv_common.errors import ConfigurationError
 
@@ -82,3 +83,33 @@ def channel_credentials(ca_file: Path | None) -> grpc.ChannelCredentials | None:
             f"Cannot load the gRPC CA file {ca_file.name}: it must hold PEM certificates."
         ) from exc
     return grpc.ssl_channel_credentials(root_certificates=pem)
+
+
+def peer(settings: CommonSettings, target: str, server_name: str) -> Peer:
+    """How this service calls another at `target`, checked before anything starts.
+
+    With ``MHV_GRPC_TLS_CA_FILE``: TLS, trusting that CA, requiring `server_name` in the
+    callee's certificate. Without it: plaintext, but only to a loopback target (or with
+    ``MHV_GRPC_ALLOW_PLAINTEXT``), and never from a service that itself serves TLS (its peers
+    would too, and every call would fail).
+
+    Raises:
+        ConfigurationError: The call would be plaintext where it must not, or the CA file is
+            unusable.
+
+    """
+    if settings.grpc_tls_ca_file is not None:
+        return Peer(target, channel_credentials(settings.grpc_tls_ca_file), server_name)
+    if settings.grpc_tls_cert_file is not None:
+        raise ConfigurationError(
+            f"This service serves TLS but would call {target} in plaintext: set "
+            "MHV_GRPC_TLS_CA_FILE to the CA that issued the other services' certificates."
+        )
+    host = target.removeprefix("dns:///").rpartition(":")[0] or target
+    if not is_loopback(host) and not settings.grpc_allow_plaintext:
+        raise ConfigurationError(
+            f"The call to {target} would cross the network in plaintext, with a bearer "
+            "token: set MHV_GRPC_TLS_CA_FILE, or MHV_GRPC_ALLOW_PLAINTEXT=true where a trusted "
+            "proxy adds TLS."
+        )
+    return Peer(target, None, server_name)

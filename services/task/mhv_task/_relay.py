@@ -20,14 +20,13 @@ import random
 import signal
 import time
 
-import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 from prometheus_client import Counter, Gauge
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common import context
 from mhv_common.auth import ServiceCredentials
-from mhv_common.client import service_channel
+from mhv_common.client import Peer, service_channel
 from mhv_common.db import DATABASE_SIZE_BYTES, Database
 from mhv_common.periodic import Periodic
 from mhv_task import _store as store
@@ -73,9 +72,8 @@ class OutboxRelay:
         self,
         db: Database,
         *,
-        target: str,
+        peer: Peer,
         credentials: ServiceCredentials,
-        channel_tls: grpc.ChannelCredentials | None,
         batch_size: int = 200,
         poll_interval: float = 0.05,
         rpc_timeout: float = 5.0,
@@ -83,9 +81,8 @@ class OutboxRelay:
     ) -> None:
         self._crash_after_send = crash_after_send
         self._db = db
-        self._target = target
+        self._peer = peer
         self._credentials = credentials
-        self._channel_tls = channel_tls
         self._batch = batch_size
         self._poll = poll_interval
         self._rpc_timeout = rpc_timeout
@@ -98,7 +95,7 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until stopped."""
         backoff = 0.0
-        async with service_channel(self._target, self._channel_tls) as channel:
+        async with service_channel(self._peer) as channel:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
             while not self._stop.is_set():
                 try:

@@ -14,7 +14,7 @@ from mhv_common.db import Database
 from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, Worker, refuse_start, serve_forever
-from mhv_common.tls import channel_credentials
+from mhv_common.tls import peer
 from mhv_task._api import TaskApi, UserApi
 from mhv_task._authz import ActiveUsers
 from mhv_task._relay import OutboxMonitor, OutboxRelay
@@ -62,9 +62,8 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         workers.append(
             OutboxRelay(
                 db,
-                target=settings.audit_target,
+                peer=peer(settings, settings.audit_target, settings.audit_tls_name),
                 credentials=credentials,
-                channel_tls=channel_credentials(settings.grpc_tls_ca_file),
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_interval_seconds,
                 rpc_timeout=settings.relay_rpc_timeout_seconds,

@@ -14,7 +14,7 @@ from grpc import aio
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common import context
 from mhv_common.auth import ServiceCredentials
-from mhv_common.client import service_channel
+from mhv_common.client import Peer, service_channel
 from mhv_common.errors import from_rpc_error
 from mhv_common.interceptors import ON_BEHALF_OF_KEY
 
@@ -61,23 +61,20 @@ class TaskClient:
     """Calls to TaskService and UserService for the saga.
 
     Args:
-        target: host:port of the task service.
+        peer: Where the task service listens, and how to trust it.
         credentials: The gateway's own service token source.
-        channel_tls: TLS trust for the task service's certificate; None for plaintext.
         rpc_timeout: Upper bound on each call; the current deadline may be tighter.
     """
 
     def __init__(
         self,
-        target: str,
+        peer: Peer,
         credentials: ServiceCredentials,
-        channel_tls: grpc.ChannelCredentials | None,
         *,
         rpc_timeout: float = 5.0,
     ) -> None:
-        self._target = target
+        self._peer = peer
         self._credentials = credentials
-        self._channel_tls = channel_tls
         self._rpc_timeout = rpc_timeout
         self._channel: aio.Channel | None = None
         self._tasks: task_pb2_grpc.TaskServiceStub | None = None
@@ -85,7 +82,7 @@ class TaskClient:
 
     async def open(self) -> None:
         """Create the channel (connections are made lazily)."""
-        self._channel = service_channel(self._target, self._channel_tls)
+        self._channel = service_channel(self._peer)
         self._tasks = task_pb2_grpc.TaskServiceStub(self._channel)
         self._users = task_pb2_grpc.UserServiceStub(self._channel)
 

@@ -24,7 +24,7 @@ from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.ratelimit import RateLimiter
 from mhv_common.server import ServiceDefinition, refuse_start, serve_forever
-from mhv_common.tls import channel_credentials
+from mhv_common.tls import peer
 from mhv_webhook import _metrics as metrics
 from mhv_webhook._admin import WebhookAdminServicer
 from mhv_webhook._http import WebhookEdge
@@ -119,9 +119,8 @@ def build(
     saga_workers: list[SagaWorker] = []
     if settings.webhook_workers > 0:
         client = TaskClient(
-            settings.task_target,
+            peer(settings, settings.task_target, settings.task_tls_name),
             ServiceCredentials.from_settings(settings, service_name="webhook"),
-            channel_credentials(settings.grpc_tls_ca_file),
         )
         repositories = load_repositories(settings.repos_file)
         schemes = {name: source.scheme for name, source in sources.items()}
