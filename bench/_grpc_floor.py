@@ -1,15 +1,16 @@
 """The gRPC framework's own ceiling on this machine: an empty unary handler on grpc.aio.
 
-    python -m bench._grpc_floor serve PORT
+    python -m bench._grpc_floor serve PORT [CERT KEY]
 
 Benchmarks drive it with the same client processes as the real service, to show how much of a
-service's cost is the framework's.
+service's cost is the framework's. With a certificate and key it serves TLS, like the service.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -17,7 +18,7 @@ from grpc import aio
 METHOD = "/mahavishnu.bench.Floor/Empty"
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, tls: tuple[bytes, bytes] | None = None) -> None:
     async def empty(_request: bytes, _context: aio.ServicerContext) -> bytes:
         return b""
 
@@ -29,10 +30,17 @@ async def serve(port: int) -> None:
             ),
         )
     )
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if tls is None:
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        cert, key = tls
+        server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([(key, cert)]))
     await server.start()
     await server.wait_for_termination()
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[2])))
+    pair = (
+        (Path(sys.argv[3]).read_bytes(), Path(sys.argv[4]).read_bytes()) if sys.argv[4:] else None
+    )
+    asyncio.run(serve(int(sys.argv[2]), pair))

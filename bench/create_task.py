@@ -1,12 +1,14 @@
 """CreateTask throughput and latency over gRPC, beside pgbench running the same INSERT.
 
     python -m bench.create_task [--clients 50] [--seconds 20] [--processes 4] [--replicas 1]
+                                [--tls]
 
 Starts a throw-away database and the task service as a real process (or several on one port),
 then drives CreateTask from several client processes so the client is not the bottleneck.
 In the same run, pgbench executes the very statement the service sends per CreateTask (task
 row and its outbox event, one statement) with as many clients: that is the database's own
-limit for this work, and the service's figures are printed as a ratio of it.
+limit for this work, and the service's figures are printed as a ratio of it. With --tls the
+service and the gRPC floor serve TLS, as deployed, and the clients verify their certificates.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from grpc import aio
 
 from bench._env import (
@@ -37,6 +40,7 @@ from bench._env import (
 )
 from bench._grpc_floor import METHOD as FLOOR_METHOD
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
 from mhv_task import _store
@@ -77,10 +81,16 @@ def _cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def _client(args: argparse.Namespace) -> list[float]:
+async def _client(args: argparse.Namespace, ca: bytes | None) -> list[float]:
     latencies: list[float] = []
     metadata = (("authorization", f"Bearer {args.token}"),)
-    async with aio.insecure_channel(args.target) as channel:
+    if ca is not None:
+        tls = grpc.ssl_channel_credentials(root_certificates=ca)
+        options = [("grpc.ssl_target_name_override", "mahavishnu-task")]
+        channel_ = aio.secure_channel(args.target, tls, options=options)
+    else:
+        channel_ = aio.insecure_channel(args.target)
+    async with channel_ as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
         empty = channel.unary_unary(FLOOR_METHOD)
         start = time.monotonic()
@@ -146,6 +156,7 @@ async def drive(
                 str(per_process),
                 "--out",
                 str(out),
+                *(["--ca", str(args.ca)] if args.ca else []),
                 *(["--floor"] if floor else []),
             ]
         )
@@ -170,7 +181,8 @@ async def drive(
 
 
 def _client_main(args: argparse.Namespace) -> None:
-    Path(args.out).write_text(json.dumps(asyncio.run(_client(args))))
+    ca = Path(args.ca).read_bytes() if args.ca else None
+    Path(args.out).write_text(json.dumps(asyncio.run(_client(args, ca))))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -178,6 +190,15 @@ async def run(args: argparse.Namespace) -> None:
     deployment = await Deployment.create(cluster)
     tmp = Path(tempfile.mkdtemp(prefix="mhv-bench-"))
     keys = Keys.create(tmp / "keys")
+    tls_env: dict[str, str] = {}
+    floor_tls: list[str] = []
+    if args.tls:
+        state = DevState(tmp / "tls")
+        state.ensure_grpc_tls(("task",))
+        cert, key = str(state.grpc_cert("task")), str(state.grpc_key("task"))
+        tls_env = {"MHV_GRPC_TLS_CERT_FILE": cert, "MHV_GRPC_TLS_KEY_FILE": key}
+        floor_tls = [cert, key]
+        args.ca = str(state.grpc_ca)
     user_id = str(
         await admin_execute(
             deployment.admin_url,
@@ -196,6 +217,7 @@ async def run(args: argparse.Namespace) -> None:
             "MHV_DB_POOL_MIN_SIZE": str(args.pool),
             "MHV_LOG_LEVEL": "WARNING",
             "MHV_REUSE_PORT": "true" if args.replicas > 1 else "false",
+            **tls_env,
         },
     )
     replicas = [
@@ -205,12 +227,13 @@ async def run(args: argparse.Namespace) -> None:
             ports["task_grpc"],
             0,
             tmp / f"task{i}.log",
+            ca_file=Path(args.ca) if args.ca else None,
         )
         for i in range(args.replicas)
     ]
     floor_port = free_port()
     floor_server = subprocess.Popen(
-        [sys.executable, "-m", "bench._grpc_floor", "serve", str(floor_port)]
+        [sys.executable, "-m", "bench._grpc_floor", "serve", str(floor_port), *floor_tls]
     )
     try:
         for replica in replicas:
@@ -238,8 +261,8 @@ async def run(args: argparse.Namespace) -> None:
         lat = service.latency_ms
         print(
             f"CreateTask over gRPC, {clients} clients in {args.processes} processes, "
-            f"{args.replicas} service process(es), {args.seconds}s after {args.warmup}s "
-            "warm-up, all on this machine's cores"
+            f"{args.replicas} service process(es), {'TLS' if args.tls else 'plaintext'}, "
+            f"{args.seconds}s after {args.warmup}s warm-up, all on this machine's cores"
         )
         print(
             f"  service      : {service.rps:7.0f} creates/s  p50 {lat['p50']:6.1f} ms  "
@@ -278,6 +301,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--pool", type=int, default=10)
     parser.add_argument("--replicas", type=int, default=1, help="task service processes")
+    parser.add_argument("--tls", action="store_true", help="serve and call over TLS")
+    parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
