@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
 import uuid
@@ -36,6 +37,7 @@ from bench._env import (
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role
+from tests.harness import RELAXED_LIMITS
 
 POLL_SECONDS = 0.05
 
@@ -116,6 +118,11 @@ async def run(args: argparse.Namespace) -> None:
             "MHV_AUDIT_TARGET": f"127.0.0.1:{ports['audit_grpc']}",
             "MHV_RELAY_POLL_INTERVAL_SECONDS": str(POLL_SECONDS),
             "MHV_LOG_LEVEL": "WARNING",
+            # The relay and the reference calls share the task service's identity; its
+            # production budget (200/s) is not what this measures.
+            "MHV_RATE_LIMITS": json.dumps(
+                {**json.loads(RELAXED_LIMITS), "service:*": "10000000/minute"}
+            ),
         },
     )
     audit = ServiceProcess(
