@@ -20,9 +20,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
-from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+from tests.harness import (
+    Cluster,
+    Deployment,
+    Keys,
+    ServiceProcess,
+    bearer,
+    grpc_channel,
+    service_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +77,9 @@ async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[
     )
     await conn.close()
     audit_port, audit_metrics = free_port(), free_port()
+    # The relay reaches the audit service as in production: over TLS, checking its certificate.
+    grpc_tls = DevState(tmp_path / "grpc-tls")
+    grpc_tls.ensure_grpc_tls(("audit",))
     env = service_env(
         deployment,
         keys,
@@ -77,9 +89,22 @@ async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[
             "MHV_AUDIT_TARGET": f"127.0.0.1:{audit_port}",
             "MHV_RELAY_POLL_INTERVAL_SECONDS": "0.02",
             "MHV_LOG_LEVEL": "WARNING",
+            "MHV_GRPC_TLS_CA_FILE": str(grpc_tls.grpc_ca),
         },
     )
-    audit = ServiceProcess("mhv_audit", env, audit_port, audit_metrics, tmp_path / "audit.log")
+    audit_env = {
+        **env,
+        "MHV_GRPC_TLS_CERT_FILE": str(grpc_tls.grpc_cert("audit")),
+        "MHV_GRPC_TLS_KEY_FILE": str(grpc_tls.grpc_key("audit")),
+    }
+    audit = ServiceProcess(
+        "mhv_audit",
+        audit_env,
+        audit_port,
+        audit_metrics,
+        tmp_path / "audit.log",
+        ca_file=grpc_tls.grpc_ca,
+    )
     running = System(deployment, keys, env, tmp_path, audit, user_id=user_id)
     await audit.start()
     yield running
@@ -160,7 +185,7 @@ async def assert_exactly_once_in_order(system: System) -> None:
         for r in rows:
             into.setdefault(r["task_id"], []).append(r["event_id"])
     assert by_task_audit == by_task_outbox
-    async with aio.insecure_channel(system.audit.target) as channel:
+    async with grpc_channel(system.audit.target, system.audit.ca_file) as channel:
         verdict = await audit_pb2_grpc.AuditServiceStub(channel).VerifyAuditChain(
             audit_pb2.VerifyAuditChainRequest(),
             metadata=bearer(system.keys.token(Role.AUDITOR)),

@@ -23,9 +23,18 @@ from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
+from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
-from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+from tests.harness import (
+    Cluster,
+    Deployment,
+    Keys,
+    ServiceProcess,
+    bearer,
+    grpc_channel,
+    service_env,
+)
 from tests.webhook.conftest import (
     PROCESS_SOURCES,
     GatewayProcess,
@@ -81,6 +90,9 @@ async def system(
 ) -> AsyncIterator[SagaSystem]:
     folder = Path(tmp_path_factory.mktemp("saga"))
     deployment = await Deployment.create(cluster)
+    # The saga calls the task service as in production: over TLS, checking its certificate.
+    grpc_tls = DevState(folder / "grpc-tls")
+    grpc_tls.ensure_grpc_tls(("task",))
     task_port, task_metrics = free_port(), free_port()
     task_env = service_env(
         deployment,
@@ -89,14 +101,25 @@ async def system(
             "MHV_TASK_GRPC_PORT": str(task_port),
             "MHV_TASK_METRICS_PORT": str(task_metrics),
             "MHV_RELAY_ENABLED": "false",
+            "MHV_GRPC_TLS_CERT_FILE": str(grpc_tls.grpc_cert("task")),
+            "MHV_GRPC_TLS_KEY_FILE": str(grpc_tls.grpc_key("task")),
         },
     )
-    task = ServiceProcess("mhv_task", task_env, task_port, task_metrics, folder / "task.log")
+    task = ServiceProcess(
+        "mhv_task", task_env, task_port, task_metrics, folder / "task.log", ca_file=grpc_tls.grpc_ca
+    )
     await task.start()
     sources = folder / "webhooks.yaml"
     sources.write_text(PROCESS_SOURCES)
     env = gateway_env(
-        deployment, keys, tls, hook_secrets, sources, MHV_TASK_TARGET=task.target, **SAGA_SETTINGS
+        deployment,
+        keys,
+        tls,
+        hook_secrets,
+        sources,
+        MHV_TASK_TARGET=task.target,
+        MHV_GRPC_TLS_CA_FILE=str(grpc_tls.grpc_ca),
+        **SAGA_SETTINGS,
     )
     yield SagaSystem(deployment, keys, tls, hook_secrets, folder, task, env)
     task.stop()
@@ -174,7 +197,7 @@ async def wait_state(
 
 
 async def task(system: SagaSystem, task_id: int) -> task_pb2.Task:
-    async with aio.insecure_channel(system.task.target) as channel:
+    async with grpc_channel(system.task.target, system.task.ca_file) as channel:
         stub = task_pb2_grpc.TaskServiceStub(channel)
         return await stub.GetTask(
             task_pb2.GetTaskRequest(id=task_id), metadata=bearer(system.keys.token(Role.SERVICE))
@@ -246,7 +269,7 @@ async def test_issue_lifecycle_maps_to_task_changes(
         "completed",
     )
     assigned = await task(system, opened["task_id"])
-    async with aio.insecure_channel(system.task.target) as channel:
+    async with grpc_channel(system.task.target, system.task.ca_file) as channel:
         user = await task_pb2_grpc.UserServiceStub(channel).GetUser(
             task_pb2.GetUserRequest(username="github.hubot"),
             metadata=bearer(system.keys.token(Role.SERVICE)),
@@ -288,7 +311,7 @@ async def test_the_sender_becomes_the_tasks_author(
         "completed",
     )
     made = await task(system, row["task_id"])
-    async with aio.insecure_channel(system.task.target) as channel:
+    async with grpc_channel(system.task.target, system.task.ca_file) as channel:
         mona = await task_pb2_grpc.UserServiceStub(channel).GetUser(
             task_pb2.GetUserRequest(username="github.mona"),
             metadata=bearer(system.keys.token(Role.SERVICE)),
