@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -159,6 +160,19 @@ def tls_state(tmp_path_factory: pytest.TempPathFactory) -> DevState:
     return state
 
 
+def _encrypted_copy(key_file: Path, folder: Path) -> str:
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    path = folder / "encrypted-key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    return str(path)
+
+
 def _bad_pem(tmp_path: Path) -> str:
     path = tmp_path / "not-a-ca.pem"
     path.write_text("not a certificate\n")
@@ -170,6 +184,8 @@ def _bad_pem(tmp_path: Path) -> str:
     [
         ("cert without key", "go together"),
         ("cert with another service's key", "one key pair"),
+        # Refused, not a passphrase prompt on a terminal nobody watches.
+        ("encrypted key", "one key pair"),
         ("plaintext on every interface", "without TLS"),
         ("unreadable CA", "gRPC CA file"),
         ("serving TLS, calling in plaintext", "would call 127.0.0.1:1 in plaintext"),
@@ -191,6 +207,11 @@ def test_start_refused_with_unusable_transport_settings(
             **ca,
             "MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task")),
             "MHV_GRPC_TLS_KEY_FILE": str(tls_state.grpc_key("audit")),
+        },
+        "encrypted key": {
+            **ca,
+            "MHV_GRPC_TLS_CERT_FILE": str(tls_state.grpc_cert("task")),
+            "MHV_GRPC_TLS_KEY_FILE": _encrypted_copy(tls_state.grpc_key("task"), tmp_path),
         },
         "plaintext on every interface": {"MHV_BIND_HOST": "0.0.0.0"},  # noqa: S104
         "unreadable CA": {"MHV_GRPC_TLS_CA_FILE": _bad_pem(tmp_path)},

@@ -197,9 +197,14 @@ class DevState:
         _private_file(self.jwks, json.dumps({"keys": entries}, indent=2).encode())
 
     def ensure_tls(self) -> None:
-        """Create a self-signed certificate for localhost unless one exists."""
-        if self.tls_cert.exists() and self.tls_key.exists():
-            return
+        """Create a self-signed certificate for localhost unless a usable one exists."""
+        if self.tls_key.exists():
+            try:
+                current = x509.load_pem_x509_certificate(self.tls_cert.read_bytes())
+            except (OSError, ValueError):
+                current = None
+            if current is not None and not _expiring(current):
+                return
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _certificate(_LOCALHOST, key.public_key(), issuer=(_LOCALHOST, key), ca=True)
         _private_file(self.tls_key, _pem_key(key))

@@ -32,6 +32,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def no_passphrase() -> bytes:
+    """For `load_cert_chain`: an encrypted key is refused instead of prompting on a terminal."""
+    raise ssl.SSLError("the private key is encrypted; give it unencrypted (mode 0600)")
+
+
 def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
     """TLS credentials for the gRPC listener, or None to listen in plaintext.
 
@@ -56,7 +61,7 @@ def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | Non
         )
     # grpc only reports a bad pair at the first handshake; OpenSSL checks it now.
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
         pair = (key.read_bytes(), cert.read_bytes())
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(

@@ -16,6 +16,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mhv_common.errors import ConfigurationError, ValidationError
+from mhv_common.tls import no_passphrase
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def tls_context(cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])
     try:
-        ctx.load_cert_chain(cert_file, key_file)
+        ctx.load_cert_chain(cert_file, key_file, password=no_passphrase)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigurationError(
             f"Cannot load the gateway's TLS certificate {cert_file.name} with key {key_file.name}."
