@@ -132,7 +132,8 @@ async def test_request_id_makes_create_idempotent_under_concurrency(
     assert (
         await db.fetchval(
             "SELECT count(*) FROM task.tasks WHERE request_key = $1",
-            f"{people.alice.id}:{request_id}",
+            # Caller, then the user it acts for (the same for a person), then the id.
+            f"{people.alice.id}:{people.alice.id}:{request_id}",
         )
         == 1
     )
@@ -149,8 +150,10 @@ async def test_request_id_makes_create_idempotent_under_concurrency(
     # ...but reusing the id for a different request is refused.
     different = task_pb2.CreateTaskRequest(title="Other", repository="demo", request_id=request_id)
     error = await rpc_error(tasks.CreateTask(different, metadata=people.alice.md()))
-    assert error.code() == grpc.StatusCode.ABORTED
-    assert mhv_code(error) == "MHV-101"
+    # Retrying cannot help, so not ABORTED: the caller must choose a new id.
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert mhv_code(error) == "MHV-003"
+    assert violations(error) == {"request_id": "already used for a different request"}
     # Request ids are scoped to the caller: Bob's same id is his own.
     bobs = await tasks.CreateTask(request, metadata=people.bob.md())
     assert bobs.id != results[0].id

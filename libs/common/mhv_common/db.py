@@ -21,7 +21,13 @@ from prometheus_client import Gauge
 
 from mhv_common import context
 from mhv_common.config import CommonSettings
-from mhv_common.errors import DatabaseConnectionError, DeadlineExceededError
+from mhv_common.errors import (
+    DatabaseConnectionError,
+    DeadlineExceededError,
+    FieldViolation,
+    MahavishnuError,
+    ValidationError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +194,8 @@ class Database:
         conn = await self._acquire(timeout)
         try:
             yield conn
+        except asyncpg.exceptions.DataError as exc:
+            raise _bad_value(exc) from exc
         finally:
             # asyncpg cancels a statement interrupted by cancellation and waits for the server
             # to confirm before the connection is reused; release is shielded for that.
@@ -230,6 +238,8 @@ class Database:
                 raise DeadlineExceededError() from exc
             if isinstance(exc, _CONNECTION_ERRORS):
                 raise DatabaseConnectionError(retry_after=1.0) from exc
+            if isinstance(exc, asyncpg.exceptions.DataError):
+                raise _bad_value(exc) from exc
             raise
         else:
             await asyncio.shield(self._release(conn))
@@ -250,6 +260,23 @@ class Database:
             conn.terminate()
         finally:
             await self._release(conn)
+
+
+def _bad_value(exc: asyncpg.exceptions.DataError) -> MahavishnuError:
+    """A value PostgreSQL refused (class 22), as the caller's MHV-003 rather than INTERNAL.
+
+    Validation should have caught it first (NUL in text or JSON, a date out of
+    range): the warning says which statement let it through, without the value.
+    """
+    logger.warning(
+        "database refused a value the request carried",
+        extra={"sqlstate": exc.sqlstate, "error": type(exc).__name__},
+    )
+    return ValidationError(
+        "A value in the request cannot be stored: text must not contain NUL characters "
+        "(\\u0000) and dates must lie between the years 1 and 9999.",
+        violations=[FieldViolation("request", "holds a value the database cannot store")],
+    )
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:

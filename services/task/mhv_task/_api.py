@@ -7,6 +7,7 @@ modules. Errors are raised as `MahavishnuError`s and mapped by the common interc
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -126,7 +127,56 @@ def _status(value: int, field: str) -> str | None:
     return STATUS_FROM_PB[value]
 
 
+_REPOSITORY = re.compile(r"[A-Za-z0-9_-]{1,100}")
+MAX_GATE_CHECKS = 200
+MAX_CHECK_NAME = 200
+MAX_CHECK_DETAIL = 2000
+
+
+def _deadline_text(value: timestamp_pb2.Timestamp) -> str:
+    # As text, so an update is held to the same "in the future" rule as a create.
+    try:
+        moment: dt.datetime = value.ToDatetime(dt.UTC)
+    except (ValueError, OverflowError):
+        raise ValidationError(
+            violations=[FieldViolation("task.deadline", "is out of range (years 1 to 9999)")]
+        ) from None
+    return moment.isoformat()
+
+
+def _quality_gate(gate: task_pb2.QualityGateResult) -> dict[str, Any]:
+    """The quality-gate result to record, with its text cleaned and its size bounded."""
+    problems = []
+    if gate.checks_run < 0:
+        problems.append(FieldViolation("quality_gate.checks_run", "must not be negative"))
+    if len(gate.checks) > MAX_GATE_CHECKS:
+        problems.append(FieldViolation("quality_gate.checks", f"at most {MAX_GATE_CHECKS} checks"))
+    checks = []
+    for i, check in enumerate(gate.checks[:MAX_GATE_CHECKS]):
+        name, detail = clean_text(check.name), clean_text(check.detail)
+        if len(name) > MAX_CHECK_NAME:
+            problems.append(
+                FieldViolation(f"quality_gate.checks[{i}].name", f"at most {MAX_CHECK_NAME}")
+            )
+        if len(detail) > MAX_CHECK_DETAIL:
+            problems.append(
+                FieldViolation(f"quality_gate.checks[{i}].detail", f"at most {MAX_CHECK_DETAIL}")
+            )
+        checks.append({"name": name, "passed": check.passed, "detail": detail})
+    if problems:
+        raise ValidationError(violations=problems)
+    return {
+        "passed": gate.passed,
+        "checks_run": max(gate.checks_run, len(gate.checks)),
+        "checks": checks,
+    }
+
+
 def _filters(request: Any, *, assignee: bool = True, priority: bool = True) -> dict[str, Any]:
+    if request.repository and not _REPOSITORY.fullmatch(request.repository):
+        raise ValidationError(
+            violations=[FieldViolation("repository", "must match ^[A-Za-z0-9_-]+$, at most 100")]
+        )
     filters: dict[str, Any] = {
         "repository": request.repository or None,
         "status": _status(request.status, "status"),
@@ -191,9 +241,7 @@ class TaskApi(task_pb2_grpc.TaskServiceServicer):
             "description": task.description,
             "priority": _priority_value(task.priority),
             # As text, so an update is held to the same "in the future" rule as a create.
-            "deadline": (
-                task.deadline.ToDatetime(dt.UTC).isoformat() if task.HasField("deadline") else None
-            ),
+            "deadline": _deadline_text(task.deadline) if task.HasField("deadline") else None,
             "metadata": _dict(task.metadata),
         }
         row = await self._tasks.update(
@@ -250,18 +298,7 @@ class TaskApi(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.CompleteTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Move in_progress -> completed, with the quality-gate result."""
-        gate = request.quality_gate
-        if gate.checks_run < 0:
-            raise ValidationError(
-                violations=[FieldViolation("quality_gate.checks_run", "must not be negative")]
-            )
-        result = {
-            "passed": gate.passed,
-            "checks_run": max(gate.checks_run, len(gate.checks)),
-            "checks": [
-                {"name": c.name, "passed": c.passed, "detail": c.detail} for c in gate.checks
-            ],
-        }
+        result = _quality_gate(request.quality_gate)
         return task_to_pb(
             await self._tasks.transition(
                 Action.COMPLETE, parse_task_id(request.id), etag=request.etag, quality_gate=result

@@ -113,8 +113,11 @@ class ActiveUsers:
         self._ttl = ttl
         self._seen: dict[uuid.UUID, float] = {}
 
-    async def ensure_caller_active(self) -> None:
-        """Refuse a caller whose user is gone or deactivated (MHV-004 / MHV-112)."""
+    async def ensure_caller_active(self, *, fresh: bool = False) -> None:
+        """Refuse a caller whose user is gone or deactivated (MHV-004 / MHV-112).
+
+        `fresh` skips the cache: user management takes effect at once, not within seconds.
+        """
         principal = current_principal()
         if principal.is_service:
             return
@@ -123,7 +126,7 @@ class ActiveUsers:
         except ValueError:
             raise AuthenticationError("The token's subject is not a user id.") from None
         now = time.monotonic()
-        if self._seen.get(user, 0.0) > now:
+        if not fresh and self._seen.get(user, 0.0) > now:
             return
         async with self._db.connection() as conn:
             state = await store.user_state(conn, user)

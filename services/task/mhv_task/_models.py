@@ -40,12 +40,30 @@ MAX_REQUEST_ID = 100
 _M = TypeVar("_M", bound=BaseModel)
 
 
+def is_username(value: str) -> bool:
+    """Whether `value` can be a username at all."""
+    return _USERNAME.fullmatch(value) is not None
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
 def clean_text(value: str) -> str:
     """Remove NUL and control characters (keeping tab and newline) and trim whitespace."""
     return _CONTROL.sub("", value).strip()
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if _holds_nul(value):
+        # PostgreSQL's jsonb cannot hold \u0000; metadata is stored as given, so refuse it.
+        raise ValueError("must not contain NUL characters (\\u0000) in keys or values")
     size = len(json.dumps(value, ensure_ascii=False, default=str).encode())
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON (got {size})")
@@ -60,6 +78,10 @@ def parse_deadline(value: str, *, now: dt.datetime | None = None) -> dt.datetime
         raise ValueError("is not an ISO 8601 date-time (e.g. 2030-01-31T17:00:00Z)") from None
     if deadline.tzinfo is None:
         deadline = deadline.replace(tzinfo=dt.UTC)
+    try:
+        deadline.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("is out of range (after 9999-12-31 in UTC)") from None
     if deadline <= (now or dt.datetime.now(dt.UTC)):
         raise ValueError("must be in the future")
     return deadline
@@ -131,6 +153,8 @@ class TaskCreateRequest(_Strict):
     @field_validator("request_id", mode="before")
     @classmethod
     def _request_id(cls, value: str | None) -> str | None:
+        if value and _CONTROL.search(value):
+            raise ValueError("must not contain control characters")
         return value or None
 
 
@@ -187,7 +211,7 @@ class UserCreateRequest(_Strict):
     @classmethod
     def _email(cls, value: str) -> str:
         value = value.strip()
-        if len(value) > 255 or not _EMAIL.fullmatch(value):
+        if len(value) > 255 or not _EMAIL.fullmatch(value) or _CONTROL.search(value):
             raise ValueError("is not an email address")
         return value
 

@@ -271,10 +271,18 @@ async def search_tasks(
 # --- users ------------------------------------------------------------------------------------
 
 
-async def user_state(conn: asyncpg.Connection, user_id: uuid.UUID) -> bool | None:
-    """True for an active user, False for a deactivated one, None for no such user."""
+async def user_state(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, lock: bool = False
+) -> bool | None:
+    """True for an active user, False for a deactivated one, None for no such user.
+
+    With `lock`, the answer holds until the transaction ends: the row is locked FOR SHARE, so
+    a concurrent deactivation or deletion waits for it (and then sees what it committed).
+    """
     value: bool | None = await conn.fetchval(
-        "SELECT is_active FROM users WHERE id = $1", user_id, timeout=_t()
+        "SELECT is_active FROM users WHERE id = $1" + (" FOR SHARE" if lock else ""),
+        user_id,
+        timeout=_t(),
     )
     return value
 
@@ -333,12 +341,17 @@ async def _insert_user(
 
 
 async def get_user(
-    conn: asyncpg.Connection, *, user_id: uuid.UUID | None = None, username: str | None = None
+    conn: asyncpg.Connection,
+    *,
+    user_id: uuid.UUID | None = None,
+    username: str | None = None,
+    for_update: bool = False,
 ) -> asyncpg.Record | None:
-    """One user by id or by username."""
+    """One user by id or by username, optionally locked until the end of the transaction."""
     if user_id is not None:
+        lock = " FOR UPDATE" if for_update else ""
         row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id, timeout=_t()
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1{lock}", user_id, timeout=_t()
         )
     else:
         row = await conn.fetchrow(

@@ -182,7 +182,9 @@ class Tasks:
         actor = actor_for_change()
         key = fingerprint = None
         if request.request_id:
-            key = f"{actor.principal.subject}:{request.request_id}"
+            # Per caller and, for a service, per user it acts for: the gateway's request ids
+            # for two people never collide into one task.
+            key = f"{actor.principal.subject}:{actor.user_id}:{request.request_id}"
             body = request.model_dump(mode="json", exclude={"request_id"})
             fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         request_id, traceparent = _request_context()
@@ -222,10 +224,13 @@ class Tasks:
                 existing = await store.task_by_request_key(conn, key)
                 if existing is not None:
                     if existing["request_fingerprint"] != fingerprint:
-                        raise TaskCreationFailedError(
+                        # Retrying cannot help (AIP-155): the caller must pick a new id.
+                        raise ValidationError(
                             f"request_id {request.request_id!r} was already used for a "
-                            "different request.",
-                            violations=[FieldViolation("request_id", "already used")],
+                            "different request; use a new request_id for a new task.",
+                            violations=[
+                                FieldViolation("request_id", "already used for a different request")
+                            ],
                         )
                     return existing
             await _ensure_active(conn, actor.user_id, field="caller")
@@ -421,7 +426,8 @@ class Tasks:
             changes, event_type, details = plan(row)
             await _ensure_active(conn, actor.user_id, field="caller")
             if assignee is not None:
-                await _ensure_active(conn, assignee, field="assigned_to")
+                # Locked: a deactivation or deletion of the assignee waits for this commit.
+                await _ensure_active(conn, assignee, field="assigned_to", lock=True)
             return await store.update_task(
                 conn,
                 task_id,
@@ -439,8 +445,10 @@ _PAST = {
 }
 
 
-async def _ensure_active(conn: asyncpg.Connection, user_id: uuid.UUID, *, field: str) -> None:
-    state = await store.user_state(conn, user_id)
+async def _ensure_active(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, field: str, lock: bool = False
+) -> None:
+    state = await store.user_state(conn, user_id, lock=lock)
     who = "Your user" if field == "caller" else f"User {user_id}"
     if state is None:
         raise UserNotFoundError(

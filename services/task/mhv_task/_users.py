@@ -21,7 +21,7 @@ from mhv_common.redaction import redact_details
 from mhv_common.tracing import current_traceparent
 from mhv_task import _store as store
 from mhv_task._authz import ActiveUsers, actor_for_change
-from mhv_task._models import UserCreateRequest, validate
+from mhv_task._models import UserCreateRequest, is_username, validate
 
 
 class Users:
@@ -33,6 +33,7 @@ class Users:
 
     async def create(self, data: Mapping[str, Any]) -> asyncpg.Record:
         """Create a user; a taken username or email is MHV-111."""
+        await self._active.ensure_caller_active(fresh=True)
         request = validate(UserCreateRequest, dict(data))
         try:
             async with self._db.connection() as conn:
@@ -59,8 +60,10 @@ class Users:
         async with self._db.connection() as conn:
             if user_id:
                 row = await store.get_user(conn, user_id=parse_user_id(user_id, field="id"))
-            else:
+            elif is_username(username):
                 row = await store.get_user(conn, username=username)
+            else:
+                row = None  # no user can have that name
         if row is None:
             raise UserNotFoundError(f"No user {user_id or username!r}.")
         return row
@@ -86,6 +89,7 @@ class Users:
 
     async def deactivate(self, user_id: str) -> asyncpg.Record:
         """Deactivate a user: they keep their tasks but can no longer be assigned."""
+        await self._active.ensure_caller_active(fresh=True)
         uid = parse_user_id(user_id, field="id")
         async with self._db.connection() as conn:
             row = await store.deactivate_user(conn, uid)
@@ -99,6 +103,7 @@ class Users:
         The unassignments are ordinary task changes with their own audit events, rather than
         the silent ``ON DELETE SET NULL`` of the foreign key, which stays only as a backstop.
         """
+        await self._active.ensure_caller_active(fresh=True)
         uid = parse_user_id(user_id, field="id")
         actor = actor_for_change()
         ctx = context.current()
@@ -108,7 +113,8 @@ class Users:
         )
         try:
             async with self._db.transaction() as conn:
-                if await store.get_user(conn, user_id=uid) is None:
+                # Locked first: an assignment of this user in flight finishes before we look.
+                if await store.get_user(conn, user_id=uid, for_update=True) is None:
                     raise UserNotFoundError(f"No user {user_id!r}.")
                 if await store.tasks_created_by(conn, uid):
                     raise refusal
