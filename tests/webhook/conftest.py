@@ -279,18 +279,39 @@ def gateway_env(
 
 @contextlib.asynccontextmanager
 async def running_gateway(env: dict[str, str], log: Path) -> AsyncIterator[GatewayProcess]:
-    process = ServiceProcess(
-        "mhv_webhook",
-        env,
-        int(env["MHV_WEBHOOK_ADMIN_GRPC_PORT"]),
-        int(env["MHV_WEBHOOK_METRICS_PORT"]),
-        log,
-    )
-    await process.start()
+    for attempt in range(3):
+        process = ServiceProcess(
+            "mhv_webhook",
+            env,
+            int(env["MHV_WEBHOOK_ADMIN_GRPC_PORT"]),
+            int(env["MHV_WEBHOOK_METRICS_PORT"]),
+            log,
+        )
+        try:
+            await process.start()
+            break
+        except RuntimeError:
+            # A free port found earlier can be taken by another process before the gateway
+            # binds it; then, and only then, try again on fresh ports.
+            if attempt == 2 or not _lost_a_port(log):
+                raise
+            env = {**env, **{name: str(free_port()) for name in _GATEWAY_PORTS}}
     try:
         yield GatewayProcess(process, int(env["MHV_WEBHOOK_HTTPS_PORT"]), env)
     finally:
         process.stop()
+
+
+_GATEWAY_PORTS = (
+    "MHV_WEBHOOK_ADMIN_GRPC_PORT",
+    "MHV_WEBHOOK_METRICS_PORT",
+    "MHV_WEBHOOK_HTTPS_PORT",
+)
+
+
+def _lost_a_port(log: Path) -> bool:
+    text = log.read_text(errors="replace")
+    return "Address already in use" in text or "cannot bind" in text
 
 
 @pytest.fixture(scope="package")
