@@ -36,6 +36,7 @@ sources:
   - {name: rotating, scheme: github, rate_limit: 100000/minute}
   - {name: limited, scheme: standard, rate_limit: 5/minute}
   - {name: guarded, scheme: standard, rate_limit: 3/minute}
+  - {name: replayed, scheme: standard, rate_limit: 3/minute}
   - {name: official, scheme: standard, rate_limit: 100000/minute}
 """
 
@@ -93,6 +94,7 @@ class Secrets:
             ),
             "MHV_WEBHOOK_SECRETS_LIMITED": self.generic,
             "MHV_WEBHOOK_SECRETS_GUARDED": self.generic,
+            "MHV_WEBHOOK_SECRETS_REPLAYED": self.generic,
             "MHV_WEBHOOK_SECRETS_OFFICIAL": OFFICIAL_SECRET,
         }
 

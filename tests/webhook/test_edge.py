@@ -617,6 +617,37 @@ def test_unsigned_requests_do_not_spend_a_sources_budget(
     assert statuses == [202, 202, 202, 429]
 
 
+def test_repeats_are_acknowledged_without_spending_the_budget(
+    client: httpx.Client, hook_secrets: Secrets
+) -> None:
+    # A captured delivery replayed over and over (or a sender retrying) gets its 2xx each time
+    # and costs nothing, so the sender's new deliveries still get their 3/minute.
+    body = body_for("replayed")
+    captured = standard_headers(
+        hook_secrets.generic, body, msg_id=f"msg_{uuid.uuid4().hex}", timestamp=int(time.time())
+    )
+    assert client.post("/webhooks/replayed", content=body, headers=captured).status_code == 202
+    for _ in range(10):
+        again = client.post("/webhooks/replayed", content=body, headers=captured)
+        assert again.status_code == 200
+        assert again.json()["error_code"] == "MHV-301"
+    statuses = []
+    for _ in range(3):
+        fresh = body_for("replayed")
+        headers = standard_headers(
+            hook_secrets.generic,
+            fresh,
+            msg_id=f"msg_{uuid.uuid4().hex}",
+            timestamp=int(time.time()),
+        )
+        statuses.append(
+            client.post("/webhooks/replayed", content=fresh, headers=headers).status_code
+        )
+    assert statuses == [202, 202, 429]
+    # Over budget, a repeat is still acknowledged, not refused.
+    assert client.post("/webhooks/replayed", content=body, headers=captured).status_code == 200
+
+
 def test_requests_per_client_address_are_limited_before_verification(
     deployment: Deployment, tls: Tls, hook_secrets: Secrets, tmp_path: Path
 ) -> None:

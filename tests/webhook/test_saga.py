@@ -366,28 +366,35 @@ async def test_gitlab_issue_events(system: SagaSystem, gateway: GatewayProcess) 
     assert (await task(system, row["task_id"])).title == "From GitLab"
 
 
-async def test_task_service_outage_delays_but_loses_nothing(
-    system: SagaSystem, gateway: GatewayProcess
-) -> None:
-    system.task.stop()
-    try:
-        title = f"During outage {uuid.uuid4().hex[:8]}"
-        delivery = await send_github(system, gateway, issue_event("opened", unique(), title=title))
-        deadline = time.monotonic() + 20
-        while (row := await delivery_state(system, delivery))["attempts"] < 2:
-            assert time.monotonic() < deadline, dict(row)
-            await asyncio.sleep(0.05)
-        assert row["state"] in ("pending", "processing")
-        # The calls waited for the task service until their deadline, then gave up.
-        assert "task service answered" in row["last_error"]
-    finally:
-        await system.task.start()
-    await wait_state(system, delivery, "completed", timeout=30)
-    assert len(await tasks_titled(system, title)) == 1
+async def test_task_service_outage_delays_but_loses_nothing(system: SagaSystem) -> None:
+    # More failed attempts than MHV_WEBHOOK_SAGA_MAX_ATTEMPTS, but within the dead-letter
+    # horizon (a day by default): the delivery keeps waiting instead of being parked.
+    async with system.gateway(MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="2") as gateway:
+        system.task.stop()
+        try:
+            title = f"During outage {uuid.uuid4().hex[:8]}"
+            delivery = await send_github(
+                system, gateway, issue_event("opened", unique(), title=title)
+            )
+            deadline = time.monotonic() + 40
+            while (row := await delivery_state(system, delivery))["attempts"] < 3:
+                assert time.monotonic() < deadline, dict(row)
+                assert row["state"] != "dead_letter", dict(row)
+                await asyncio.sleep(0.05)
+            assert row["state"] in ("pending", "processing")
+            # The calls waited for the task service until their deadline, then gave up.
+            assert "task service answered" in row["last_error"]
+        finally:
+            await system.task.start()
+        await wait_state(system, delivery, "completed", timeout=30)
+        assert len(await tasks_titled(system, title)) == 1
 
 
 async def test_dead_letter_then_operator_retry(system: SagaSystem) -> None:
-    async with system.gateway(MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="2") as gateway:
+    # Two attempts, and no horizon: the delivery is parked at once.
+    async with system.gateway(
+        MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="2", MHV_WEBHOOK_SAGA_DEAD_LETTER_AFTER_SECONDS="0"
+    ) as gateway:
         system.task.stop()
         try:
             title = f"Dead letter {uuid.uuid4().hex[:8]}"

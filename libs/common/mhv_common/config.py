@@ -140,6 +140,8 @@ class WebhookSettings(CommonSettings):
     webhook_max_concurrency: int = 1024
     webhook_saga_lease_seconds: float = 30.0
     webhook_saga_max_attempts: int = 8
+    # A delivery is dead-lettered only after max_attempts AND this long since it arrived.
+    webhook_saga_dead_letter_after_seconds: float = Field(default=86_400.0, ge=0)
     webhook_saga_retry_base_seconds: float = 1.0
     webhook_saga_poll_seconds: float = 0.2
     # Fault injection for crash tests only: SIGKILL the gateway after this saga step commits.

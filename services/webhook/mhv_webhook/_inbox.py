@@ -38,6 +38,14 @@ SELECT (SELECT id FROM enqueued) AS id,
        coalesce((SELECT array_agg(key_kind) FROM claimed), '{}') AS claimed
 """
 
+# Which of a delivery's dedup keys are known already (read-only; ACCEPT_SQL stays the
+# authority when two copies race).
+KNOWN_SQL = """
+SELECT coalesce(array_agg(d.key_kind), '{}') AS known
+FROM unnest($2::text[], $3::text[]) AS k (kind, key)
+JOIN dedup d ON d.source = $1 AND d.key_kind = k.kind AND d.key = k.key
+"""
+
 # Bounded batches keep each purge transaction short; the index on received_at finds them.
 PURGE_SQL = """
 DELETE FROM dedup
@@ -138,6 +146,20 @@ class Inbox:
         claimed = set(row["claimed"])
         repeated = tuple(kind for kind, _ in dedup_keys if kind not in claimed)
         return AcceptResult(row["id"], repeated)
+
+    async def known(
+        self, *, source: str, dedup_keys: Sequence[tuple[str, str]], timeout: float | None = None
+    ) -> tuple[str, ...]:
+        """The kinds of `dedup_keys` already recorded: non-empty means a repeat."""
+        async with self._db.connection(timeout=timeout) as conn:
+            known = await conn.fetchval(
+                KNOWN_SQL,
+                source,
+                [kind for kind, _ in dedup_keys],
+                [key for _, key in dedup_keys],
+                timeout=timeout,
+            )
+        return tuple(known)
 
     async def purge_dedup(
         self, *, retention_seconds: float, batch: int = 10_000, timeout: float | None = None
@@ -264,7 +286,8 @@ SET state = 'processing', leased_by = $1, leased_until = now() + make_interval(s
     attempts = d.attempts + 1, updated_at = now()
 FROM next
 WHERE d.id = next.id
-RETURNING d.id, d.source, d.event, d.action, d.body, d.traceparent, d.tracestate, d.attempts
+RETURNING d.id, d.source, d.event, d.action, d.body, d.traceparent, d.tracestate, d.attempts,
+          extract(epoch FROM now() - d.received_at)::float8 AS age_seconds
 """
 
 
@@ -280,6 +303,7 @@ class Claimed:
     traceparent: str | None
     tracestate: str | None
     attempts: int
+    age_seconds: float
     step: str
     saga_state: str
     task_id: int | None
@@ -438,6 +462,7 @@ class Sagas:
             traceparent=row["traceparent"],
             tracestate=row["tracestate"],
             attempts=row["attempts"],
+            age_seconds=row["age_seconds"],
             step=saga["step"],
             saga_state=saga["state"],
             task_id=saga["task_id"],

@@ -71,8 +71,16 @@ class Ingestor:
         verified = source.verifier.verify(headers, body, now=self._clock())
         for label in verified.matched_keys:
             SECRET_MATCHES.labels(source.name, label).inc()
-        # The source's budget is spent only by deliveries its own secret signed: nobody else
-        # can exhaust it.
+        # A repeat (a sender's retry, or a captured request replayed) is acknowledged without
+        # spending the source's budget: replays must not crowd out the sender's new deliveries.
+        repeated = await self._inbox.known(
+            source=source.name, dedup_keys=verified.dedup_keys, timeout=timeout
+        )
+        if repeated:
+            self._count_repeat(source.name, repeated)
+            return Receipt(None, verified.delivery_id, repeated)
+        # The source's budget is spent only by new deliveries its own secret signed: nobody
+        # else can exhaust it.
         decision = await source.limiter.hit(key=source.name, method_class=RATE_CLASS, roles=())
         if not decision.allowed:
             raise RateLimitExceededError(
@@ -95,7 +103,12 @@ class Ingestor:
             timeout=timeout,
         )
         if result.delivery_id is None:
-            # A repeat of the body alone (new delivery id) is a replay, not a sender retry.
-            matched = "delivery_id" if "delivery_id" in result.repeated_kinds else "body"
-            DUPLICATES.labels(source.name, matched).inc()
+            # A copy that raced ours in between: the atomic insert decided.
+            self._count_repeat(source.name, result.repeated_kinds)
         return Receipt(result.delivery_id, verified.delivery_id, result.repeated_kinds)
+
+    @staticmethod
+    def _count_repeat(source: str, kinds: tuple[str, ...]) -> None:
+        # A repeat of the body alone (new delivery id) is a replay, not a sender retry.
+        matched = "delivery_id" if "delivery_id" in kinds else "body"
+        DUPLICATES.labels(source, matched).inc()

@@ -69,7 +69,9 @@ class SagaWorker:
         schemes: Source name -> scheme (github, gitlab, standard).
         index: Worker number, for its name.
         lease_seconds: How long a claim lasts without renewal.
-        max_attempts: Attempts before a delivery is dead-lettered.
+        max_attempts: Attempts before a delivery may be dead-lettered...
+        dead_letter_after_seconds: ...and how long it must have been failing: an outage of
+            the task service shorter than this only delays deliveries.
         retry_base_seconds: First retry delay; doubled each attempt (with jitter), capped.
         poll_seconds: Pause when there is nothing to do.
         crash_after: Fault injection for crash tests: SIGKILL this process right after the
@@ -86,6 +88,7 @@ class SagaWorker:
         index: int,
         lease_seconds: float = 30.0,
         max_attempts: int = 8,
+        dead_letter_after_seconds: float = 86_400.0,
         retry_base_seconds: float = 1.0,
         poll_seconds: float = 0.2,
         crash_after: str = "",
@@ -98,6 +101,7 @@ class SagaWorker:
         self._schemes = schemes
         self._lease = lease_seconds
         self._max_attempts = max_attempts
+        self._dead_after = dead_letter_after_seconds
         self._retry_base = retry_base_seconds
         self._poll = poll_seconds
         self._crash_after = crash_after
@@ -332,7 +336,9 @@ class SagaWorker:
             self._failpoint("done")
 
     async def _retry(self, claimed: Claimed, error: str) -> None:
-        dead = claimed.attempts >= self._max_attempts
+        # Only failures that outlast both bounds dead-letter: a task service down for an
+        # hour delays its deliveries (retried at most every 5 minutes), it does not park them.
+        dead = claimed.attempts >= self._max_attempts and claimed.age_seconds >= self._dead_after
         delay = min(self._retry_base * 2 ** (claimed.attempts - 1), 300.0)
         delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not security
         await self._sagas.reschedule(

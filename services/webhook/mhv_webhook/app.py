@@ -133,6 +133,7 @@ def build(
                 index=i,
                 lease_seconds=settings.webhook_saga_lease_seconds,
                 max_attempts=settings.webhook_saga_max_attempts,
+                dead_letter_after_seconds=settings.webhook_saga_dead_letter_after_seconds,
                 retry_base_seconds=settings.webhook_saga_retry_base_seconds,
                 poll_seconds=settings.webhook_saga_poll_seconds,
                 crash_after=settings.webhook_saga_crash_after,
