@@ -443,7 +443,12 @@ CAP = 1024 * 1024
 
 
 async def _post_while_reading(
-    edge: EdgeServer, tls: Tls, *, total: int, declare_length: bool
+    edge: EdgeServer,
+    tls: Tls,
+    *,
+    total: int,
+    declare_length: bool,
+    signature: str = "webhook-signature: v1,AAAA\r\n",
 ) -> tuple[int, dict[str, object], int]:
     """POST `total` bytes to the 1 MiB source while reading the answer, as curl does.
 
@@ -458,7 +463,7 @@ async def _post_while_reading(
         (
             "POST /webhooks/generic HTTP/1.1\r\nHost: localhost\r\n"
             f"webhook-id: msg_big\r\nwebhook-timestamp: {int(time.time())}\r\n"
-            f"webhook-signature: v1,AAAA\r\n{framing}\r\n\r\n"
+            f"{signature}{framing}\r\n\r\n"
         ).encode()
     )
     chunk = b" " * 65536
@@ -508,6 +513,20 @@ async def test_declared_oversized_body_is_refused_without_reading_it(
     # Refused on Content-Length alone: not one body byte was read.
     assert metric("webhook_body_bytes_received_total", source="generic") == read_before
     assert sent < 30 * CAP
+
+
+@pytest.mark.parametrize("declare_length", [True, False], ids=["content-length", "chunked"])
+async def test_unsigned_requests_are_refused_before_their_body_is_read(
+    edge: EdgeServer, tls: Tls, declare_length: bool
+) -> None:
+    # No signature at all, with a body within the cap: refused on its headers; the body is
+    # neither read nor buffered, whatever its framing.
+    read_before = metric("webhook_body_bytes_received_total", source="generic")
+    status, body, _sent = await _post_while_reading(
+        edge, tls, total=CAP // 2, declare_length=declare_length, signature=""
+    )
+    assert (status, body["error_code"]) == (401, "MHV-300")
+    assert metric("webhook_body_bytes_received_total", source="generic") == read_before
 
 
 async def test_streamed_oversized_body_is_cut_at_the_cap(edge: EdgeServer, tls: Tls) -> None:

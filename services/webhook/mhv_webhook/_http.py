@@ -213,6 +213,9 @@ class WebhookEdge:
                     )
                 if source is None:
                     raise WebhookSourceUnknownError()
+                # Junk without (or with stale, or, for a GitLab token, wrong) credentials is
+                # refused before a byte of its body is read or buffered.
+                self._ingestor.precheck(source, headers)
                 body = await self._read_body(request, headers, source)
                 ctx.deadline = time.monotonic() + self._ack_deadline
                 outgoing: dict[str, str] = {}

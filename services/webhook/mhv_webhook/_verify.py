@@ -202,6 +202,29 @@ def _standard_signatures(header: str) -> list[bytes]:
     return found
 
 
+def precheck_standard(
+    headers: HeaderView, *, now: float, window: FreshnessWindow
+) -> tuple[str, str, str]:
+    """The Standard Webhooks checks that need no body: (signature, timestamp, webhook-id).
+
+    Raises:
+        WebhookTimestampInvalidError: Timestamp missing, malformed or outside the window.
+        WebhookSignatureInvalidError: Id or signature missing.
+
+    """
+    signature = headers.get("webhook-signature")
+    if not signature:
+        raise WebhookSignatureInvalidError("The webhook-signature header is missing.")
+    # Stale or future-dated requests are refused before any HMAC is computed.
+    timestamp = headers.get("webhook-timestamp")
+    check_freshness(timestamp, now=now, window=window)
+    assert timestamp is not None
+    msg_id = headers.get("webhook-id")
+    if not msg_id:
+        raise WebhookSignatureInvalidError("The webhook-id header is missing.")
+    return signature, timestamp, msg_id
+
+
 def verify_standard(
     headers: HeaderView,
     body: bytes,
@@ -217,16 +240,7 @@ def verify_standard(
         WebhookSignatureInvalidError: Id or signature missing, or no signature matches.
 
     """
-    signature = headers.get("webhook-signature")
-    if not signature:
-        raise WebhookSignatureInvalidError("The webhook-signature header is missing.")
-    # Stale or future-dated requests are refused before any HMAC is computed.
-    timestamp = headers.get("webhook-timestamp")
-    check_freshness(timestamp, now=now, window=window)
-    assert timestamp is not None
-    msg_id = headers.get("webhook-id")
-    if not msg_id:
-        raise WebhookSignatureInvalidError("The webhook-id header is missing.")
+    signature, timestamp, msg_id = precheck_standard(headers, now=now, window=window)
     given = _standard_signatures(signature)
     signed = b".".join((msg_id.encode("utf-8"), timestamp.encode("ascii"), body))
     for secret in _active(secrets, now):
@@ -253,6 +267,15 @@ class Verifier(Protocol):
             WebhookSignatureInvalidError: Authentication failed (MHV-300).
             WebhookTimestampInvalidError: Freshness failed (MHV-304).
             ValidationError: Required headers missing or malformed (MHV-003).
+
+        """
+
+    def precheck(self, headers: HeaderView, *, now: float) -> None:
+        """Everything `verify` checks that needs no body, so junk is refused unread.
+
+        Raises:
+            WebhookSignatureInvalidError: Authentication failed (MHV-300).
+            WebhookTimestampInvalidError: Freshness failed (MHV-304).
 
         """
 
@@ -291,8 +314,12 @@ class GitHubVerifier:
         """One label per configured secret."""
         return tuple(s.label for s in self._secrets)
 
-    def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
-        """Check the body signature; the delivery id and event come from headers."""
+    def precheck(self, headers: HeaderView, *, now: float) -> None:
+        """The signature header is there and well formed."""
+        self._given(headers)
+
+    @staticmethod
+    def _given(headers: HeaderView) -> bytes:
         header = headers.get("x-hub-signature-256")
         if not header:
             raise WebhookSignatureInvalidError("The X-Hub-Signature-256 header is missing.")
@@ -305,6 +332,11 @@ class GitHubVerifier:
             raise WebhookSignatureInvalidError(
                 "The X-Hub-Signature-256 header must be sha256=<64 hex digits>."
             )
+        return given
+
+    def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
+        """Check the body signature; the delivery id and event come from headers."""
+        given = self._given(headers)
         label = None
         for secret in _active(self._secrets, now):
             if hmac.compare_digest(hmac.new(secret.key, body, hashlib.sha256).digest(), given):
@@ -345,23 +377,31 @@ class GitLabVerifier:
             f"signing:{s.label}" for s in self._signing
         )
 
+    def precheck(self, headers: HeaderView, *, now: float) -> None:
+        """The secret token in full (it does not depend on the body), and the signing headers."""
+        self._token_label(headers, now)
+        if self._signing:
+            precheck_standard(headers, now=now, window=self._window)
+
+    def _token_label(self, headers: HeaderView, now: float) -> str | None:
+        if not self._tokens:
+            return None
+        token = headers.get("x-gitlab-token")
+        if not token:
+            raise WebhookSignatureInvalidError("The X-Gitlab-Token header is missing.")
+        # Compare digests so the comparison takes the same time whatever the lengths.
+        given = hashlib.sha256(token.encode("utf-8")).digest()
+        for secret in _active(self._tokens, now):
+            if hmac.compare_digest(hashlib.sha256(secret.key).digest(), given):
+                return secret.label
+        raise WebhookSignatureInvalidError()
+
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Check the configured token kinds; dedup on the signed id or the delivery headers."""
         labels: list[str] = []
-        if self._tokens:
-            token = headers.get("x-gitlab-token")
-            if not token:
-                raise WebhookSignatureInvalidError("The X-Gitlab-Token header is missing.")
-            # Compare digests so the comparison takes the same time whatever the lengths.
-            given = hashlib.sha256(token.encode("utf-8")).digest()
-            label = None
-            for secret in _active(self._tokens, now):
-                if hmac.compare_digest(hashlib.sha256(secret.key).digest(), given):
-                    label = secret.label
-                    break
-            if label is None:
-                raise WebhookSignatureInvalidError()
-            labels.append(f"token:{label}")
+        token_label = self._token_label(headers, now)
+        if token_label is not None:
+            labels.append(f"token:{token_label}")
         idempotency_key = headers.get("idempotency-key") or None
         dedup: tuple[tuple[str, str], ...]
         if self._signing:
@@ -415,6 +455,10 @@ class StandardVerifier:
     def key_labels(self) -> tuple[str, ...]:
         """One label per configured secret."""
         return tuple(s.label for s in self._secrets)
+
+    def precheck(self, headers: HeaderView, *, now: float) -> None:
+        """Signature, id and a fresh timestamp are there."""
+        precheck_standard(headers, now=now, window=self._window)
 
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Check timestamp and signature over ``{id}.{timestamp}.{body}``."""
