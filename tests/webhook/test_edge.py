@@ -11,6 +11,7 @@ import re
 import ssl
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -685,3 +686,62 @@ def test_requests_per_client_address_are_limited_before_verification(
         assert statuses == [401, 401, 401, 429]
     finally:
         server.close()
+
+
+@pytest.fixture
+def guarded_edge(
+    deployment: Deployment, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+) -> Iterator[EdgeServer]:
+    """A gateway with tight connection guards: 3 per address, 0.5 s for a request head."""
+    sources = tmp_path / "webhooks.yaml"
+    sources.write_text(EDGE_SOURCES)
+    settings = edge_settings(deployment, tls, sources).model_copy(
+        update={"webhook_head_timeout_seconds": 0.5, "webhook_max_connections_per_address": 3}
+    )
+    server = EdgeServer(settings, hook_secrets.edge_environ(), deployment.role_url("webhook"))
+    server.start()
+    yield server
+    server.close()
+
+
+async def _open(edge: EdgeServer, tls: Tls) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        "127.0.0.1", edge.port, ssl=tls.client_context(), server_hostname="localhost"
+    )
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 10) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+async def test_silent_and_trickling_connections_are_closed(
+    guarded_edge: EdgeServer, tls: Tls
+) -> None:
+    before = metric("webhook_connections_closed_total", reason="head_timeout")
+    silent_reader, silent = await _open(guarded_edge, tls)
+    trickle_reader, trickle = await _open(guarded_edge, tls)
+    trickle.write(b"POST /webhooks/generic HTTP/1.1\r\nHost: local")  # and never the rest
+    await trickle.drain()
+    assert await _closed_by_server(silent_reader)
+    assert await _closed_by_server(trickle_reader)
+    for writer in (silent, trickle):
+        writer.close()
+    assert metric("webhook_connections_closed_total", reason="head_timeout") - before == 2
+
+
+async def test_one_address_cannot_hold_every_connection(guarded_edge: EdgeServer, tls: Tls) -> None:
+    held = [await _open(guarded_edge, tls) for _ in range(3)]
+    reader, writer = await _open(guarded_edge, tls)
+    # The fourth from the same address is closed at once (before the head timeout matters).
+    assert await _closed_by_server(reader)
+    writer.close()
+    assert metric("webhook_connections_closed_total", reason="per_address") >= 1
+    for _reader, held_writer in held:
+        held_writer.close()
+    await asyncio.sleep(0.2)
+    # Once they are gone the address is served again.
+    async with httpx.AsyncClient(base_url=guarded_edge.url, verify=tls.client_context()) as c:
+        assert (await c.get("/healthz")).status_code == 200

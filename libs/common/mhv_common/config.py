@@ -138,6 +138,10 @@ class WebhookSettings(CommonSettings):
     webhook_body_timeout_seconds: float = 30.0
     # Open connections and requests in flight; beyond it the gateway answers 503 at once.
     webhook_max_concurrency: int = 1024
+    # A connection must send a request head this soon, or is closed (slow or idle clients).
+    webhook_head_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Open connections one client address may hold (0: no cap; use 0 behind a proxy).
+    webhook_max_connections_per_address: int = Field(default=256, ge=0)
     webhook_saga_lease_seconds: float = 30.0
     webhook_saga_max_attempts: int = 8
     # A delivery is dead-lettered only after max_attempts AND this long since it arrived.

@@ -17,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mhv_common.errors import ConfigurationError, ValidationError
 from mhv_common.tls import no_passphrase
+from mhv_webhook._metrics import CONNECTIONS_REFUSED
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +87,71 @@ class _GatewayTransport:
 
 
 class _GatewayH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol over a `_GatewayTransport`."""
+    """uvicorn's HTTP/1.1 protocol over a `_GatewayTransport`, with two guards uvicorn lacks.
+
+    - A request head must arrive within `head_timeout` of the connection opening, or of its
+      first byte after a response: a connection that sends nothing, or trickles its headers,
+      is closed instead of holding one of the `limit_concurrency` slots for good.
+    - At most `per_address` connections per client address (0: no cap), so one address
+      cannot take every slot. Behind a proxy every connection comes from the proxy: set 0.
+
+    `serve` makes a subclass with the configured values; `open_per_address` is per process.
+    """
+
+    head_timeout: float = 10.0
+    per_address: int = 0
+    open_per_address: dict[str, int] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_GatewayTransport(transport, self))  # type: ignore[arg-type]
+        self._address = self.client[0] if self.client else ""
+        counts = type(self).open_per_address
+        counts[self._address] = counts.get(self._address, 0) + 1
+        self._head_timer: asyncio.TimerHandle | None = None
+        if self.per_address and counts[self._address] > self.per_address:
+            CONNECTIONS_REFUSED.labels("per_address").inc()
+            transport.abort()
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        counts = type(self).open_per_address
+        left = counts.get(self._address, 1) - 1
+        if left > 0:
+            counts[self._address] = left
+        else:
+            counts.pop(self._address, None)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # The first bytes of a further request on a kept-alive connection start its clock.
+        if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timer()
+        super().data_received(data)
+
+    def _arm_head_timer(self) -> None:
+        waiting_for = self.cycle
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+
+        def expire() -> None:
+            self._head_timer = None
+            # Still no new request since the clock started: give the slot back.
+            if self.cycle is waiting_for and not self.transport.is_closing():
+                CONNECTIONS_REFUSED.labels("head_timeout").inc()
+                self.transport.close()
+
+        self._head_timer = self.loop.call_later(self.head_timeout, expire)
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before and self._head_timer is not None:
+            # A request head arrived: its body has the body timeout.
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def send_400_response(self, msg: str) -> None:
         """Answer a request HTTP/1.1 itself cannot parse with the catalog's JSON body.
@@ -155,9 +217,20 @@ class HttpsListener:
         keep_alive_seconds: int = 75,
         reuse_port: bool = False,
         max_concurrency: int = 1024,
+        head_timeout_seconds: float = 10.0,
+        max_connections_per_address: int = 0,
     ) -> None:
         self._reuse_port = reuse_port
         self._max_concurrency = max_concurrency
+        self._protocol = type(
+            "GatewayH11Protocol",
+            (_GatewayH11Protocol,),
+            {
+                "head_timeout": head_timeout_seconds,
+                "per_address": max_connections_per_address,
+                "open_per_address": {},
+            },
+        )
         # Idle connections are kept longer than clients and proxies keep theirs (60 s is
         # common): the side that closes an idle connection must be the one that would reuse
         # it, or a request sent just as the server closes is lost in transit ("server
@@ -206,7 +279,7 @@ class HttpsListener:
         assert self._socket is not None
         config = uvicorn.Config(
             self._app,
-            http=_GatewayH11Protocol,
+            http=self._protocol,
             backlog=BACKLOG,
             lifespan="off",
             log_config=None,

@@ -51,6 +51,14 @@ BODY_BYTES = Counter(
     "Request body bytes the gateway read (at most the source's cap per request).",
     ["source"],
 )
+CONNECTIONS_REFUSED = Counter(
+    "webhook_connections_closed_total",
+    "HTTPS connections the gateway closed unserved: per_address (the client address holds its "
+    "maximum already) or head_timeout (no complete request head in time).",
+    ["reason"],
+)
+for _reason in ("per_address", "head_timeout"):
+    CONNECTIONS_REFUSED.labels(_reason)
 INBOX_DEPTH = Gauge("webhook_inbox_depth", "Inbox deliveries in each open state.", ["state"])
 INBOX_LAG = Gauge(
     "webhook_inbox_lag_seconds", "Age of the oldest delivery still pending (0 when none)."

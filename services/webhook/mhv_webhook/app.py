@@ -105,6 +105,8 @@ def build(
         tls=tls,
         reuse_port=settings.reuse_port,
         max_concurrency=settings.webhook_max_concurrency,
+        head_timeout_seconds=settings.webhook_head_timeout_seconds,
+        max_connections_per_address=settings.webhook_max_connections_per_address,
     )
 
     def register(server: aio.Server) -> Sequence[str]:
