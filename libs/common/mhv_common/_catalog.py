@@ -138,7 +138,9 @@ CATALOG: tuple[ErrorSpec, ...] = (
         504,
         "The operation did not finish within its deadline.",
         (
-            "Nothing was committed; the request may be retried.",
+            "A deadline that passes while a change commits cannot tell whether it was saved: "
+            "retry CreateTask with the same request_id (it never creates twice), and re-read a "
+            "resource (its etag) before repeating any other change.",
             "Give the call a longer deadline if the operation is known to be slow.",
         ),
         retryable=True,
@@ -191,7 +193,10 @@ CATALOG: tuple[ErrorSpec, ...] = (
         _S.CANCELLED,
         499,
         "The caller cancelled the request.",
-        ("Nothing was committed; send the request again if it is still wanted.",),
+        (
+            "A change cancelled while it committed may have been saved: re-read the resource "
+            "(or retry CreateTask with the same request_id) before sending it again.",
+        ),
     ),
     # --- Task and user errors (100-199) -----------------------------------------------------
     ErrorSpec(

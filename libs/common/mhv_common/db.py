@@ -217,7 +217,8 @@ class Database:
         the server roll back.
 
         Raises:
-            DeadlineExceededError: The request deadline passed (MHV-007); nothing committed.
+            DeadlineExceededError: The request deadline passed (MHV-007). Before COMMIT was
+                sent nothing is committed; during it, the outcome is unknown to us too.
             DatabaseConnectionError: The connection failed (MHV-002); nothing committed.
         """
         conn = await self._acquire(timeout)
