@@ -208,3 +208,19 @@ async def test_quality_gate_text_is_cleaned_and_its_size_bounded(
     assert done.status == task_pb2.TASK_STATUS_COMPLETED
     stored = await db.fetchval("SELECT quality_gate FROM task.tasks WHERE id = $1", done.id)
     assert "\\u0000" not in str(stored) and "lint" in str(stored)
+
+
+async def test_cancelling_a_blocked_task_clears_its_blocked_reason(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    task = await new_task(tasks, people.alice)
+    blocked = await tasks.BlockTask(
+        task_pb2.BlockTaskRequest(id=task.id, etag=task.etag, reason="waiting on review"),
+        metadata=people.alice.md(),
+    )
+    cancelled = await tasks.CancelTask(
+        task_pb2.CancelTaskRequest(id=task.id, etag=blocked.etag, reason="not needed"),
+        metadata=people.alice.md(),
+    )
+    assert cancelled.status == task_pb2.TASK_STATUS_CANCELLED
+    assert cancelled.blocked_reason == ""

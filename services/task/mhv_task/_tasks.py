@@ -381,7 +381,9 @@ class Tasks:
                     checks_run=int(gate.get("checks_run", 0)),
                 )
             elif action == Action.CANCEL:
-                changes.update(cancel_reason=reason or None, status_before_block=None)
+                changes.update(
+                    cancel_reason=reason or None, status_before_block=None, blocked_reason=None
+                )
                 details["reason"] = reason
             elif action == Action.BLOCK:
                 changes.update(blocked_reason=reason or None, status_before_block=current.value)
