@@ -96,6 +96,13 @@ class RateLimiter:
         RATE_LIMIT_REJECTIONS.labels(service=self._service, method_class=method_class).inc()
         return RateDecision(False, str(rule), max(reset_at - time.time(), 0.001))
 
+    async def peek(self, *, key: str, method_class: str, roles: Iterable[str]) -> bool:
+        """Whether one more request by `key` would be allowed now, without counting it."""
+        rule = self.rule_for(method_class, roles)
+        if rule is None:
+            return True
+        return bool(await self._limiter.test(rule, self._service, method_class, key))
+
     async def enforce(self, *, key: str, method_class: str, roles: Iterable[str]) -> None:
         """Like `hit`, but raise MHV-006 when the request is over the limit."""
         decision = await self.hit(key=key, method_class=method_class, roles=roles)

@@ -92,22 +92,26 @@ class Ingestor:
             verified = source.verifier.verify(headers, body, now=self._clock())
         for label in verified.matched_keys:
             SECRET_MATCHES.labels(source.name, label).inc()
-        # A repeat (a sender's retry, or a captured request replayed) is acknowledged without
-        # spending the source's budget: replays must not crowd out the sender's new deliveries.
-        repeated = await self._inbox.known(
-            source=source.name, dedup_keys=verified.dedup_keys, timeout=timeout
-        )
-        if repeated:
-            self._count_repeat(source.name, repeated)
-            return Receipt(None, verified.delivery_id, repeated)
         # The source's budget is spent only by new deliveries its own secret signed: nobody
-        # else can exhaust it.
-        decision = await source.limiter.hit(key=source.name, method_class=RATE_CLASS, roles=())
-        if not decision.allowed:
-            raise RateLimitExceededError(
-                f"Rate limit {decision.limit} for source {source.name} exceeded.",
-                retry_after=decision.retry_after,
+        # else can exhaust it, and a repeat (a sender's retry, a captured request replayed)
+        # is acknowledged without spending it, so replays cannot crowd out new deliveries.
+        # Under budget (the usual case) the atomic insert tells new from repeat and only a new
+        # delivery is charged; over budget, the dedup keys are looked up before refusing.
+        charged = False
+        if not await source.limiter.peek(key=source.name, method_class=RATE_CLASS, roles=()):
+            repeated = await self._inbox.known(
+                source=source.name, dedup_keys=verified.dedup_keys, timeout=timeout
             )
+            if repeated:
+                self._count_repeat(source.name, repeated)
+                return Receipt(None, verified.delivery_id, repeated)
+            decision = await source.limiter.hit(key=source.name, method_class=RATE_CLASS, roles=())
+            if not decision.allowed:
+                raise RateLimitExceededError(
+                    f"Rate limit {decision.limit} for source {source.name} exceeded.",
+                    retry_after=decision.retry_after,
+                )
+            charged = True
         # Only now, with the bytes authenticated, is the body parsed.
         payload = parse_payload(body)
         event, action = source.verifier.describe(verified, payload)
@@ -124,8 +128,11 @@ class Ingestor:
             timeout=timeout,
         )
         if result.delivery_id is None:
-            # A copy that raced ours in between: the atomic insert decided.
             self._count_repeat(source.name, result.repeated_kinds)
+        elif not charged:
+            # Concurrent requests may all have passed the peek: the budget can be overrun by
+            # at most the requests in flight, and catches up here.
+            await source.limiter.hit(key=source.name, method_class=RATE_CLASS, roles=())
         return Receipt(result.delivery_id, verified.delivery_id, result.repeated_kinds)
 
     @staticmethod
