@@ -224,3 +224,30 @@ async def test_cancelling_a_blocked_task_clears_its_blocked_reason(
     )
     assert cancelled.status == task_pb2.TASK_STATUS_CANCELLED
     assert cancelled.blocked_reason == ""
+
+
+async def test_an_update_that_changes_nothing_writes_nothing(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People, db: asyncpg.Connection
+) -> None:
+    task = await new_task(tasks, people.alice)
+    same = await tasks.UpdateTask(
+        task_pb2.UpdateTaskRequest(
+            task=task_pb2.Task(id=task.id, etag=task.etag, title=task.title),
+            update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+        ),
+        metadata=people.alice.md(),
+    )
+    # No new version: the caller's etag stays valid, and no audit event claims a change.
+    assert same.etag == task.etag
+    events = await db.fetch(
+        "SELECT event_type FROM task.outbox WHERE task_id = $1 ORDER BY id", task.id
+    )
+    assert [e["event_type"] for e in events] == ["task_created"]
+    changed = await tasks.UpdateTask(
+        task_pb2.UpdateTaskRequest(
+            task=task_pb2.Task(id=task.id, etag=same.etag, title=task.title + " (edited)"),
+            update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+        ),
+        metadata=people.alice.md(),
+    )
+    assert changed.etag != task.etag

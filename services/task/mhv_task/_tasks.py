@@ -325,13 +325,16 @@ class Tasks:
         if "title" in new_values and new_values["title"] is None:
             raise ValidationError(violations=[FieldViolation("task.title", "must not be empty")])
 
-        def plan(row: Mapping[str, Any]) -> tuple[dict[str, Any], str, dict[str, Any]]:
+        def plan(row: Mapping[str, Any]) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
             check(Action.UPDATE, Status(row["status"]))
             diff = {
                 p: {"old": _jsonable(row[p]), "new": _jsonable(v)}
                 for p, v in new_values.items()
                 if row[p] != v
             }
+            if not diff:
+                # Nothing changes: no new version (the etag stays valid) and no event.
+                return {}, None, {}
             return new_values, "task_updated", diff
 
         return await self._change(task_id, etag, plan)
@@ -427,6 +430,8 @@ class Tasks:
             _check_etag(row, etag)
             changes, event_type, details = plan(row)
             await _ensure_active(conn, actor.user_id, field="caller")
+            if event_type is None:
+                return row
             if assignee is not None:
                 # Locked: a deactivation or deletion of the assignee waits for this commit.
                 await _ensure_active(conn, assignee, field="assigned_to", lock=True)
