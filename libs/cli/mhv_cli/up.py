@@ -15,13 +15,13 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mhv_cli import devstate
 from mhv_cli.main import issuer, role_names
 from mhv_cli.migrate import migrate_up
 from mhv_common.auth import Role
+from mhv_common.client import Peer, service_channel
 from mhv_common.config import (
     AuditSettings,
     CommonSettings,
@@ -97,25 +97,14 @@ async def ensure_admin_user(admin_url: str) -> str:
 
 
 async def wait_healthy(
-    target: str,
-    *,
-    timeout: float,
-    tls: grpc.ChannelCredentials | None = None,
-    server_name: str = "",
-    alive: Callable[[], bool] = lambda: True,
+    peer: Peer, *, timeout: float, alive: Callable[[], bool] = lambda: True
 ) -> bool:
-    """Poll the gRPC health service at `target` until it reports SERVING.
+    """Poll the gRPC health service of `peer` until it reports SERVING.
 
-    With `tls`, the certificate must name `server_name`. Gives up early once `alive` says the
-    process behind `target` is gone.
+    Gives up early once `alive` says the process behind it is gone.
     """
     deadline = time.monotonic() + timeout
-    if tls is None:
-        channel = aio.insecure_channel(target)
-    else:
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-        channel = aio.secure_channel(target, tls, options=options)
-    async with channel:
+    async with service_channel(peer) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline and alive():
             try:
@@ -185,12 +174,9 @@ def _child_env(
         )
         hooks = secrets["webhook_secrets"]
         assert isinstance(hooks, dict)
-        for source, secret in hooks.items():
-            name = f"MHV_WEBHOOK_SECRETS_{source.upper()}"
-            env[name] = os.environ.get(name, str(secret))
-        for name, value in os.environ.items():
-            if name.startswith("MHV_WEBHOOK_SECRETS_"):
-                env[name] = value
+        # Generated secrets, each overridden by one the operator gives (who may add sources).
+        env.update({f"MHV_WEBHOOK_SECRETS_{s.upper()}": str(v) for s, v in hooks.items()})
+        env.update({k: v for k, v in os.environ.items() if k.startswith("MHV_WEBHOOK_SECRETS_")})
     return env
 
 
@@ -262,10 +248,8 @@ async def run_up() -> int:
             process = child.process
             assert process is not None
             healthy = await wait_healthy(
-                f"{local}:{child.grpc_port}",
+                Peer(f"{local}:{child.grpc_port}", tls, f"mahavishnu-{child.name}"),
                 timeout=HEALTH_TIMEOUT_SECONDS,
-                tls=tls,
-                server_name=f"mahavishnu-{child.name}",
                 alive=lambda p=process: p.returncode is None and not stop.is_set(),  # type: ignore[misc]
             )
             if not healthy:
