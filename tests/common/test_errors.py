@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import grpc
 import pytest
@@ -70,6 +72,42 @@ def test_every_code_has_an_exception_and_a_full_rpc_status(spec: ErrorSpec) -> N
 def test_every_code_has_a_named_export(spec: ErrorSpec) -> None:
     exported = [getattr(errors, n) for n in errors.__all__]
     assert errors.error_class(spec.code) in exported
+
+
+def _declared_error_classes() -> list[tuple[str, str]]:
+    """(name, code) of each ``class X(MahavishnuError, code="MHV-NNN")`` in errors.py's source."""
+    tree = ast.parse(Path(errors.__file__).read_text())
+    declared = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(base, ast.Name) and base.id == "MahavishnuError" for base in node.bases
+        ):
+            codes = [k.value for k in node.keywords if k.arg == "code"]
+            assert len(codes) == 1 and isinstance(codes[0], ast.Constant), node.name
+            declared.append((node.name, codes[0].value))
+    return declared
+
+
+def _class_name(spec: ErrorSpec) -> str:
+    name = "".join(part.capitalize() for part in spec.name.split("_"))
+    name = name if name.endswith("Error") else f"{name}Error"
+    # The builtin NotImplementedError keeps its name.
+    return "NotImplementedRpcError" if name == "NotImplementedError" else name
+
+
+def test_error_classes_are_declared_one_per_catalog_row_in_catalog_order() -> None:
+    # Written out in the source, not made at import time: readers and mypy see every class.
+    declared = _declared_error_classes()
+    assert declared == [(_class_name(spec), spec.code) for spec in CATALOG]
+    for name, code in declared:
+        cls = getattr(errors, name)
+        spec = errors.spec_for(code)
+        assert cls.spec is spec
+        assert cls.code == code
+        assert cls.__doc__ == f"{code}: {spec.title}"
+        assert errors.error_class(code) is cls
+        assert name in errors.__all__
+        assert repr(cls("x")).startswith(f"{name}(code={code},")
 
 
 def test_validation_error_lists_violations_in_http_body_and_grpc() -> None:

@@ -50,11 +50,20 @@ class FieldViolation:
 class MahavishnuError(Exception):
     """Root of every error a caller may see.
 
-    Subclasses fix `code`; instances carry a message and optional typed details. The message is
-    written for the caller and must not contain internal detail (SQL, paths, stack traces).
+    Each subclass below names its catalog row, ``class ValidationError(MahavishnuError,
+    code="MHV-003")``, and carries it as `spec` (with `code` copied from it); instances carry a
+    message and optional typed details. The message is written for the caller and must not
+    contain internal detail (SQL, paths, stack traces). The root itself stands for MHV-008.
     """
 
+    spec: ClassVar[ErrorSpec] = _SPECS["MHV-008"]
     code: ClassVar[str] = "MHV-008"
+
+    def __init_subclass__(cls, *, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.spec = _SPECS[code]
+        cls.code = cls.spec.code
 
     def __init__(
         self,
@@ -65,7 +74,6 @@ class MahavishnuError(Exception):
         retry_after: float | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> None:
-        self.spec = spec_for(self.code)
         self.message = message or self.spec.title
         self.recovery = tuple(recovery) if recovery is not None else self.spec.recovery
         self.violations = tuple(violations)
@@ -163,52 +171,160 @@ def _pack(status: status_pb2.Status, message: Any) -> None:
     status.details.append(detail)
 
 
-def _subclass(spec: ErrorSpec) -> type[MahavishnuError]:
-    name = "".join(part.capitalize() for part in spec.name.split("_"))
-    if not name.endswith("Error"):
-        name += "Error"
-    return type(name, (MahavishnuError,), {"code": spec.code, "__doc__": spec.title})
+# --- One class per catalog row, in catalog order ----------------------------------------------
+# Name: the row's name in CapWords ending in "Error" (MHV-010 is NotImplementedRpcError, so as
+# not to shadow the builtin); docstring: "code: title". A new row gets its class here; the
+# tests in tests/common/test_errors.py fail until it has one.
 
 
-# One subclass per catalog row, e.g. ValidationError, TaskNotFoundError.
-_CLASSES: dict[str, type[MahavishnuError]] = {spec.code: _subclass(spec) for spec in CATALOG}
+class ConfigurationError(MahavishnuError, code="MHV-001"):
+    """MHV-001: The service configuration is invalid."""
 
-ConfigurationError = _CLASSES["MHV-001"]
-DatabaseConnectionError = _CLASSES["MHV-002"]
-ValidationError = _CLASSES["MHV-003"]
-AuthenticationError = _CLASSES["MHV-004"]
-AuthorizationError = _CLASSES["MHV-005"]
-RateLimitExceededError = _CLASSES["MHV-006"]
-DeadlineExceededError = _CLASSES["MHV-007"]
-InternalError = _CLASSES["MHV-008"]
-ServiceUnavailableError = _CLASSES["MHV-009"]
-NotImplementedRpcError = _CLASSES["MHV-010"]
-InvalidPageTokenError = _CLASSES["MHV-011"]
-RequestCancelledError = _CLASSES["MHV-012"]
-TaskNotFoundError = _CLASSES["MHV-100"]
-TaskCreationFailedError = _CLASSES["MHV-101"]
-TaskUpdateFailedError = _CLASSES["MHV-102"]
-TaskDeletionFailedError = _CLASSES["MHV-103"]
-TaskAlreadyCompletedError = _CLASSES["MHV-104"]
-TaskBlockedError = _CLASSES["MHV-105"]
-InvalidTaskTransitionError = _CLASSES["MHV-106"]
-UserNotFoundError = _CLASSES["MHV-110"]
-UserAlreadyExistsError = _CLASSES["MHV-111"]
-UserInactiveError = _CLASSES["MHV-112"]
-UserHasTasksError = _CLASSES["MHV-113"]
-RepositoryNotFoundError = _CLASSES["MHV-200"]
-RepositoryNotConfiguredError = _CLASSES["MHV-201"]
-WorktreeCreationFailedError = _CLASSES["MHV-202"]
-WebhookSignatureInvalidError = _CLASSES["MHV-300"]
-WebhookReplayDetectedError = _CLASSES["MHV-301"]
-GithubApiError = _CLASSES["MHV-302"]
-GitlabApiError = _CLASSES["MHV-303"]
-WebhookTimestampInvalidError = _CLASSES["MHV-304"]
-WebhookPayloadTooLargeError = _CLASSES["MHV-305"]
-WebhookSourceUnknownError = _CLASSES["MHV-306"]
-DeliveryNotFoundError = _CLASSES["MHV-307"]
-DeliveryNotRetryableError = _CLASSES["MHV-308"]
-AuditChainBrokenError = _CLASSES["MHV-400"]
+
+class DatabaseConnectionError(MahavishnuError, code="MHV-002"):
+    """MHV-002: The database is unavailable."""
+
+
+class ValidationError(MahavishnuError, code="MHV-003"):
+    """MHV-003: The request is invalid."""
+
+
+class AuthenticationError(MahavishnuError, code="MHV-004"):
+    """MHV-004: The request carries no valid credentials."""
+
+
+class AuthorizationError(MahavishnuError, code="MHV-005"):
+    """MHV-005: The caller is not allowed to do this."""
+
+
+class RateLimitExceededError(MahavishnuError, code="MHV-006"):
+    """MHV-006: Too many requests."""
+
+
+class DeadlineExceededError(MahavishnuError, code="MHV-007"):
+    """MHV-007: The operation did not finish within its deadline."""
+
+
+class InternalError(MahavishnuError, code="MHV-008"):
+    """MHV-008: An internal error occurred."""
+
+
+class ServiceUnavailableError(MahavishnuError, code="MHV-009"):
+    """MHV-009: A service this operation depends on is unavailable."""
+
+
+class NotImplementedRpcError(MahavishnuError, code="MHV-010"):
+    """MHV-010: This operation is not implemented by this server."""
+
+
+class InvalidPageTokenError(MahavishnuError, code="MHV-011"):
+    """MHV-011: The page token is invalid or was issued for a different query."""
+
+
+class RequestCancelledError(MahavishnuError, code="MHV-012"):
+    """MHV-012: The caller cancelled the request."""
+
+
+class TaskNotFoundError(MahavishnuError, code="MHV-100"):
+    """MHV-100: The task does not exist."""
+
+
+class TaskCreationFailedError(MahavishnuError, code="MHV-101"):
+    """MHV-101: The task could not be created."""
+
+
+class TaskUpdateFailedError(MahavishnuError, code="MHV-102"):
+    """MHV-102: The task changed since you read it (stale etag)."""
+
+
+class TaskDeletionFailedError(MahavishnuError, code="MHV-103"):
+    """MHV-103: The task cannot be deleted in its current state."""
+
+
+class TaskAlreadyCompletedError(MahavishnuError, code="MHV-104"):
+    """MHV-104: The task is already completed."""
+
+
+class TaskBlockedError(MahavishnuError, code="MHV-105"):
+    """MHV-105: The task is blocked."""
+
+
+class InvalidTaskTransitionError(MahavishnuError, code="MHV-106"):
+    """MHV-106: The task cannot move to that status from its current status."""
+
+
+class UserNotFoundError(MahavishnuError, code="MHV-110"):
+    """MHV-110: The user does not exist."""
+
+
+class UserAlreadyExistsError(MahavishnuError, code="MHV-111"):
+    """MHV-111: A user with that username or email already exists."""
+
+
+class UserInactiveError(MahavishnuError, code="MHV-112"):
+    """MHV-112: The user is deactivated."""
+
+
+class UserHasTasksError(MahavishnuError, code="MHV-113"):
+    """MHV-113: The user created tasks and cannot be deleted."""
+
+
+class RepositoryNotFoundError(MahavishnuError, code="MHV-200"):
+    """MHV-200: The repository is not configured."""
+
+
+class RepositoryNotConfiguredError(MahavishnuError, code="MHV-201"):
+    """MHV-201: The repository is listed but not fully configured."""
+
+
+class WorktreeCreationFailedError(MahavishnuError, code="MHV-202"):
+    """MHV-202: A working tree for the repository could not be created."""
+
+
+class WebhookSignatureInvalidError(MahavishnuError, code="MHV-300"):
+    """MHV-300: The webhook signature is missing or does not match."""
+
+
+class WebhookReplayDetectedError(MahavishnuError, code="MHV-301"):
+    """MHV-301: This webhook delivery was already received."""
+
+
+class GithubApiError(MahavishnuError, code="MHV-302"):
+    """MHV-302: The GitHub integration failed."""
+
+
+class GitlabApiError(MahavishnuError, code="MHV-303"):
+    """MHV-303: The GitLab integration failed."""
+
+
+class WebhookTimestampInvalidError(MahavishnuError, code="MHV-304"):
+    """MHV-304: The webhook timestamp is missing, malformed or outside the accepted window."""
+
+
+class WebhookPayloadTooLargeError(MahavishnuError, code="MHV-305"):
+    """MHV-305: The webhook body exceeds the source's size limit."""
+
+
+class WebhookSourceUnknownError(MahavishnuError, code="MHV-306"):
+    """MHV-306: No webhook source with that name is configured."""
+
+
+class DeliveryNotFoundError(MahavishnuError, code="MHV-307"):
+    """MHV-307: The webhook delivery does not exist."""
+
+
+class DeliveryNotRetryableError(MahavishnuError, code="MHV-308"):
+    """MHV-308: Only dead-lettered deliveries can be retried."""
+
+
+class AuditChainBrokenError(MahavishnuError, code="MHV-400"):
+    """MHV-400: The audit log hash chain is broken."""
+
+
+# Every class above by its code; `test_errors` checks that they match the catalog one to one.
+_CLASSES: dict[str, type[MahavishnuError]] = {
+    cls.code: cls for cls in MahavishnuError.__subclasses__() if cls.__module__ == __name__
+}
 
 
 def error_class(code: str) -> type[MahavishnuError]:
