@@ -24,7 +24,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mhv_common.auth import Role, TokenIssuer, generate_signing_key
 from mhv_common.config import CommonSettings
 from mhv_common.db import Database
-from mhv_common.errors import FieldViolation, ValidationError
+from mhv_common.edge import classify
+from mhv_common.errors import FieldViolation, MahavishnuError, ValidationError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import RunningService, ServiceDefinition
 from tests.harness import Deployment, Keys, bearer, detail, rich_status
@@ -448,3 +449,35 @@ async def test_made_up_method_names_are_not_remembered(
     for interceptor in probe.interceptors:
         cached = getattr(interceptor, "_handlers", {})
         assert not [m for m in cached if m.startswith("/x")], type(interceptor).__name__
+
+
+# --- classify: the one mapping both edges use (mhv_common.edge) --------------------------------
+
+
+def _rpc_error(code: grpc.StatusCode) -> aio.AioRpcError:
+    return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details="downstream said so")
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (ValidationError(), "MHV-003"),
+        (TimeoutError(), "MHV-007"),
+        (asyncpg.exceptions.QueryCanceledError(), "MHV-007"),
+        (asyncio.CancelledError(), "MHV-012"),
+        (NotImplementedError("password=hunter2"), "MHV-010"),
+        (ConnectionRefusedError("password=hunter2"), "MHV-002"),
+        (_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED), "MHV-007"),
+        (_rpc_error(grpc.StatusCode.UNAVAILABLE), "MHV-009"),
+        (_rpc_error(grpc.StatusCode.PERMISSION_DENIED), "MHV-008"),
+        (RuntimeError("password=hunter2"), "MHV-008"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+)
+def test_classify_maps_any_exception_to_a_catalog_error_without_its_text(
+    raised: BaseException, code: str
+) -> None:
+    error = classify(raised)
+    assert error.code == code
+    if not isinstance(raised, MahavishnuError):
+        assert "hunter2" not in repr(error) and "downstream" not in error.message

@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-import grpc
 from grpc import aio
 from grpc_interceptor.server import AsyncServerInterceptor
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -30,18 +28,14 @@ from prometheus_client import Counter, Histogram
 
 from mhv_common import context
 from mhv_common.auth import Principal, Role, TokenVerifier
-from mhv_common.db import is_connection_error
+from mhv_common.edge import ON_BEHALF_OF_KEY, REQUEST_ID_KEY, classify
 from mhv_common.errors import (
     GRPC_DETAILS_METADATA_KEY,
     AuthenticationError,
     AuthorizationError,
-    DatabaseConnectionError,
-    DeadlineExceededError,
     InternalError,
     MahavishnuError,
-    NotImplementedRpcError,
     RequestCancelledError,
-    ServiceUnavailableError,
 )
 from mhv_common.ratelimit import RateLimiter
 
@@ -53,8 +47,6 @@ UNGOVERNED_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-ON_BEHALF_OF_KEY = "x-mhv-on-behalf-of"
-REQUEST_ID_KEY = "x-request-id"
 
 GRPC_HANDLED = Counter(
     "grpc_server_handled_total",
@@ -95,27 +87,6 @@ def split_method(full: str) -> tuple[str, str]:
     """``/pkg.Service/Method`` -> (``pkg.Service``, ``Method``)."""
     _, service, method = full.split("/", 2)
     return service, method
-
-
-def classify(exc: BaseException) -> MahavishnuError:
-    """Map any exception to the error the caller will see. Never exposes the exception's text."""
-    if isinstance(exc, MahavishnuError):
-        return exc
-    if isinstance(exc, TimeoutError | asyncpg.exceptions.QueryCanceledError):
-        return DeadlineExceededError()
-    if isinstance(exc, asyncio.CancelledError):
-        return RequestCancelledError()
-    if isinstance(exc, NotImplementedError):
-        # The generated servicer base classes raise this for RPCs a service does not serve.
-        return NotImplementedRpcError()
-    if is_connection_error(exc):
-        return DatabaseConnectionError(retry_after=1.0)
-    if isinstance(exc, aio.AioRpcError):
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceededError()
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            return ServiceUnavailableError(retry_after=1.0)
-    return InternalError()
 
 
 class _Interceptor(AsyncServerInterceptor):

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mhv_common import context
+from mhv_common.edge import classify
 from mhv_common.errors import (
     FieldViolation,
     InternalError,
@@ -38,7 +39,6 @@ from mhv_common.errors import (
     WebhookSourceUnknownError,
     WebhookTimestampInvalidError,
 )
-from mhv_common.interceptors import classify
 from mhv_common.ratelimit import RateLimiter
 from mhv_webhook._ingest import Ingestor
 from mhv_webhook._metrics import ACK_DURATION, BODY_BYTES, DELIVERIES, REQUESTS

@@ -15,8 +15,8 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common import context
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
+from mhv_common.edge import ON_BEHALF_OF_KEY
 from mhv_common.errors import from_rpc_error
-from mhv_common.interceptors import ON_BEHALF_OF_KEY
 
 _TRANSIENT = frozenset(
     {
