@@ -26,12 +26,13 @@ SCRIPT = textwrap.dedent(
     async def main():
         settings = CommonSettings(auth_jwks_file=Path(sys.argv[1]), shutdown_grace_seconds=1)
         definition = ServiceDefinition(
-            name="probe", grpc_port=0, metrics_port=None, register=lambda server: [], policies={}
+            name="probe", grpc_port=0, metrics_port=None, register=lambda server: [], policies={},
+            listeners=[listener],
         )
         if sys.argv[2] == "signal":
             asyncio.get_running_loop().call_later(0.5, lambda: __import__("os").kill(
                 __import__("os").getpid(), __import__("signal").SIGTERM))
-        await serve_forever(definition, settings, extra=[listener])
+        await serve_forever(definition, settings)
 
     asyncio.run(main())
     """

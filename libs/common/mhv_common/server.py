@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from grpc import aio
@@ -27,13 +27,17 @@ from prometheus_client import disable_created_metrics, start_http_server
 
 from mhv_common import logs, tracing
 from mhv_common.auth import TokenVerifier
-from mhv_common.config import CommonSettings
+from mhv_common.config import CommonSettings, load_settings
 from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy, build_interceptors
 from mhv_common.ratelimit import RateLimiter
 from mhv_common.tls import server_credentials
 
 logger = logging.getLogger(__name__)
+
+Listener = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+"""A server run beside gRPC (the webhook HTTPS edge): serves until the event is set."""
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
 
 # `*_created` series double the exposition size and nothing here queries them.
 disable_created_metrics()
@@ -79,6 +83,8 @@ class ServiceDefinition:
         startup: Runs before the server accepts calls (open pools, load config).
         cleanup: Runs last, after workers stopped (close pools).
         workers: Background jobs started after startup and drained on shutdown.
+        listeners: Servers run beside gRPC (`Listener`), by `serve_forever` only; each stops
+            after health turns NOT_SERVING, like the gRPC listener.
     """
 
     name: str
@@ -89,6 +95,7 @@ class ServiceDefinition:
     startup: Callable[[], Awaitable[None]] | None = None
     cleanup: Callable[[], Awaitable[None]] | None = None
     workers: list[Worker] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
 
 
 class RunningService:
@@ -221,21 +228,17 @@ def refuse_start(service: str, error: MahavishnuError) -> NoReturn:
     raise SystemExit(1)
 
 
-async def serve_forever(
-    definition: ServiceDefinition,
-    settings: CommonSettings,
-    *,
-    extra: Iterable[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = (),
-) -> None:
+async def serve_forever(definition: ServiceDefinition, settings: CommonSettings) -> None:
     """Start the service, run until SIGTERM or SIGINT, then stop it cleanly.
+
+    The definition's `listeners` run beside gRPC; each receives the stop event and must return
+    after it is set. One that ends before the stop event (it crashed, or lost its listener)
+    stops the whole service, which then exits with status 1: a process serving only half its
+    listeners must not look healthy.
 
     Args:
         definition: The service.
         settings: Its settings.
-        extra: Additional servers to run beside gRPC (the webhook HTTPS edge); each receives
-            the stop event and must return after it is set. One that ends before the stop
-            event (it crashed, or lost its listener) stops the whole service, which then exits
-            with status 1: a process serving only half its listeners must not look healthy.
     """
     logs.configure(
         f"mahavishnu-{definition.name}", level=settings.log_level, fmt=settings.log_format
@@ -251,7 +254,7 @@ async def serve_forever(
         refuse_start(definition.name, exc)
     # The extra listeners stop only after health says NOT_SERVING, like the gRPC listener.
     stop_extras = asyncio.Event()
-    extra_tasks = [asyncio.create_task(run(stop_extras)) for run in extra]
+    extra_tasks = [asyncio.create_task(run(stop_extras)) for run in definition.listeners]
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait([stop_wait, *extra_tasks], return_when=asyncio.FIRST_COMPLETED)
     failed = not stop.is_set()
@@ -272,3 +275,25 @@ async def serve_forever(
     tracing.shutdown()
     if failed:
         raise SystemExit(1)
+
+
+def run_service(
+    name: str, settings_type: type[SettingsT], build: Callable[[SettingsT], ServiceDefinition]
+) -> None:
+    """A service's ``main()``: load its settings, build it, serve until SIGTERM or SIGINT.
+
+    A configuration error (environment, settings files, secrets, TLS material) is one log line
+    without a traceback and exit status 1, before anything starts.
+
+    Args:
+        name: Short service name, for the refusal's log line.
+        settings_type: The service's settings class, read from the environment.
+        build: Assembles the service from its settings; raises `MahavishnuError` (MHV-001) for
+            configuration it cannot use.
+    """
+    try:
+        settings = load_settings(settings_type)
+        definition = build(settings)
+    except MahavishnuError as exc:
+        refuse_start(name, exc)
+    asyncio.run(serve_forever(definition, settings))

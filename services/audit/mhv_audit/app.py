@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from grpc import aio
@@ -14,11 +13,10 @@ from mhv_audit._metrics import SchemaSizeSampler
 from mhv_audit._schedule import ScheduledVerification
 from mhv_audit._store import AuditStore
 from mhv_common.auth import Role
-from mhv_common.config import AuditSettings, load_settings
+from mhv_common.config import AuditSettings
 from mhv_common.db import Database
-from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, Worker, refuse_start, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, run_service
 
 SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 _READERS = frozenset({Role.ADMIN, Role.AUDITOR})
@@ -62,10 +60,5 @@ def build(settings: AuditSettings) -> ServiceDefinition:
 
 
 def main() -> None:
-    """Run the audit service until SIGTERM/SIGINT."""
-    try:
-        settings = load_settings(AuditSettings)
-        definition = build(settings)
-    except MahavishnuError as exc:
-        refuse_start("audit", exc)
-    asyncio.run(serve_forever(definition, settings))
+    """Run the audit service until SIGTERM/SIGINT; exit 1 on a configuration error."""
+    run_service("audit", AuditSettings, build)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role, ServiceCredentials
-from mhv_common.config import TaskSettings, load_repositories, load_settings
+from mhv_common.config import TaskSettings, load_repositories
 from mhv_common.db import Database
-from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
-from mhv_common.server import ServiceDefinition, Worker, refuse_start, serve_forever
+from mhv_common.server import ServiceDefinition, Worker, run_service
 from mhv_common.tls import peer
 from mhv_task._api import TaskApi, UserApi
 from mhv_task._authz import ActiveUsers
@@ -89,10 +87,5 @@ def build(settings: TaskSettings) -> ServiceDefinition:
 
 
 def main() -> None:
-    """Run the task service until SIGTERM/SIGINT."""
-    try:
-        settings = load_settings(TaskSettings)
-        definition = build(settings)
-    except MahavishnuError as exc:
-        refuse_start("task", exc)
-    asyncio.run(serve_forever(definition, settings))
+    """Run the task service until SIGTERM/SIGINT; exit 1 on a configuration error."""
+    run_service("task", TaskSettings, build)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from grpc import aio
 
@@ -16,14 +15,12 @@ from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import (
     WebhookSettings,
     load_repositories,
-    load_settings,
     load_webhook_sources,
 )
 from mhv_common.db import Database
-from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.ratelimit import RateLimiter
-from mhv_common.server import ServiceDefinition, refuse_start, serve_forever
+from mhv_common.server import ServiceDefinition, run_service
 from mhv_common.tls import peer
 from mhv_webhook import _metrics as metrics
 from mhv_webhook._admin import WebhookAdminServicer
@@ -189,9 +186,9 @@ def build(
 
 def main() -> None:
     """Run the webhook gateway until SIGTERM/SIGINT; exit 1 on a configuration error."""
-    try:
-        settings = load_settings(WebhookSettings)
+
+    def definition(settings: WebhookSettings) -> ServiceDefinition:
         gateway = build(settings)
-    except MahavishnuError as exc:
-        refuse_start("webhook", exc)
-    asyncio.run(serve_forever(gateway.definition, settings, extra=[gateway.listener.serve]))
+        return replace(gateway.definition, listeners=[gateway.listener.serve])
+
+    run_service("webhook", WebhookSettings, definition)
