@@ -298,3 +298,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 def is_connection_error(exc: BaseException) -> bool:
     """Whether `exc` means the database could not be reached (as opposed to a bad statement)."""
     return isinstance(exc, _CONNECTION_ERRORS)
+
+
+_SCHEMA_SIZE = """
+SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'm')
+"""
+
+
+async def schema_size(
+    conn: asyncpg.Connection, schema: str, *, timeout: float | None = None
+) -> int:
+    """Bytes on disk of every table of `schema`, with its indexes and TOAST.
+
+    One catalog query: it reads file sizes, never table contents, so it is cheap at any table
+    size. The value for the ``database_size_bytes`` gauge.
+    """
+    size: int = await conn.fetchval(_SCHEMA_SIZE, schema, timeout=timeout)
+    return size

@@ -1,8 +1,13 @@
-"""Opaque page tokens (AIP-158) for keyset pagination.
+"""Opaque page tokens (AIP-158) for keyset pagination: the one codec every listing uses.
 
 A token carries the position after the last item returned (e.g. the last id) and a digest of
-the query's filters. Keyset positions stay correct while rows are inserted: nothing is skipped
-or repeated. A token presented with different filters, or damaged, is refused with MHV-011.
+the query's filters (order included). Keyset positions stay correct while rows are inserted:
+nothing is skipped or repeated. A token presented with different filters, or damaged, is
+refused with MHV-011 and a field violation naming ``page_token``. Tokens are not secret: all
+they can move is a position within rows the caller may list anyway.
+
+Layout: unpadded base64url of ``{"f": <16 hex digits of SHA-256 over the canonical JSON of the
+filters>, "p": <the position object>}``.
 """
 
 from __future__ import annotations
@@ -55,11 +60,19 @@ def decode_token(
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
         digest, position = body["f"], body["p"]
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise InvalidPageTokenError("The page token is not valid.") from exc
-    if not isinstance(position, dict) or digest != _digest(filters):
+        raise _not_ours() from exc
+    if not isinstance(position, dict):
+        raise _not_ours()
+    if digest != _digest(filters):
         raise InvalidPageTokenError(
             "The page token was issued for different filters; send the same filters or "
-            "start again without page_token."
+            "start again without page_token.",
+            violations=[
+                FieldViolation(
+                    "page_token",
+                    "was issued for different filters or another order; send the same ones",
+                )
+            ],
         )
     for name, kind in (fields or {}).items():
         value = position.get(name)
@@ -67,8 +80,15 @@ def decode_token(
         if isinstance(value, int) and kind is int:
             ok = ok and _INT64[0] <= value <= _INT64[1]
         if not ok:
-            raise InvalidPageTokenError("The page token is not valid.")
+            raise _not_ours()
     return position
+
+
+def _not_ours() -> InvalidPageTokenError:
+    return InvalidPageTokenError(
+        "The page token is not valid.",
+        violations=[FieldViolation("page_token", "is not a token this service issued")],
+    )
 
 
 def page_size(
