@@ -51,11 +51,11 @@ from mhv_audit import (
     encode_record,
     link,
 )
-from mhv_audit._chain import from_micros
 from mhv_audit._store import ROW_COLUMNS
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
 from mhv_common.db import Database
+from mhv_common.timestamps import from_micros
 from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
 
 EVENT_TYPES = ["task_created", "task_updated", "task_assigned", "task_started", "task_completed"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import struct
 from typing import Any
@@ -23,7 +22,7 @@ from mhv_audit import (
     link,
     row_hash,
 )
-from mhv_audit._chain import _jcs, from_micros
+from mhv_audit._chain import _jcs
 from tests.harness import Deployment
 
 # RFC 8785 Appendix B's IEEE 754 samples, with the strings ECMAScript (node) writes for them.
@@ -303,11 +302,3 @@ async def test_canonical_form_survives_postgresql_jsonb(
     finally:
         await conn.close()
     assert [canonical_json(text) for text in back] == texts
-
-
-def test_micros_round_trip() -> None:
-    moment = dt.datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=dt.UTC)
-    from mhv_audit._chain import to_micros
-
-    assert from_micros(to_micros(moment)) == moment
-    assert to_micros(dt.datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)) == -1

@@ -19,9 +19,9 @@ from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_audit import StoredRow, encode_record, row_hash
-from mhv_audit._chain import from_micros
 from mhv_audit._store import ROW_COLUMNS
 from mhv_common.auth import Role
+from mhv_common.timestamps import from_micros
 from tests.audit.support import (
     PrivateAudit,
     as_role,

@@ -1,7 +1,9 @@
 """The audit service: append-only, hash-chained log of every task change.
 
-Layers, top to bottom: `_edge` (gRPC), `_log` with `_events`, `_chain`, `_verify` and `_pages`
-(the domain), `_store` (SQL). `app` wires them into a running service.
+Layers, top to bottom: `_edge` (gRPC), `_log` with `_events`, `_chain` and `_verify` (the
+domain; `_schedule` runs its periodic verification), `_store` (SQL). `_metrics` holds the
+service's own metrics, `app` wires everything into a running service. See
+docs/architecture.md.
 """
 
 from mhv_audit._chain import (

@@ -28,7 +28,6 @@ without its hash changing.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import math
@@ -45,8 +44,6 @@ GENESIS_HASH = bytes(32)
 
 ENCODING_VERSION = 1
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_ONE_MICROSECOND = dt.timedelta(microseconds=1)
 # Doubles represent every integer below this exactly; JCS writes them as plain digits.
 _MAX_EXACT_INTEGER = 2**53
 _RECORD = (
@@ -185,16 +182,6 @@ def canonical_json(text: str) -> str:
 
 
 # --- Rows and their hashes -----------------------------------------------------------------
-
-
-def to_micros(moment: dt.datetime) -> int:
-    """Microseconds since the Unix epoch of an aware datetime."""
-    return (moment - _EPOCH) // _ONE_MICROSECOND
-
-
-def from_micros(micros: int) -> dt.datetime:
-    """The aware UTC datetime `micros` microseconds after the Unix epoch."""
-    return _EPOCH + dt.timedelta(microseconds=micros)
 
 
 @dataclass(frozen=True, slots=True)

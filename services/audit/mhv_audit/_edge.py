@@ -12,7 +12,7 @@ from collections.abc import Collection
 from typing import Any
 
 import orjson
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -22,6 +22,7 @@ from mhv_audit._log import AuditLog, ListRequest
 from mhv_audit._verify import BreakKind
 from mhv_common import context as mhv_context
 from mhv_common.errors import AuthorizationError, FieldViolation, ValidationError
+from mhv_common.timestamps import set_micros
 
 _BREAK_KINDS = {
     BreakKind.MODIFIED: audit_pb2.BREAK_KIND_MODIFIED,
@@ -74,12 +75,6 @@ def _event_input(record: audit_pb2.EventRecord) -> EventInput:
     )
 
 
-def _set_time(stamp: timestamp_pb2.Timestamp, micros: int) -> None:
-    seconds, fraction = divmod(micros, 1_000_000)
-    stamp.seconds = seconds
-    stamp.nanos = fraction * 1000
-
-
 def _audit_event(row: StoredRow) -> audit_pb2.AuditEvent:
     # Sub-messages are filled in place: passing them to the constructor would copy them.
     event = audit_pb2.AuditEvent(
@@ -93,8 +88,8 @@ def _audit_event(row: StoredRow) -> audit_pb2.AuditEvent:
         prev_hash=row.prev_hash.hex(),
         hash=row.hash.hex(),
     )
-    _set_time(event.occur_time, row.occur_us)
-    _set_time(event.create_time, row.created_us)
+    set_micros(event.occur_time, row.occur_us)
+    set_micros(event.create_time, row.created_us)
     # The hashed text, not the jsonb column: what callers see is what the chain vouches for.
     value = orjson.loads(row.details)
     if isinstance(value, dict):

@@ -16,7 +16,9 @@ from typing import Any
 
 from mhv_audit._chain import NewEvent, canonical_json
 from mhv_common.errors import FieldViolation, ValidationError
+from mhv_common.ids import canonical_uuid
 from mhv_common.redaction import redact_details
+from mhv_common.timestamps import micros_of
 
 EVENT_TYPES = frozenset(
     {
@@ -35,11 +37,7 @@ MAX_BATCH_EVENTS = 1000
 MAX_DETAILS_CHARS = 64 * 1024
 MAX_REQUEST_ID_CHARS = 128
 _MAX_TASK_ID = 2**63 - 1
-# 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z, the range google.protobuf.Timestamp allows.
-_MIN_SECONDS = -62_135_596_800
-_MAX_SECONDS = 253_402_300_799
 
-UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 # W3C Trace Context: version-traceid-parentid-flags; later versions may append fields.
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
@@ -86,15 +84,15 @@ def trace_id_of(traceparent: str) -> str | None:
     return trace_id
 
 
-def timestamp_micros(value: tuple[int, int]) -> int | None:
-    """Microseconds since the epoch of (seconds, nanos), or None when out of range.
-
-    Nanoseconds are truncated to the microsecond, PostgreSQL's precision.
-    """
-    seconds, nanos = value
-    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+def checked_uuid(
+    value: str, field: str, description: str, problems: list[FieldViolation]
+) -> str | None:
+    """`value` as a lowercase UUID, or None with its violation added to `problems`."""
+    try:
+        return canonical_uuid(value, field=field, description=description)
+    except ValidationError as exc:
+        problems.extend(exc.violations)
         return None
-    return seconds * 1_000_000 + nanos // 1000
 
 
 def _details(event: EventInput, where: str, problems: list[FieldViolation]) -> str | None:
@@ -125,8 +123,7 @@ def _details(event: EventInput, where: str, problems: list[FieldViolation]) -> s
 
 def _prepare(event: EventInput, where: str, problems: list[FieldViolation]) -> NewEvent | None:
     before = len(problems)
-    if not UUID_PATTERN.match(event.event_id):
-        problems.append(FieldViolation(f"{where}.event_id", "must be a UUID"))
+    event_id = checked_uuid(event.event_id, f"{where}.event_id", "must be a UUID", problems)
     if not 1 <= event.task_id <= _MAX_TASK_ID:
         problems.append(FieldViolation(f"{where}.task_id", "must be a positive task id"))
     if event.event_type not in EVENT_TYPES:
@@ -135,13 +132,14 @@ def _prepare(event: EventInput, where: str, problems: list[FieldViolation]) -> N
                 f"{where}.event_type", f"must be one of: {', '.join(sorted(EVENT_TYPES))}"
             )
         )
-    if not UUID_PATTERN.match(event.user_id):
-        problems.append(FieldViolation(f"{where}.user_id", "must be the actor's user id (UUID)"))
+    user_id = checked_uuid(
+        event.user_id, f"{where}.user_id", "must be the actor's user id (UUID)", problems
+    )
     occur_us: int | None = None
     if event.occur_time is None:
         problems.append(FieldViolation(f"{where}.occur_time", "is required"))
     else:
-        occur_us = timestamp_micros(event.occur_time)
+        occur_us = micros_of(*event.occur_time)
         if occur_us is None:
             problems.append(
                 FieldViolation(f"{where}.occur_time", "must be a valid timestamp (years 1-9999)")
@@ -163,13 +161,19 @@ def _prepare(event: EventInput, where: str, problems: list[FieldViolation]) -> N
         else:
             trace_id = parsed
     details = _details(event, where, problems)
-    if len(problems) > before or details is None or occur_us is None:
+    if (
+        len(problems) > before
+        or details is None
+        or occur_us is None
+        or event_id is None
+        or user_id is None
+    ):
         return None
     return NewEvent(
-        event_id=event.event_id.lower(),
+        event_id=event_id,
         task_id=event.task_id,
         event_type=event.event_type,
-        user_id=event.user_id.lower(),
+        user_id=user_id,
         details=details,
         occur_us=occur_us,
         request_id=event.request_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,18 +19,13 @@ from mhv_audit._chain import (
     StoredRow,
     link,
 )
-from mhv_audit._events import (
-    EVENT_TYPES,
-    UUID_PATTERN,
-    EventInput,
-    prepare_batch,
-    timestamp_micros,
-)
+from mhv_audit._events import EVENT_TYPES, EventInput, checked_uuid, prepare_batch
 from mhv_audit._metrics import CHAIN_VERIFICATIONS, EVENTS_RECORDED, LAST_VERIFIED
-from mhv_audit._pages import decode_page_token, encode_page_token
 from mhv_audit._store import AuditStore, ChainHead, ListFilter
 from mhv_audit._verify import BreakKind, ChainBreak, diagnose
+from mhv_common import paging
 from mhv_common.errors import AuditChainBrokenError, FieldViolation, ValidationError
+from mhv_common.timestamps import micros_of
 
 _tracer = trace.get_tracer("mahavishnu.audit")
 
@@ -165,10 +161,20 @@ class AuditLog:
 
         """
         where, page_size = _list_filter(request)
-        after = decode_page_token(request.page_token, where) if request.page_token else None
+        # The token is a cursor, not an offset: the id of the page's last row, so the next page
+        # is ``id < cursor`` (newest first) or ``id > cursor`` (oldest first). Rows appended
+        # meanwhile never shift a page. It is valid only with the filters and order it was
+        # issued for.
+        filters = dataclasses.asdict(where)
+        position = paging.decode_token(
+            request.page_token, filters=filters, fields={"after_id": int}
+        )
+        after = position["after_id"] if position is not None else None
         found = await self._store.list_events(where, after_id=after, limit=page_size + 1)
         rows = [StoredRow.of(r) for r in found[:page_size]]
-        token = encode_page_token(where, rows[-1].id) if len(found) > page_size else ""
+        token = ""
+        if len(found) > page_size:
+            token = paging.encode_token({"after_id": rows[-1].id}, filters=filters)
         return EventPage(rows, token)
 
     # --- VerifyAuditChain --------------------------------------------------------------------
@@ -323,8 +329,11 @@ def _list_filter(request: ListRequest) -> tuple[ListFilter, int]:
     problems: list[FieldViolation] = []
     if request.task_id < 0:
         problems.append(FieldViolation("task_id", "must be a task id, or 0 for any task"))
-    if request.user_id and not UUID_PATTERN.match(request.user_id):
-        problems.append(FieldViolation("user_id", "must be a user id (UUID), or empty"))
+    user_id = None
+    if request.user_id:
+        user_id = checked_uuid(
+            request.user_id, "user_id", "must be a user id (UUID), or empty", problems
+        )
     if request.event_type and request.event_type not in EVENT_TYPES:
         problems.append(
             FieldViolation(
@@ -333,11 +342,11 @@ def _list_filter(request: ListRequest) -> tuple[ListFilter, int]:
         )
     start_us = end_us = None
     if request.start_time is not None:
-        start_us = timestamp_micros(request.start_time)
+        start_us = micros_of(*request.start_time)
         if start_us is None:
             problems.append(FieldViolation("start_time", "must be a valid timestamp"))
     if request.end_time is not None:
-        end_us = timestamp_micros(request.end_time)
+        end_us = micros_of(*request.end_time)
         if end_us is None:
             problems.append(FieldViolation("end_time", "must be a valid timestamp"))
     if start_us is not None and end_us is not None and end_us <= start_us:
@@ -348,13 +357,15 @@ def _list_filter(request: ListRequest) -> tuple[ListFilter, int]:
         raise ValidationError(violations=problems)
     where = ListFilter(
         task_id=request.task_id or None,
-        user_id=request.user_id.lower() or None,
+        user_id=user_id,
         event_type=request.event_type or None,
         start_us=start_us,
         end_us=end_us,
         newest_first=request.newest_first,
     )
-    return where, min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return where, paging.page_size(
+        request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+    )
 
 
 def _trace_recorded(rows: Sequence[ChainedEvent], traceparents: Mapping[str, str]) -> None:

@@ -17,9 +17,11 @@ from typing import Any
 
 import asyncpg
 
-from mhv_audit._chain import ChainedEvent, from_micros, to_micros
+from mhv_audit._chain import ChainedEvent
+from mhv_common import db
 from mhv_common.db import Database
 from mhv_common.errors import AuditChainBrokenError
+from mhv_common.timestamps import from_micros, to_micros
 
 # The columns every reader gets, in `mhv_audit._chain.StoredRow` order. Times come as integer
 # microseconds since the epoch (exact: EXTRACT returns numeric), which is what the hash covers
@@ -69,11 +71,6 @@ WITH appended AS (
     ORDER BY r.id
 )
 UPDATE chain_head SET last_id = $13, last_hash = $14, updated_at = $8
-"""
-_SCHEMA_SIZE = """
-SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'm')
 """
 
 
@@ -204,8 +201,7 @@ class AuditStore:
     async def schema_size(self, schema: str, *, timeout: float | None = None) -> int:
         """Bytes on disk of every table of `schema`, with its indexes and TOAST."""
         async with self._db.connection(timeout=timeout) as conn:
-            size: int = await conn.fetchval(_SCHEMA_SIZE, schema, timeout=timeout)
-            return size
+            return await db.schema_size(conn, schema, timeout=timeout)
 
 
 class ChainSnapshot:
