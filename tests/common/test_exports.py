@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import mhv_common
+from tests.exports import assert_module_surface
 
 EXPECTED = {
     "auth",
@@ -32,20 +31,7 @@ EXPECTED = {
 
 
 def test_exports() -> None:
-    assert set(mhv_common.__all__) == EXPECTED
-    for name in EXPECTED:
-        module = getattr(mhv_common, name)
-        assert isinstance(module, ModuleType) and module.__name__ == f"mhv_common.{name}"
-
-
-def test_every_public_module_is_declared() -> None:
-    # A new module is either part of the surface (add it to __all__ and the docstring's table)
-    # or private (name it _like_this).
-    package = Path(mhv_common.__file__).parent
-    public = {p.stem for p in package.glob("*.py") if not p.stem.startswith("_")}
-    assert public == EXPECTED
-    for name in EXPECTED:
-        assert f"\n{name} " in mhv_common.__doc__, f"{name} is missing from the docstring"
+    assert_module_surface(mhv_common, EXPECTED)
 
 
 def test_modules_load_on_first_use() -> None:
