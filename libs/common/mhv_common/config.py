@@ -50,6 +50,9 @@ class CommonSettings(BaseSettings):
     # kernel spreads connections across them.
     reuse_port: bool = False
     metrics_host: str = "127.0.0.1"
+    # A plaintext listener answering grpc.health.v1 only, for probes that cannot speak TLS
+    # (the kubelet's gRPC probes; mhv_common.probes). None: off. 0: a free port.
+    health_port: int | None = None
 
     # gRPC over TLS. With a certificate and its key the server listens with TLS only; with a CA
     # file this service's calls to the others use TLS and trust only that CA. Plaintext is

@@ -30,6 +30,7 @@ from mhv_common.auth import TokenVerifier
 from mhv_common.config import CommonSettings, load_settings
 from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy, build_interceptors
+from mhv_common.probes import start_probe_listener
 from mhv_common.ratelimit import RateLimiter
 from mhv_common.tls import server_credentials
 
@@ -108,6 +109,10 @@ class RunningService:
         self.server: aio.Server | None = None
         self.grpc_port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        # False once a background worker died: the `liveness` probe then asks for a restart.
+        self.alive = True
+        self._probe_server: aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._service_names: list[str] = []
@@ -175,6 +180,10 @@ class RunningService:
             )
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.health_port is not None:
+            self._probe_server, self.health_port = await start_probe_listener(
+                self.health, host=s.bind_host, port=s.health_port, alive=lambda: self.alive
+            )
         logger.info(
             "service started",
             extra={
@@ -193,6 +202,7 @@ class RunningService:
             # A dead worker leaves work undone: make it loud, and flip health so the
             # orchestrator restarts this replica.
             logger.exception("worker crashed", extra={"worker": worker.name})
+            self.alive = False
             await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self) -> None:
@@ -218,6 +228,9 @@ class RunningService:
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
+        # Last: probes see NOT_SERVING (not a refused connection) for the whole drain.
+        if self._probe_server is not None:
+            await self._probe_server.stop(None)
         logger.info("service stopped")
 
 
