@@ -63,6 +63,11 @@ lock:
 	$(BIN)/python -m pip install --quiet uv==0.13.9
 	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+	# The container image installs only what the services need at run time: the same pins
+	# and hashes as requirements.lock, without the dev extra (tests/container check the subset).
+	$(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -c requirements.lock \
+		-o deploy/container/requirements-runtime.lock
 
 audit-deps: $(STAMP)
 	$(BIN)/pip-audit --strict --progress-spinner off -r requirements.lock
