@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install monitoring-tools run test lint typecheck buflint generate check-generated lock audit-deps clean
+.PHONY: help install monitoring-tools run test lint typecheck buflint generate check-generated lock audit-deps image clean
 
 help:
 	@echo "make run       start task, audit and webhook services (and a private PostgreSQL"
@@ -13,6 +13,7 @@ help:
 	@echo "make test      lint, type-check, buf lint, and the whole test suite"
 	@echo "make generate  regenerate protobuf code, error pages, alert rules and dashboards"
 	@echo "make lock      re-resolve requirements.lock from pyproject.toml"
+	@echo "make image     build the container image (buildah, Debian 12 bases) and run it once"
 
 # One locked dependency set for the whole monorepo: requirements.lock pins every package with
 # its hashes; the project itself is installed editable on top of it. The editable install
@@ -61,13 +62,18 @@ test: install monitoring-tools lint typecheck buflint
 
 lock:
 	$(BIN)/python -m pip install --quiet uv==0.13.9
-	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra local --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock
 	# The container image installs only what the services need at run time: the same pins
 	# and hashes as requirements.lock, without the dev extra (tests/container check the subset).
 	$(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -c requirements.lock \
 		-o deploy/container/requirements-runtime.lock
+
+# Minutes, and needs root for mmdebstrap and runc: not part of `make test` (which lints the
+# Containerfile and tests the entrypoint).
+image:
+	./deploy/container/build-image.sh
 
 audit-deps: $(STAMP)
 	$(BIN)/pip-audit --strict --progress-spinner off -r requirements.lock

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what `make image` builds the container image with, from Debian's packages:
 # mmdebstrap (the Debian 12 base root filesystems), buildah (runs the Containerfile), umoci and
-# skopeo (unpack and copy OCI images), podman and crun (run the built image once). Does nothing
+# skopeo (unpack and copy OCI images), runc (runs the built image once; podman for
+# running it by hand). Does nothing
 # when they are already on PATH.
 set -euo pipefail
 
-tools=(mmdebstrap buildah umoci skopeo podman crun)
-packages=(mmdebstrap buildah umoci skopeo podman crun fuse-overlayfs uidmap)
+tools=(mmdebstrap buildah umoci skopeo podman runc)
+packages=(mmdebstrap buildah umoci skopeo podman runc)
 
 missing=()
 for tool in "${tools[@]}"; do
