@@ -11,7 +11,8 @@ help:
 	@echo "make run       start task, audit and webhook services (and a private PostgreSQL"
 	@echo "               when MHV_DATABASE_URL is unset); Ctrl-C stops everything"
 	@echo "make test      lint, type-check, buf lint, and the whole test suite"
-	@echo "make generate  regenerate protobuf code, error pages, alert rules and dashboards"
+	@echo "make generate  regenerate protobuf code, error pages, alert rules, dashboards and the"
+	@echo "               Kubernetes manifests (deploy/kubernetes/base and rendered/)"
 	@echo "make lock      re-resolve requirements.lock from pyproject.toml"
 	@echo "make image     build the container image (buildah, Debian 12 bases) and run it once"
 
@@ -45,6 +46,7 @@ generate: $(STAMP)
 	$(BIN)/python -m mhv_tools.gen_error_docs
 	$(BIN)/python -m mhv_tools.gen_rules
 	$(BIN)/python -m mhv_tools.gen_dashboards
+	$(BIN)/python -m mhv_tools.gen_kubernetes
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,8 +6,10 @@
 # temporary storage); whether the package manages to start them does not matter here.
 set -euo pipefail
 
-tools=(promtool prometheus amtool prometheus-alertmanager)
-packages=(prometheus prometheus-alertmanager)
+# Another script may ask for other tools and packages the same way
+# (deploy/container/install-build-tools.sh).
+read -r -a tools <<<"${INSTALL_TOOLS:-promtool prometheus amtool prometheus-alertmanager}"
+read -r -a packages <<<"${INSTALL_PACKAGES:-prometheus prometheus-alertmanager}"
 
 missing=()
 for tool in "${tools[@]}"; do
@@ -18,7 +20,7 @@ done
 fail() {
     echo "error: ${missing[*]} not found and could not be installed ($1)." >&2
     echo "Install the Debian packages '${packages[*]}' (apt-get install ${packages[*]})," >&2
-    echo "or put promtool, prometheus, amtool and prometheus-alertmanager on PATH." >&2
+    echo "or put ${tools[*]} on PATH." >&2
     exit 1
 }
 
