@@ -74,7 +74,7 @@ lock:
 
 # Minutes, and needs root for mmdebstrap and runc: not part of `make test` (which lints the
 # Containerfile and tests the entrypoint).
-image:
+image: $(STAMP)
 	./deploy/container/build-image.sh
 
 audit-deps: $(STAMP)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make image`: builds deploy/container/Containerfile with buildah where no container registry
-# is reachable, runs the built image's entrypoint once, and prints the image's size.
+# is reachable, runs the built image (the command line, a service refusing a bad
+# configuration, then `mhv migrate` and a service serving on a real PostgreSQL, probed and
+# stopped), and prints the image's size.
 #
 # The Containerfile's bases (python:3.11-slim-bookworm to build, distroless python3-debian12 to
 # run) come from registries. Here both are made from Debian 12 packages with mmdebstrap instead,
@@ -111,6 +113,9 @@ run_image 1 webhook
 grep -q 'MHV-001' "$work/run.log" || { echo "error: no MHV-001 from the webhook" >&2; exit 1; }
 # Anything else: usage, status 64.
 run_image 64 serve
+# Serving: mhv migrate, then the audit service on a real PostgreSQL, probed and stopped as
+# Kubernetes would (MHV_SMOKE_DATABASE_URL, default the server on 127.0.0.1:5432).
+.venv/bin/python deploy/container/smoke_serve.py "$work/bundle"
 
 size=$(stat -c %s "$archive")
 unpacked=$(du -sb "$work/bundle/rootfs" | cut -f1)
