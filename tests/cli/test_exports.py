@@ -5,7 +5,7 @@ from __future__ import annotations
 import mhv_cli
 from tests.exports import assert_module_surface
 
-EXPECTED = {"devstate", "main", "migrate", "pgcluster", "up"}
+EXPECTED = {"devstate", "entrypoint", "main", "migrate", "pgcluster", "up"}
 
 
 def test_exports() -> None:

@@ -21,6 +21,7 @@ EXPECTED = {
     "logs",
     "paging",
     "periodic",
+    "probes",
     "ratelimit",
     "redaction",
     "server",

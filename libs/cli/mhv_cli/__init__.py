@@ -8,6 +8,7 @@ up          ``mhv up``: the whole system on one machine, in the foreground
 devstate    the local deployment's state folder (``.mhv/``): keys, secrets, certificates, URLs
 migrate     the migration runner: ordered up/down SQL per slice, a lock, checksums, roles
 pgcluster   a private PostgreSQL cluster from the ``pgserver`` build, and `free_port`
+entrypoint  the container image's entrypoint: ``task``, ``audit``, ``webhook`` or ``mhv ...``
 ==========  ======================================================================================
 """
 
@@ -18,9 +19,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mhv_cli import devstate, main, migrate, pgcluster, up
+    from mhv_cli import devstate, entrypoint, main, migrate, pgcluster, up
 
-__all__ = ["devstate", "main", "migrate", "pgcluster", "up"]
+__all__ = ["devstate", "entrypoint", "main", "migrate", "pgcluster", "up"]
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -8,6 +8,7 @@ errors          the exception classes, one per row of the error catalog, and the
 edge            what both edges share: `classify` (any exception -> the caller's error), header keys
 interceptors    the gRPC server interceptors, in their order, and `MethodPolicy`
 server          running a service: `run_service`, `ServiceDefinition`, health, graceful shutdown
+probes          the plaintext health listener for probes that cannot speak TLS (MHV_HEALTH_PORT)
 config          settings from the ``MHV_*`` environment and the files in settings/
 context         per-request state across awaits: request id, caller, deadline
 auth            bearer tokens (EdDSA JWTs), principals and roles, service credentials
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
         logs,
         paging,
         periodic,
+        probes,
         ratelimit,
         redaction,
         server,
@@ -68,6 +70,7 @@ __all__ = [
     "logs",
     "paging",
     "periodic",
+    "probes",
     "ratelimit",
     "redaction",
     "server",
