@@ -59,6 +59,7 @@ def _pgbench_statement(user_id: str) -> str:
         "$11": '\'{"title": "bench", "status": "pending"}\'',
         "$12": "'bench'",
         "$13": "''",
+        "$14": "'task_created'",
         "$1": f"'{user_id}'::uuid",
         "$2": "NULL::uuid",
         "$3": "'bench task ' || :n",

@@ -1,1 +1,80 @@
-"""The task service: users, tasks, their lifecycle, search, and the audit outbox."""
+"""The task service: users, tasks, their lifecycle, search, and the audit outbox.
+
+Layers, top to bottom: `_edge` (gRPC, with `_edge_codec` translating protobuf to the typed
+requests of `_models` and back), the domain (`_tasks`, `_users`, `_lifecycle`, `_authz`,
+`_events`, and the outbox `_relay` with its own outbound edge `_edge_audit`), and `_store`
+(SQL). `_metrics` holds every metric of the service; `app` wires it all into a running service.
+"""
+
+from mhv_task._authz import ActiveUsers, Actor
+from mhv_task._edge import TaskServicer, UserServicer
+from mhv_task._edge_audit import AuditClient
+from mhv_task._events import EventType, OutboxEvent, PendingEvent
+from mhv_task._lifecycle import Action, Status, Transition
+from mhv_task._metrics import RequestMetrics
+from mhv_task._models import (
+    UPDATABLE_FIELDS,
+    FTSSearchQuery,
+    Page,
+    QualityCheck,
+    QualityGate,
+    SearchHit,
+    Task,
+    TaskAssignRequest,
+    TaskChanges,
+    TaskCreateRequest,
+    TaskListRequest,
+    TaskRef,
+    TaskTransitionRequest,
+    TaskUpdateRequest,
+    UpdateMask,
+    User,
+    UserCreateRequest,
+    UserListRequest,
+    UserLookup,
+    UserRef,
+    validate,
+)
+from mhv_task._relay import OutboxMonitor, OutboxRelay
+from mhv_task._tasks import Tasks
+from mhv_task._users import Users
+
+__all__ = [
+    "UPDATABLE_FIELDS",
+    "Action",
+    "ActiveUsers",
+    "Actor",
+    "AuditClient",
+    "EventType",
+    "FTSSearchQuery",
+    "OutboxEvent",
+    "OutboxMonitor",
+    "OutboxRelay",
+    "Page",
+    "PendingEvent",
+    "QualityCheck",
+    "QualityGate",
+    "RequestMetrics",
+    "SearchHit",
+    "Status",
+    "Task",
+    "TaskAssignRequest",
+    "TaskChanges",
+    "TaskCreateRequest",
+    "TaskListRequest",
+    "TaskRef",
+    "TaskServicer",
+    "TaskTransitionRequest",
+    "TaskUpdateRequest",
+    "Tasks",
+    "Transition",
+    "UpdateMask",
+    "User",
+    "UserCreateRequest",
+    "UserListRequest",
+    "UserLookup",
+    "UserRef",
+    "UserServicer",
+    "Users",
+    "validate",
+]

@@ -16,6 +16,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import asyncpg
+
 from mhv_common import context
 from mhv_common.auth import Principal, Role
 from mhv_common.db import Database
@@ -24,6 +26,7 @@ from mhv_common.errors import (
     AuthorizationError,
     FieldViolation,
     UserInactiveError,
+    UserNotFoundError,
     ValidationError,
 )
 from mhv_task import _store as store
@@ -94,12 +97,6 @@ def ensure_can_change(
     raise AuthorizationError("Members may change only tasks they created or are assigned to.")
 
 
-def ensure_admin(actor_principal: Principal, what: str) -> None:
-    """Refuse anyone but an administrator."""
-    if not actor_principal.has(Role.ADMIN):
-        raise AuthorizationError(f"Only administrators may {what}.")
-
-
 class ActiveUsers:
     """Whether a person's token still belongs to an active user, cached for a few seconds.
 
@@ -129,7 +126,7 @@ class ActiveUsers:
         if not fresh and self._seen.get(user, 0.0) > now:
             return
         async with self._db.connection() as conn:
-            state = await store.user_state(conn, user)
+            state = await store.user_state(conn, user, timeout=context.time_left())
         if state is None:
             raise AuthenticationError("The token's user no longer exists.")
         if not state:
@@ -137,3 +134,28 @@ class ActiveUsers:
         if len(self._seen) > 10_000:
             self._seen.clear()
         self._seen[user] = now + self._ttl
+
+
+async def ensure_user_active(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, field: str, lock: bool = False
+) -> None:
+    """Refuse a change by or for a user who is gone (MHV-110) or deactivated (MHV-112).
+
+    Args:
+        conn: The change's connection.
+        user_id: The user.
+        field: ``caller`` for the actor, else the request field that named the user.
+        lock: Hold the answer until the transaction ends (see `_store.user_state`).
+    """
+    state = await store.user_state(conn, user_id, lock=lock, timeout=context.time_left())
+    who = "Your user" if field == "caller" else f"User {user_id}"
+    if state is None:
+        raise UserNotFoundError(
+            f"{who} does not exist.",
+            violations=[] if field == "caller" else [FieldViolation(field, "no such user")],
+        )
+    if not state:
+        raise UserInactiveError(
+            f"{who} is deactivated.",
+            violations=[] if field == "caller" else [FieldViolation(field, "user is deactivated")],
+        )

@@ -19,52 +19,40 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
-from google.protobuf import struct_pb2, timestamp_pb2
-from prometheus_client import Counter, Gauge
-
-from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common import context
-from mhv_common.auth import ServiceCredentials
-from mhv_common.client import Peer, service_channel
-from mhv_common.db import DATABASE_SIZE_BYTES, Database
+from mhv_common.db import Database
 from mhv_common.periodic import Periodic
+from mhv_task import _metrics as metrics
 from mhv_task import _store as store
+from mhv_task._events import PendingEvent
 
 logger = logging.getLogger(__name__)
-
-OUTBOX_DEPTH = Gauge("task_outbox_depth", "Audit events committed but not yet delivered.")
-OUTBOX_LAG = Gauge(
-    "task_outbox_lag_seconds", "Age of the oldest undelivered audit event (0 when none)."
-)
-OUTBOX_DELIVERED = Counter("task_outbox_delivered_total", "Audit events delivered.")
-OUTBOX_FAILURES = Counter(
-    "task_outbox_delivery_failures_total", "Relay rounds that failed and will be retried."
-)
 
 _MAX_BACKOFF_SECONDS = 5.0
 
 
-def to_record(row: store.OutboxRow) -> audit_pb2.EventRecord:
-    """An outbox row as the audit service's EventRecord."""
-    details = struct_pb2.Struct()
-    details.update(row["details"])
-    occurred = timestamp_pb2.Timestamp()
-    occurred.FromDatetime(row["occurred_at"])
-    return audit_pb2.EventRecord(
-        event_id=str(row["event_id"]),
-        task_id=row["task_id"],
-        event_type=row["event_type"],
-        user_id=str(row["user_id"]),
-        details=details,
-        occur_time=occurred,
-        request_id=row["request_id"],
-        traceparent=row["traceparent"],
-    )
+class AuditSink(Protocol):
+    """Where the relay sends events (`mhv_task._edge_audit.AuditClient`)."""
+
+    async def record(self, events: Sequence[PendingEvent], *, timeout: float | None) -> None:
+        """Record `events`, idempotently by event id, within `timeout`."""
 
 
 class OutboxRelay:
-    """Background worker relaying outbox rows to AuditService.RecordEvents."""
+    """Background worker relaying outbox rows to AuditService.RecordEvents.
+
+    Args:
+        db: The task service's pool.
+        connect: Opens the connection to the audit service for the relay's lifetime.
+        batch_size: Most events per round.
+        poll_interval: Pause after a round that found fewer than `batch_size` events.
+        rpc_timeout: Bound on one RecordEvents call.
+        crash_after_send: Kill the process after a send, before marking (drills only).
+    """
 
     name = "outbox-relay"
 
@@ -72,8 +60,7 @@ class OutboxRelay:
         self,
         db: Database,
         *,
-        peer: Peer,
-        credentials: ServiceCredentials,
+        connect: Callable[[], AbstractAsyncContextManager[AuditSink]],
         batch_size: int = 200,
         poll_interval: float = 0.05,
         rpc_timeout: float = 5.0,
@@ -81,8 +68,7 @@ class OutboxRelay:
     ) -> None:
         self._crash_after_send = crash_after_send
         self._db = db
-        self._peer = peer
-        self._credentials = credentials
+        self._connect = connect
         self._batch = batch_size
         self._poll = poll_interval
         self._rpc_timeout = rpc_timeout
@@ -95,13 +81,12 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until stopped."""
         backoff = 0.0
-        async with service_channel(self._peer) as channel:
-            stub = audit_pb2_grpc.AuditServiceStub(channel)
+        async with self._connect() as audit:
             while not self._stop.is_set():
                 try:
-                    sent = await self.relay_once(stub)
+                    sent = await self.relay_once(audit)
                 except Exception as exc:  # any failure is retried
-                    OUTBOX_FAILURES.inc()
+                    metrics.outbox_round_failed()
                     backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF_SECONDS)
                     logger.warning(
                         "outbox relay round failed; retrying",
@@ -113,25 +98,24 @@ class OutboxRelay:
                 if sent < self._batch:
                     await self._pause(self._poll)
 
-    async def relay_once(self, stub: audit_pb2_grpc.AuditServiceStub) -> int:
+    async def relay_once(self, audit: AuditSink) -> int:
         """Claim, send and mark one batch; returns how many events were delivered."""
         with context.deadline_scope(self._rpc_timeout * 2):
             async with self._db.transaction() as conn:
-                rows = await store.claim_pending_events(conn, limit=self._batch)
-                if not rows:
-                    return 0
-                await stub.RecordEvents(
-                    audit_pb2.RecordEventsRequest(events=[to_record(r) for r in rows]),
-                    timeout=context.time_left(cap=self._rpc_timeout),
-                    metadata=self._credentials.metadata(),
-                    wait_for_ready=True,
+                claimed = await store.claim_pending_events(
+                    conn, limit=self._batch, timeout=context.time_left()
                 )
+                if not claimed:
+                    return 0
+                await audit.record(claimed, timeout=context.time_left(cap=self._rpc_timeout))
                 if self._crash_after_send:
                     # The worst moment to die: the events are recorded, not yet marked.
                     os.kill(os.getpid(), signal.SIGKILL)
-                await store.mark_delivered(conn, [r["id"] for r in rows])
-        OUTBOX_DELIVERED.inc(len(rows))
-        return len(rows)
+                await store.mark_delivered(
+                    conn, [e.id for e in claimed], timeout=context.time_left()
+                )
+        metrics.outbox_delivered(len(claimed))
+        return len(claimed)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -158,10 +142,10 @@ class OutboxMonitor(Periodic):
     async def tick(self) -> None:
         """Observe once; every minute also measure the schema and purge."""
         async with self._db.connection() as conn:
-            depth, lag = await store.outbox_backlog(conn)
-            OUTBOX_DEPTH.set(depth)
-            OUTBOX_LAG.set(lag)
+            metrics.outbox_backlog(*await store.outbox_backlog(conn, timeout=context.time_left()))
             if time.monotonic() - self._last_slow > 60:
                 self._last_slow = time.monotonic()
-                DATABASE_SIZE_BYTES.labels(schema="task").set(await store.schema_size(conn))
-                await store.purge_delivered(conn, older_than=self._keep)
+                metrics.schema_size(await store.schema_size(conn, timeout=context.time_left()))
+                await store.purge_delivered(
+                    conn, older_than=self._keep, timeout=context.time_left()
+                )

@@ -1,8 +1,11 @@
 """SQL for users, tasks and the outbox. The only module of the task service that holds SQL.
 
 Every statement takes its values as parameters; the few dynamic fragments (which filters are
-present, which columns an update sets) come from fixed whitelists, never from input. Every call
-is bounded by the remaining request deadline.
+present, which columns an update sets) come from fixed whitelists, never from input. Every
+function takes a keyword-only `timeout`: the caller passes what is left of its deadline
+(`mhv_common.context.time_left()`). Reads return the domain's objects (`mhv_task._models`),
+changes take their audit event (`mhv_task._events.OutboxEvent`) and write it in the same
+statement.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from typing import Any
 
 import asyncpg
 
-from mhv_common.context import time_left
+from mhv_task._events import OutboxEvent, PendingEvent
+from mhv_task._lifecycle import Status
+from mhv_task._models import QualityGate, Task, TaskCreateRequest, User
 
 TASK_COLUMNS = (
     "id, title, description, repository, priority::text AS priority, status::text AS status, "
@@ -22,8 +27,9 @@ TASK_COLUMNS = (
     "metadata, blocked_reason, cancel_reason, quality_gate, created_at, updated_at, "
     "started_at, completed_at, version, request_fingerprint"
 )
+# In the order of `mhv_task._models.User`'s fields.
 USER_COLUMNS = (
-    "id, username, email, display_name, created_at, updated_at, last_login_at, is_active, metadata"
+    "id, username, email, display_name, is_active, metadata, created_at, updated_at, last_login_at"
 )
 # Columns UpdateTask and the transitions may set, and their SQL casts.
 _SETTABLE: dict[str, str] = {
@@ -43,12 +49,34 @@ _SETTABLE: dict[str, str] = {
 }
 
 
-# An outbox row as claimed by the relay.
-OutboxRow = asyncpg.Record
+def _task(row: asyncpg.Record) -> Task:
+    gate = row["quality_gate"]
+    before = row["status_before_block"]
+    return Task(
+        id=row["id"],
+        title=row["title"],
+        description=row["description"],
+        repository=row["repository"],
+        priority=row["priority"],
+        status=Status(row["status"]),
+        status_before_block=Status(before) if before else None,
+        deadline=row["deadline"],
+        created_by=row["created_by"],
+        assigned_to=row["assigned_to"],
+        metadata=row["metadata"],
+        blocked_reason=row["blocked_reason"],
+        cancel_reason=row["cancel_reason"],
+        quality_gate=QualityGate.from_stored(gate) if gate else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        version=row["version"],
+    )
 
 
-def _t() -> float | None:
-    return time_left()
+def _user(row: asyncpg.Record) -> User:
+    return User(*row.values())
 
 
 # --- tasks ------------------------------------------------------------------------------------
@@ -68,7 +96,7 @@ WITH creator AS (
     RETURNING *
 ), event AS (
     INSERT INTO outbox (task_id, event_type, user_id, details, request_id, traceparent)
-    SELECT t.id, 'task_created', $1, $11::jsonb, $12, $13 FROM t
+    SELECT t.id, $14, $1, $11::jsonb, $12, $13 FROM t
 )
 SELECT {TASK_COLUMNS} FROM t
 """
@@ -76,63 +104,59 @@ SELECT {TASK_COLUMNS} FROM t
 
 async def insert_task(
     conn: asyncpg.Connection,
+    task: TaskCreateRequest,
     *,
-    created_by: uuid.UUID,
-    assigned_to: uuid.UUID | None,
-    title: str,
-    description: str | None,
-    repository: str,
-    priority: str,
-    deadline: dt.datetime | None,
-    metadata: Mapping[str, Any],
+    event: OutboxEvent,
     request_key: str | None,
     request_fingerprint: str | None,
-    event_details: Mapping[str, Any],
-    request_id: str,
-    traceparent: str,
-) -> asyncpg.Record | None:
+    timeout: float | None,
+) -> Task | None:
     """Insert a task and its task_created event in one statement.
 
-    Returns None when nothing was inserted: the request key exists already, or the author or
-    assignee is missing or inactive (the caller finds out which).
+    The task's author is the event's actor. Returns None when nothing was inserted: the
+    request key exists already, or the author or assignee is missing or inactive (the caller
+    finds out which).
     """
     row: asyncpg.Record | None = await conn.fetchrow(
         _INSERT_TASK,
-        created_by,
-        assigned_to,
-        title,
-        description,
-        repository,
-        priority,
-        deadline,
-        dict(metadata),
+        event.actor,
+        task.assigned_to,
+        task.title,
+        task.description,
+        task.repository,
+        task.priority,
+        task.deadline,
+        task.metadata,
         request_key,
         request_fingerprint,
-        dict(event_details),
-        request_id,
-        traceparent,
-        timeout=_t(),
+        event.details,
+        event.request_id,
+        event.traceparent,
+        event.event_type.value,
+        timeout=timeout,
     )
-    return row
+    return None if row is None else _task(row)
 
 
-async def task_by_request_key(conn: asyncpg.Connection, key: str) -> asyncpg.Record | None:
-    """The task created under an idempotency key."""
+async def task_by_request_key(
+    conn: asyncpg.Connection, key: str, *, timeout: float | None
+) -> tuple[Task, str | None] | None:
+    """The task created under an idempotency key, and the fingerprint of its request."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE request_key = $1", key, timeout=_t()
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE request_key = $1", key, timeout=timeout
     )
-    return row
+    return None if row is None else (_task(row), row["request_fingerprint"])
 
 
 async def get_task(
-    conn: asyncpg.Connection, task_id: int, *, for_update: bool = False
-) -> asyncpg.Record | None:
+    conn: asyncpg.Connection, task_id: int, *, for_update: bool = False, timeout: float | None
+) -> Task | None:
     """One task, optionally locked until the end of the transaction."""
     lock = " FOR UPDATE" if for_update else ""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1{lock}", task_id, timeout=_t()
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1{lock}", task_id, timeout=timeout
     )
-    return row
+    return None if row is None else _task(row)
 
 
 async def update_task(
@@ -140,15 +164,17 @@ async def update_task(
     task_id: int,
     changes: Mapping[str, Any],
     *,
-    event: tuple[str, uuid.UUID, Mapping[str, Any], str, str],
-) -> asyncpg.Record:
-    """Apply `changes`, bump the version and record the event, in one statement.
+    event: OutboxEvent,
+    timeout: float | None,
+) -> Task:
+    """Apply `changes`, bump the version and record `event`, in one statement.
 
     Args:
         conn: A connection inside the caller's transaction (which holds the row lock).
         task_id: The task.
         changes: Column -> new value; columns must be in the settable whitelist.
-        event: (event type, actor, details, request id, traceparent).
+        event: The change's audit event.
+        timeout: Bound on the statement.
     """
     sets: list[str] = []
     args: list[Any] = [task_id]
@@ -156,8 +182,9 @@ async def update_task(
         cast = _SETTABLE[column]  # KeyError for anything outside the whitelist
         args.append(value)
         sets.append(f"{column} = ${len(args)}{cast}")
-    event_type, actor, details, request_id, traceparent = event
-    args.extend([event_type, actor, dict(details), request_id, traceparent])
+    args.extend(
+        [event.event_type.value, event.actor, event.details, event.request_id, event.traceparent]
+    )
     n = len(args)
     sql = f"""
     WITH t AS (
@@ -170,32 +197,29 @@ async def update_task(
     )
     SELECT {TASK_COLUMNS} FROM t
     """
-    row: asyncpg.Record = await conn.fetchrow(sql, *args, timeout=_t())
-    return row
+    row: asyncpg.Record = await conn.fetchrow(sql, *args, timeout=timeout)
+    return _task(row)
 
 
 async def delete_task(
-    conn: asyncpg.Connection,
-    task_id: int,
-    *,
-    event: tuple[uuid.UUID, Mapping[str, Any], str, str],
+    conn: asyncpg.Connection, task_id: int, *, event: OutboxEvent, timeout: float | None
 ) -> bool:
-    """Delete a task and record task_deleted, in one statement."""
-    actor, details, request_id, traceparent = event
+    """Delete a task and record `event` (task_deleted), in one statement."""
     deleted = await conn.fetchval(
         """
         WITH t AS (DELETE FROM tasks WHERE id = $1 RETURNING id), event AS (
             INSERT INTO outbox (task_id, event_type, user_id, details, request_id, traceparent)
-            SELECT t.id, 'task_deleted', $2, $3::jsonb, $4, $5 FROM t
+            SELECT t.id, $2, $3, $4::jsonb, $5, $6 FROM t
         )
         SELECT count(*) FROM t
         """,
         task_id,
-        actor,
-        dict(details),
-        request_id,
-        traceparent,
-        timeout=_t(),
+        event.event_type.value,
+        event.actor,
+        event.details,
+        event.request_id,
+        event.traceparent,
+        timeout=timeout,
     )
     return bool(deleted)
 
@@ -214,7 +238,8 @@ async def list_tasks(
     filters: Mapping[str, Any],
     before_id: int | None,
     limit: int,
-) -> Sequence[asyncpg.Record]:
+    timeout: float | None,
+) -> list[Task]:
     """Tasks matching `filters`, newest first, with id below `before_id`."""
     where, args = [], []
     for name, fragment in _LIST_FILTERS.items():
@@ -229,9 +254,9 @@ async def list_tasks(
     rows: list[asyncpg.Record] = await conn.fetch(
         f"SELECT {TASK_COLUMNS} FROM tasks {clause} ORDER BY id DESC LIMIT ${len(args)}",
         *args,
-        timeout=_t(),
+        timeout=timeout,
     )
-    return rows
+    return [_task(row) for row in rows]
 
 
 async def search_tasks(
@@ -241,8 +266,9 @@ async def search_tasks(
     filters: Mapping[str, Any],
     after: tuple[float, int] | None,
     limit: int,
-) -> Sequence[asyncpg.Record]:
-    """Full-text matches for `query`, best first (rank, then newest)."""
+    timeout: float | None,
+) -> list[tuple[Task, float]]:
+    """Full-text matches for `query` and their rank, best first (rank, then newest)."""
     args: list[Any] = [query]
     where = ["search_vector @@ q"]
     for name in ("repository", "status"):
@@ -263,16 +289,16 @@ async def search_tasks(
         LIMIT ${len(args)}
         """,
         *args,
-        timeout=_t(),
+        timeout=timeout,
     )
-    return rows
+    return [(_task(row), float(row["rank"])) for row in rows]
 
 
 # --- users ------------------------------------------------------------------------------------
 
 
 async def user_state(
-    conn: asyncpg.Connection, user_id: uuid.UUID, *, lock: bool = False
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, lock: bool = False, timeout: float | None
 ) -> bool | None:
     """True for an active user, False for a deactivated one, None for no such user.
 
@@ -282,7 +308,7 @@ async def user_state(
     value: bool | None = await conn.fetchval(
         "SELECT is_active FROM users WHERE id = $1" + (" FOR SHARE" if lock else ""),
         user_id,
-        timeout=_t(),
+        timeout=timeout,
     )
     return value
 
@@ -306,38 +332,26 @@ async def insert_user(
     email: str,
     display_name: str | None,
     metadata: Mapping[str, Any],
-) -> asyncpg.Record:
+    timeout: float | None,
+) -> User:
     """Insert a user.
 
     Raises:
         Taken: The username or the email belongs to another user.
     """
     try:
-        return await _insert_user(
-            conn, username=username, email=email, display_name=display_name, metadata=metadata
+        row: asyncpg.Record = await conn.fetchrow(
+            f"INSERT INTO users (username, email, display_name, metadata) VALUES ($1, $2, $3, $4)"
+            f" RETURNING {USER_COLUMNS}",
+            username,
+            email,
+            display_name,
+            dict(metadata),
+            timeout=timeout,
         )
     except asyncpg.UniqueViolationError as exc:
         raise Taken("email" if "email" in (exc.constraint_name or "") else "username") from None
-
-
-async def _insert_user(
-    conn: asyncpg.Connection,
-    *,
-    username: str,
-    email: str,
-    display_name: str | None,
-    metadata: Mapping[str, Any],
-) -> asyncpg.Record:
-    row: asyncpg.Record = await conn.fetchrow(
-        f"INSERT INTO users (username, email, display_name, metadata) VALUES ($1, $2, $3, $4)"
-        f" RETURNING {USER_COLUMNS}",
-        username,
-        email,
-        display_name,
-        dict(metadata),
-        timeout=_t(),
-    )
-    return row
+    return _user(row)
 
 
 async def get_user(
@@ -346,23 +360,29 @@ async def get_user(
     user_id: uuid.UUID | None = None,
     username: str | None = None,
     for_update: bool = False,
-) -> asyncpg.Record | None:
+    timeout: float | None,
+) -> User | None:
     """One user by id or by username, optionally locked until the end of the transaction."""
     if user_id is not None:
         lock = " FOR UPDATE" if for_update else ""
         row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1{lock}", user_id, timeout=_t()
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1{lock}", user_id, timeout=timeout
         )
     else:
         row = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE username = $1", username, timeout=_t()
+            f"SELECT {USER_COLUMNS} FROM users WHERE username = $1", username, timeout=timeout
         )
-    return row
+    return None if row is None else _user(row)
 
 
 async def list_users(
-    conn: asyncpg.Connection, *, after_username: str | None, include_inactive: bool, limit: int
-) -> Sequence[asyncpg.Record]:
+    conn: asyncpg.Connection,
+    *,
+    after_username: str | None,
+    include_inactive: bool,
+    limit: int,
+    timeout: float | None,
+) -> list[User]:
     """Users by username."""
     rows: list[asyncpg.Record] = await conn.fetch(
         f"""
@@ -373,50 +393,58 @@ async def list_users(
         after_username,
         include_inactive,
         limit,
-        timeout=_t(),
+        timeout=timeout,
     )
-    return rows
+    return [_user(row) for row in rows]
 
 
-async def deactivate_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
+async def deactivate_user(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, timeout: float | None
+) -> User | None:
     """Mark a user inactive."""
     row: asyncpg.Record | None = await conn.fetchrow(
         f"UPDATE users SET is_active = false, updated_at = now() WHERE id = $1"
         f" RETURNING {USER_COLUMNS}",
         user_id,
-        timeout=_t(),
+        timeout=timeout,
     )
-    return row
+    return None if row is None else _user(row)
 
 
-async def tasks_created_by(conn: asyncpg.Connection, user_id: uuid.UUID) -> int:
+async def tasks_created_by(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, timeout: float | None
+) -> int:
     """How many tasks `user_id` created."""
     count: int = await conn.fetchval(
-        "SELECT count(*) FROM tasks WHERE created_by = $1", user_id, timeout=_t()
+        "SELECT count(*) FROM tasks WHERE created_by = $1", user_id, timeout=timeout
     )
     return count
 
 
 async def tasks_assigned_to(
-    conn: asyncpg.Connection, user_id: uuid.UUID
-) -> Sequence[asyncpg.Record]:
-    """Tasks assigned to `user_id`, locked."""
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, timeout: float | None
+) -> list[int]:
+    """Ids of the tasks assigned to `user_id`, locked until the end of the transaction."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE assigned_to = $1 ORDER BY id FOR UPDATE",
+        "SELECT id FROM tasks WHERE assigned_to = $1 ORDER BY id FOR UPDATE",
         user_id,
-        timeout=_t(),
+        timeout=timeout,
     )
-    return rows
+    return [row["id"] for row in rows]
 
 
-async def delete_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> bool:
+async def delete_user(
+    conn: asyncpg.Connection, user_id: uuid.UUID, *, timeout: float | None
+) -> bool:
     """Delete a user.
 
     Raises:
         StillReferenced: Tasks they created refer to them.
     """
     try:
-        status: str = await conn.execute("DELETE FROM users WHERE id = $1", user_id, timeout=_t())
+        status: str = await conn.execute(
+            "DELETE FROM users WHERE id = $1", user_id, timeout=timeout
+        )
     except asyncpg.ForeignKeyViolationError:
         raise StillReferenced() from None
     return status.endswith(" 1")
@@ -425,7 +453,9 @@ async def delete_user(conn: asyncpg.Connection, user_id: uuid.UUID) -> bool:
 # --- outbox -----------------------------------------------------------------------------------
 
 
-async def claim_pending_events(conn: asyncpg.Connection, *, limit: int) -> Sequence[asyncpg.Record]:
+async def claim_pending_events(
+    conn: asyncpg.Connection, *, limit: int, timeout: float | None
+) -> list[PendingEvent]:
     """Lock the oldest undelivered events this relay may send now, keeping per-task order.
 
     Rows other relays hold are skipped (SKIP LOCKED). An event is only claimed when no earlier
@@ -452,21 +482,23 @@ async def claim_pending_events(conn: asyncpg.Connection, *, limit: int) -> Seque
         ORDER BY c.id
         """,
         limit,
-        timeout=_t(),
+        timeout=timeout,
     )
-    return rows
+    return [PendingEvent(*row.values()) for row in rows]
 
 
-async def mark_delivered(conn: asyncpg.Connection, ids: Sequence[int]) -> None:
+async def mark_delivered(
+    conn: asyncpg.Connection, ids: Sequence[int], *, timeout: float | None
+) -> None:
     """Mark events delivered."""
     await conn.execute(
         "UPDATE outbox SET delivered_at = now() WHERE id = ANY($1::bigint[])",
         list(ids),
-        timeout=_t(),
+        timeout=timeout,
     )
 
 
-async def outbox_backlog(conn: asyncpg.Connection) -> tuple[int, float]:
+async def outbox_backlog(conn: asyncpg.Connection, *, timeout: float | None) -> tuple[int, float]:
     """(undelivered events, age in seconds of the oldest one)."""
     row = await conn.fetchrow(
         """
@@ -474,20 +506,22 @@ async def outbox_backlog(conn: asyncpg.Connection) -> tuple[int, float]:
                coalesce(extract(epoch FROM now() - min(occurred_at)), 0) AS lag
         FROM outbox WHERE delivered_at IS NULL
         """,
-        timeout=_t(),
+        timeout=timeout,
     )
     return int(row["depth"]), float(row["lag"])
 
 
-async def purge_delivered(conn: asyncpg.Connection, *, older_than: dt.timedelta) -> int:
+async def purge_delivered(
+    conn: asyncpg.Connection, *, older_than: dt.timedelta, timeout: float | None
+) -> int:
     """Delete delivered events older than `older_than`; returns how many."""
     status: str = await conn.execute(
-        "DELETE FROM outbox WHERE delivered_at < now() - $1::interval", older_than, timeout=_t()
+        "DELETE FROM outbox WHERE delivered_at < now() - $1::interval", older_than, timeout=timeout
     )
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def schema_size(conn: asyncpg.Connection) -> int:
+async def schema_size(conn: asyncpg.Connection, *, timeout: float | None) -> int:
     """Bytes used by the task schema's tables and indexes."""
     size: int = await conn.fetchval(
         """
@@ -495,6 +529,6 @@ async def schema_size(conn: asyncpg.Connection) -> int:
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'task' AND c.relkind IN ('r', 'm')
         """,
-        timeout=_t(),
+        timeout=timeout,
     )
     return size

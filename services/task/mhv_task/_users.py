@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-import asyncpg
-
-from mhv_common import context, paging
+from mhv_common import paging
+from mhv_common.context import time_left
 from mhv_common.db import Database
 from mhv_common.errors import (
     FieldViolation,
@@ -17,11 +12,18 @@ from mhv_common.errors import (
     UserNotFoundError,
     ValidationError,
 )
-from mhv_common.redaction import redact_details
-from mhv_common.tracing import current_traceparent
+from mhv_task import _events as events
 from mhv_task import _store as store
 from mhv_task._authz import ActiveUsers, actor_for_change
-from mhv_task._models import UserCreateRequest, is_username, validate
+from mhv_task._models import (
+    Page,
+    User,
+    UserCreateRequest,
+    UserListRequest,
+    UserLookup,
+    UserRef,
+    is_username,
+)
 
 
 class Users:
@@ -31,10 +33,9 @@ class Users:
         self._db = db
         self._active = active
 
-    async def create(self, data: Mapping[str, Any]) -> asyncpg.Record:
+    async def create(self, request: UserCreateRequest) -> User:
         """Create a user; a taken username or email is MHV-111."""
         await self._active.ensure_caller_active(fresh=True)
-        request = validate(UserCreateRequest, dict(data))
         try:
             async with self._db.connection() as conn:
                 return await store.insert_user(
@@ -43,6 +44,7 @@ class Users:
                     email=request.email,
                     display_name=request.display_name,
                     metadata=request.metadata,
+                    timeout=time_left(),
                 )
         except store.Taken as exc:
             raise UserAlreadyExistsError(
@@ -50,104 +52,85 @@ class Users:
                 violations=[FieldViolation(exc.field, "already taken")],
             ) from None
 
-    async def get(self, *, user_id: str = "", username: str = "") -> asyncpg.Record:
+    async def get(self, request: UserLookup) -> User:
         """One user by id or username."""
         await self._active.ensure_caller_active()
-        if not user_id and not username:
+        if request.id is None and not request.username:
             raise ValidationError(
                 violations=[FieldViolation("lookup", "give either id or username")]
             )
         async with self._db.connection() as conn:
-            if user_id:
-                row = await store.get_user(conn, user_id=parse_user_id(user_id, field="id"))
-            elif is_username(username):
-                row = await store.get_user(conn, username=username)
+            if request.id is not None:
+                user = await store.get_user(conn, user_id=request.id, timeout=time_left())
+            elif is_username(request.username):
+                user = await store.get_user(conn, username=request.username, timeout=time_left())
             else:
-                row = None  # no user can have that name
-        if row is None:
-            raise UserNotFoundError(f"No user {user_id or username!r}.")
-        return row
+                user = None  # no user can have that name
+        if user is None:
+            raise UserNotFoundError(f"No user {str(request.id or request.username)!r}.")
+        return user
 
-    async def list(
-        self, *, page_size: int, page_token: str, include_inactive: bool
-    ) -> tuple[Sequence[asyncpg.Record], str]:
+    async def list(self, request: UserListRequest) -> Page[User]:
         """A page of users by username, and the next page's token."""
         await self._active.ensure_caller_active()
-        size = paging.page_size(page_size)
-        filters = {"include_inactive": include_inactive}
-        position = paging.decode_token(page_token, filters=filters, fields={"after": str})
+        size = paging.page_size(request.page_size)
+        filters = {"include_inactive": request.include_inactive}
+        position = paging.decode_token(request.page_token, filters=filters, fields={"after": str})
         after = str(position["after"]) if position else None
         async with self._db.connection() as conn:
-            rows = await store.list_users(
-                conn, after_username=after, include_inactive=include_inactive, limit=size + 1
+            users = await store.list_users(
+                conn,
+                after_username=after,
+                include_inactive=request.include_inactive,
+                limit=size + 1,
+                timeout=time_left(),
             )
         token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            token = paging.encode_token({"after": rows[-1]["username"]}, filters=filters)
-        return rows, token
+        if len(users) > size:
+            users = users[:size]
+            token = paging.encode_token({"after": users[-1].username}, filters=filters)
+        return Page(users, token)
 
-    async def deactivate(self, user_id: str) -> asyncpg.Record:
+    async def deactivate(self, request: UserRef) -> User:
         """Deactivate a user: they keep their tasks but can no longer be assigned."""
         await self._active.ensure_caller_active(fresh=True)
-        uid = parse_user_id(user_id, field="id")
         async with self._db.connection() as conn:
-            row = await store.deactivate_user(conn, uid)
-        if row is None:
-            raise UserNotFoundError(f"No user {user_id!r}.")
-        return row
+            user = await store.deactivate_user(conn, request.id, timeout=time_left())
+        if user is None:
+            raise UserNotFoundError(f"No user {str(request.id)!r}.")
+        return user
 
-    async def delete(self, user_id: str) -> None:
+    async def delete(self, request: UserRef) -> None:
         """Delete a user who created no tasks; tasks assigned to them are unassigned first.
 
         The unassignments are ordinary task changes with their own audit events, rather than
         the silent ``ON DELETE SET NULL`` of the foreign key, which stays only as a backstop.
         """
         await self._active.ensure_caller_active(fresh=True)
-        uid = parse_user_id(user_id, field="id")
+        uid = request.id
         actor = actor_for_change()
-        ctx = context.current()
-        request_id = ctx.request_id if ctx else ""
         refusal = UserHasTasksError(
             "This user created tasks and cannot be deleted; deactivate them instead."
         )
         try:
             async with self._db.transaction() as conn:
                 # Locked first: an assignment of this user in flight finishes before we look.
-                if await store.get_user(conn, user_id=uid, for_update=True) is None:
-                    raise UserNotFoundError(f"No user {user_id!r}.")
-                if await store.tasks_created_by(conn, uid):
+                user = await store.get_user(conn, user_id=uid, for_update=True, timeout=time_left())
+                if user is None:
+                    raise UserNotFoundError(f"No user {str(uid)!r}.")
+                if await store.tasks_created_by(conn, uid, timeout=time_left()):
                     raise refusal
-                for task in await store.tasks_assigned_to(conn, uid):
+                for task_id in await store.tasks_assigned_to(conn, uid, timeout=time_left()):
                     await store.update_task(
                         conn,
-                        task["id"],
+                        task_id,
                         {"assigned_to": None},
-                        event=(
-                            "task_assigned",
-                            actor.user_id,
-                            redact_details(
-                                {
-                                    "assigned_to": None,
-                                    "previous": str(uid),
-                                    "reason": "user deleted",
-                                }
-                            ),
-                            request_id,
-                            current_traceparent(),
+                        event=events.task_assigned(
+                            actor.user_id, assigned_to=None, previous=uid, reason="user deleted"
                         ),
+                        timeout=time_left(),
                     )
-                await store.delete_user(conn, uid)
+                await store.delete_user(conn, uid, timeout=time_left())
         except store.StillReferenced:
             # A task by this user was created after our check: the RESTRICT key caught it.
             raise refusal from None
-
-
-def parse_user_id(value: str, *, field: str) -> uuid.UUID:
-    """Check a user id from a request."""
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ValidationError(
-            violations=[FieldViolation(field, "is not a user id (UUID)")]
-        ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from grpc import aio
 
@@ -13,8 +14,10 @@ from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import ServiceDefinition, Worker, run_service
 from mhv_common.tls import peer
-from mhv_task._api import TaskApi, UserApi
 from mhv_task._authz import ActiveUsers
+from mhv_task._edge import TaskServicer, UserServicer
+from mhv_task._edge_audit import AuditClient
+from mhv_task._metrics import RequestMetrics
 from mhv_task._relay import OutboxMonitor, OutboxRelay
 from mhv_task._tasks import Tasks
 from mhv_task._users import Users
@@ -50,18 +53,20 @@ POLICIES: dict[str, MethodPolicy] = {
 def build(settings: TaskSettings) -> ServiceDefinition:
     """Assemble the task service."""
     db = Database.for_service(settings, dsn=settings.task_database_url, name="task")
+    repositories = load_repositories(settings.repos_file)
     active = ActiveUsers(db)
-    tasks = Tasks(db, load_repositories(settings.repos_file), active)
+    tasks = Tasks(db, repositories, active)
     users = Users(db, active)
+    metrics = RequestMetrics(repositories.names())
     workers: list[Worker] = [OutboxMonitor(db)]
     if settings.relay_enabled:
         # The relay authenticates to the audit service as the "task" service.
+        audit = peer(settings, settings.audit_target, settings.audit_tls_name)
         credentials = ServiceCredentials.from_settings(settings, service_name="task")
         workers.append(
             OutboxRelay(
                 db,
-                peer=peer(settings, settings.audit_target, settings.audit_tls_name),
-                credentials=credentials,
+                connect=partial(AuditClient.connect, audit, credentials),
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_interval_seconds,
                 rpc_timeout=settings.relay_rpc_timeout_seconds,
@@ -70,8 +75,10 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         )
 
     def register(server: aio.Server) -> Sequence[str]:
-        task_pb2_grpc.add_TaskServiceServicer_to_server(TaskApi(tasks), server)
-        task_pb2_grpc.add_UserServiceServicer_to_server(UserApi(users), server)
+        task_pb2_grpc.add_TaskServiceServicer_to_server(
+            TaskServicer(tasks, repositories=repositories, metrics=metrics), server
+        )
+        task_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(users), server)
         return [TASKS, USERS]
 
     return ServiceDefinition(

@@ -1,0 +1,307 @@
+"""Protobuf <-> the domain's types, for the gRPC edge (`mhv_task._edge`).
+
+Decoding copies a request's fields into the matching model of `mhv_task._models`, which
+validates them; a value the API's types allow but the domain does not (an enum number with no
+name, a NaN in a Struct) is passed on as it is, for the model to refuse with the other
+violations. Encoding turns the domain's objects into the API's messages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from mahavishnu.task.v1 import task_pb2
+from mhv_common.config import RepositoryCatalog
+from mhv_task._lifecycle import Status
+from mhv_task._models import (
+    FTSSearchQuery,
+    Task,
+    TaskAssignRequest,
+    TaskCreateRequest,
+    TaskListRequest,
+    TaskRef,
+    TaskTransitionRequest,
+    TaskUpdateRequest,
+    User,
+    UserCreateRequest,
+    UserListRequest,
+    UserLookup,
+    UserRef,
+    validate,
+)
+
+PRIORITY_TO_PB = {
+    "low": task_pb2.PRIORITY_LOW,
+    "medium": task_pb2.PRIORITY_MEDIUM,
+    "high": task_pb2.PRIORITY_HIGH,
+    "critical": task_pb2.PRIORITY_CRITICAL,
+}
+PRIORITY_FROM_PB: dict[int, str] = {v: k for k, v in PRIORITY_TO_PB.items()}
+STATUS_TO_PB = {
+    Status.PENDING: task_pb2.TASK_STATUS_PENDING,
+    Status.IN_PROGRESS: task_pb2.TASK_STATUS_IN_PROGRESS,
+    Status.COMPLETED: task_pb2.TASK_STATUS_COMPLETED,
+    Status.CANCELLED: task_pb2.TASK_STATUS_CANCELLED,
+    Status.BLOCKED: task_pb2.TASK_STATUS_BLOCKED,
+}
+STATUS_FROM_PB: dict[int, str] = {v: k.value for k, v in STATUS_TO_PB.items()}
+
+
+# --- well-known types ---------------------------------------------------------------------------
+
+
+def plain(value: struct_pb2.Value) -> Any:
+    """A Struct value as plain Python, like ``json_format.MessageToDict`` but faster.
+
+    Non-finite numbers come through as floats (MessageToDict raises); the models refuse them.
+    """
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return plain_struct(value.struct_value)
+    if kind == "list_value":
+        return [plain(v) for v in value.list_value.values]
+    return None
+
+
+def plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a plain dict."""
+    return {key: plain(value) for key, value in struct.fields.items()}
+
+
+def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    if value:
+        out.update(dict(value))
+    return out
+
+
+def _ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _priority(value: int) -> str | int | None:
+    # Unspecified is None; a number without a name goes on as it is.
+    return None if value == task_pb2.PRIORITY_UNSPECIFIED else PRIORITY_FROM_PB.get(value, value)
+
+
+def _status(value: int) -> str | int | None:
+    return None if value == task_pb2.TASK_STATUS_UNSPECIFIED else STATUS_FROM_PB.get(value, value)
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+def create_task(
+    request: task_pb2.CreateTaskRequest, repositories: RepositoryCatalog
+) -> TaskCreateRequest:
+    """CreateTask, checked against the configured repositories as well."""
+    return validate(
+        TaskCreateRequest,
+        {
+            "title": request.title,
+            "description": request.description or None,
+            "repository": request.repository,
+            "priority": _priority(request.priority),
+            "deadline": request.deadline or None,
+            "metadata": plain_struct(request.metadata) if request.metadata.fields else {},
+            "assigned_to": request.assigned_to or None,
+            "request_id": request.request_id or None,
+        },
+        context=repositories,
+    )
+
+
+def task_ref(task_id: int, etag: str = "") -> TaskRef:
+    """GetTask and DeleteTask."""
+    return validate(TaskRef, {"id": task_id, "etag": etag})
+
+
+def list_tasks(request: task_pb2.ListTasksRequest) -> TaskListRequest:
+    """ListTasks."""
+    return validate(
+        TaskListRequest,
+        {
+            "repository": request.repository or None,
+            "status": _status(request.status),
+            "priority": _priority(request.priority),
+            "assigned_to": request.assigned_to or None,
+            "page_size": request.page_size,
+            "page_token": request.page_token,
+        },
+    )
+
+
+def search_tasks(request: task_pb2.SearchTasksRequest) -> FTSSearchQuery:
+    """SearchTasks."""
+    return validate(
+        FTSSearchQuery,
+        {
+            "query": request.query,
+            "repository": request.repository or None,
+            "status": _status(request.status),
+            "page_size": request.page_size,
+            "page_token": request.page_token,
+        },
+    )
+
+
+def update_task(request: task_pb2.UpdateTaskRequest) -> TaskUpdateRequest:
+    """UpdateTask: the task's fields and the mask naming those to change."""
+    task = request.task
+    deadline = (task.deadline.seconds, task.deadline.nanos) if task.HasField("deadline") else None
+    return validate(
+        TaskUpdateRequest,
+        {
+            "id": task.id,
+            "etag": task.etag,
+            "task": {
+                "title": task.title,
+                "description": task.description,
+                "priority": _priority(task.priority),
+                "deadline": deadline,
+                "metadata": plain_struct(task.metadata),
+            },
+            "update_mask": {"paths": list(request.update_mask.paths)},
+        },
+    )
+
+
+def assign_task(request: task_pb2.AssignTaskRequest) -> TaskAssignRequest:
+    """AssignTask."""
+    return validate(
+        TaskAssignRequest,
+        {"id": request.id, "etag": request.etag, "assigned_to": request.assigned_to or None},
+    )
+
+
+def transition(
+    request: task_pb2.StartTaskRequest
+    | task_pb2.UnblockTaskRequest
+    | task_pb2.CancelTaskRequest
+    | task_pb2.BlockTaskRequest,
+) -> TaskTransitionRequest:
+    """StartTask, UnblockTask (id and etag); CancelTask and BlockTask (and a reason)."""
+    data: dict[str, Any] = {"id": request.id, "etag": request.etag}
+    if isinstance(request, task_pb2.CancelTaskRequest | task_pb2.BlockTaskRequest):
+        data["reason"] = request.reason
+    return validate(TaskTransitionRequest, data)
+
+
+def complete_task(request: task_pb2.CompleteTaskRequest) -> TaskTransitionRequest:
+    """CompleteTask, with its quality-gate result (none given: a failed, empty gate)."""
+    gate = request.quality_gate
+    return validate(
+        TaskTransitionRequest,
+        {
+            "id": request.id,
+            "etag": request.etag,
+            "quality_gate": {
+                "passed": gate.passed,
+                "checks_run": gate.checks_run,
+                "checks": [
+                    {"name": c.name, "passed": c.passed, "detail": c.detail} for c in gate.checks
+                ],
+            },
+        },
+    )
+
+
+def create_user(request: task_pb2.CreateUserRequest) -> UserCreateRequest:
+    """CreateUser."""
+    return validate(
+        UserCreateRequest,
+        {
+            "username": request.username,
+            "email": request.email,
+            "display_name": request.display_name or None,
+            "metadata": plain_struct(request.metadata),
+        },
+    )
+
+
+def user_lookup(request: task_pb2.GetUserRequest) -> UserLookup:
+    """GetUser."""
+    return validate(UserLookup, {"id": request.id or None, "username": request.username})
+
+
+def user_ref(user_id: str) -> UserRef:
+    """DeactivateUser and DeleteUser."""
+    return validate(UserRef, {"id": user_id})
+
+
+def list_users(request: task_pb2.ListUsersRequest) -> UserListRequest:
+    """ListUsers."""
+    return validate(
+        UserListRequest,
+        {
+            "include_inactive": request.include_inactive,
+            "page_size": request.page_size,
+            "page_token": request.page_token,
+        },
+    )
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def task_message(task: Task) -> task_pb2.Task:
+    """A task as the API's Task message."""
+    gate = task.quality_gate
+    return task_pb2.Task(
+        id=task.id,
+        title=task.title,
+        description=task.description or "",
+        repository=task.repository,
+        priority=PRIORITY_TO_PB[task.priority],
+        status=STATUS_TO_PB[task.status],
+        deadline=_ts(task.deadline),
+        created_by=str(task.created_by),
+        assigned_to=str(task.assigned_to) if task.assigned_to else "",
+        metadata=_struct(task.metadata),
+        blocked_reason=task.blocked_reason or "",
+        cancel_reason=task.cancel_reason or "",
+        quality_gate=task_pb2.QualityGateResult(
+            passed=gate.passed,
+            checks_run=gate.checks_run,
+            checks=[
+                task_pb2.QualityCheck(name=c.name, passed=c.passed, detail=c.detail)
+                for c in gate.checks
+            ],
+        )
+        if gate is not None
+        else None,
+        create_time=_ts(task.created_at),
+        update_time=_ts(task.updated_at),
+        start_time=_ts(task.started_at),
+        complete_time=_ts(task.completed_at),
+        etag=task.etag,
+    )
+
+
+def user_message(user: User) -> task_pb2.User:
+    """A user as the API's User message."""
+    return task_pb2.User(
+        id=str(user.id),
+        username=user.username,
+        email=user.email,
+        display_name=user.display_name or "",
+        active=user.active,
+        metadata=_struct(user.metadata),
+        create_time=_ts(user.created_at),
+        update_time=_ts(user.updated_at),
+        last_login_time=_ts(user.last_login_at),
+    )

@@ -1,0 +1,154 @@
+"""The task service's own metrics, in one place (names and buckets: docs/sre/metrics.md).
+
+The gRPC edge records the per-RPC ones around decoding and the domain call, so a request the
+models refuse counts like one the domain refuses; the relay and the outbox monitor set the
+outbox ones. Nothing else in the service imports `prometheus_client`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from types import TracebackType
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from mhv_common.db import DATABASE_SIZE_BYTES
+from mhv_common.errors import MahavishnuError
+
+TASK_CREATION_TOTAL = Counter(
+    "task_creation_total", "CreateTask calls by outcome.", ["repository", "status"]
+)
+TASK_CREATION_DURATION = Histogram(
+    "task_creation_duration_seconds",
+    "CreateTask latency, from validation to commit.",
+    ["repository"],
+    buckets=(0.05, 0.1, 0.5, 1.0, 5.0),
+)
+SEMANTIC_SEARCH_TOTAL = Counter(
+    "semantic_search_total", "SearchTasks calls by outcome.", ["status"]
+)
+OUTBOX_DEPTH = Gauge("task_outbox_depth", "Audit events committed but not yet delivered.")
+OUTBOX_LAG = Gauge(
+    "task_outbox_lag_seconds", "Age of the oldest undelivered audit event (0 when none)."
+)
+OUTBOX_DELIVERED = Counter("task_outbox_delivered_total", "Audit events delivered.")
+OUTBOX_FAILURES = Counter(
+    "task_outbox_delivery_failures_total", "Relay rounds that failed and will be retried."
+)
+
+TASK_SCHEMA = "task"
+UNKNOWN_REPOSITORY_LABEL = "_unknown"
+OUTCOMES = ("success", "rejected", "error")
+_SERVER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def outcome(exc: BaseException | None) -> str:
+    """``success``, ``rejected`` (the caller's fault) or ``error`` (ours), for metrics."""
+    if exc is None:
+        return "success"
+    if isinstance(exc, MahavishnuError) and exc.grpc_status not in _SERVER_FAULTS:
+        return "rejected"
+    return "error"
+
+
+class _Observed:
+    """Records the outcome of the enclosed work (a context manager, cheaper than a generator)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._record(outcome(exc))
+
+    def _record(self, result: str) -> None:
+        raise NotImplementedError
+
+
+class _Creation(_Observed):
+    """Counts and times one CreateTask call."""
+
+    __slots__ = ("_label", "_started")
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def _record(self, result: str) -> None:
+        TASK_CREATION_TOTAL.labels(self._label, result).inc()
+        TASK_CREATION_DURATION.labels(self._label).observe(time.perf_counter() - self._started)
+
+
+class _Search(_Observed):
+    """Counts one SearchTasks call by outcome."""
+
+    __slots__ = ()
+
+    def _record(self, result: str) -> None:
+        SEMANTIC_SEARCH_TOTAL.labels(result).inc()
+
+
+class RequestMetrics:
+    """The per-RPC metrics, with every known label combination at zero from the start.
+
+    Args:
+        repositories: The configured repository names. Any other name a caller sends is
+            counted as ``_unknown``, so callers cannot blow up the label set.
+    """
+
+    def __init__(self, repositories: Iterable[str]) -> None:
+        self._known = frozenset(repositories)
+        for repository in [*self._known, UNKNOWN_REPOSITORY_LABEL]:
+            TASK_CREATION_DURATION.labels(repository)
+            for status in OUTCOMES:
+                TASK_CREATION_TOTAL.labels(repository, status)
+        for status in OUTCOMES:
+            SEMANTIC_SEARCH_TOTAL.labels(status)
+
+    def creation(self, repository: str) -> _Creation:
+        """Count and time the enclosed CreateTask work under the repository's label."""
+        return _Creation(repository if repository in self._known else UNKNOWN_REPOSITORY_LABEL)
+
+    def search(self) -> _Search:
+        """Count the enclosed SearchTasks work by outcome."""
+        return _Search()
+
+
+def outbox_backlog(depth: int, lag_seconds: float) -> None:
+    """Record the undelivered events and the age of the oldest."""
+    OUTBOX_DEPTH.set(depth)
+    OUTBOX_LAG.set(lag_seconds)
+
+
+def outbox_delivered(count: int) -> None:
+    """Count events the relay delivered."""
+    OUTBOX_DELIVERED.inc(count)
+
+
+def outbox_round_failed() -> None:
+    """Count a relay round that failed and will be retried."""
+    OUTBOX_FAILURES.inc()
+
+
+def schema_size(size: int) -> None:
+    """Record the bytes the task schema uses on disk."""
+    DATABASE_SIZE_BYTES.labels(schema=TASK_SCHEMA).set(size)
