@@ -31,9 +31,11 @@ from typing import Any
 
 import asyncpg
 import grpc
+import httpx
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from mhv_cli.devstate import database_urls, role_url
 from mhv_cli.migrate import SERVICE_SLICES, RoleNames, drop_roles, migrate_up
@@ -386,3 +388,27 @@ async def rpc_error(call: Any) -> aio.AioRpcError:
     except aio.AioRpcError as exc:
         return exc
     raise AssertionError("the call succeeded")
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    """Every sample on the /metrics endpoint at `port`, by (name, label set)."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """The sample with exactly these labels (0 when absent)."""
+    return samples.get((name, frozenset((labels or {}).items())), 0.0)
+
+
+async def metric(port: int, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """The current value of one sample on the /metrics endpoint at `port` (0 when absent)."""
+    return sample(await scrape(port), name, labels)

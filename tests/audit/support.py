@@ -15,14 +15,16 @@ from typing import Any
 import asyncpg
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
-from mhv_common.errors import GRPC_DETAILS_METADATA_KEY
 from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+from tests.harness import metric as metric
+from tests.harness import rich_status as rich_status
+from tests.harness import rpc_error as rpc_error
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -120,14 +122,6 @@ async def verify(
     return reply
 
 
-def rich_status(error: grpc.RpcError) -> status_pb2.Status:
-    """The google.rpc.Status every Mahavishnu error carries."""
-    for key, value in error.trailing_metadata() or ():
-        if key == GRPC_DETAILS_METADATA_KEY:
-            return status_pb2.Status.FromString(value)
-    raise AssertionError("no grpc-status-details-bin trailer")
-
-
 def violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     """(field, description) of every BadRequest field violation of `error`."""
     for detail in rich_status(error).details:
@@ -136,29 +130,6 @@ def violations(error: grpc.RpcError) -> list[tuple[str, str]]:
             detail.Unpack(bad)
             return [(v.field, v.description) for v in bad.field_violations]
     return []
-
-
-async def rpc_error(call: Any) -> aio.AioRpcError:
-    """Await `call`, which must fail, and return its error."""
-    try:
-        await call
-    except aio.AioRpcError as error:
-        return error
-    raise AssertionError("the call succeeded")
-
-
-async def metric(port: int, name: str, labels: dict[str, str]) -> float:
-    """The current value of one sample on a /metrics endpoint (0 when absent)."""
-    import httpx
-
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    prefix = f"{name}{{{want}}} " if labels else f"{name} "
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @dataclass

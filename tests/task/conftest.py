@@ -12,8 +12,12 @@ from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role
+from mhv_common.config import load_repositories
 from tests.conftest import Services
-from tests.harness import Deployment, Keys, bearer, grpc_channel
+from tests.harness import ROOT, Deployment, Keys, bearer, grpc_channel
+
+# The repositories the test services are configured with.
+REPOSITORIES = load_repositories(ROOT / "settings" / "repos.yaml")
 
 
 @dataclass(frozen=True)

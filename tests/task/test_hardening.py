@@ -105,6 +105,12 @@ async def test_a_services_request_ids_are_per_user_it_acts_for(
             "metadata",
         ),
         (
+            task_pb2.CreateTaskRequest(
+                title="t", repository="demo", metadata=_struct({"ratio": float("nan")})
+            ),
+            "metadata",
+        ),
+        (
             task_pb2.CreateTaskRequest(title="t", repository="demo", request_id="id\x00"),
             "request_id",
         ),
@@ -115,7 +121,13 @@ async def test_a_services_request_ids_are_per_user_it_acts_for(
             "deadline",
         ),
     ],
-    ids=["nul-in-metadata-value", "nul-in-metadata-key", "nul-in-request-id", "deadline-overflow"],
+    ids=[
+        "nul-in-metadata-value",
+        "nul-in-metadata-key",
+        "nan-in-metadata",
+        "nul-in-request-id",
+        "deadline-overflow",
+    ],
 )
 async def test_create_refuses_values_the_database_cannot_store(
     tasks: task_pb2_grpc.TaskServiceStub,

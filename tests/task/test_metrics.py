@@ -4,38 +4,25 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
-
 from mahavishnu.task.v1 import task_pb2_grpc
 from tests.conftest import Services
-from tests.harness import rpc_error
+from tests.harness import rpc_error, sample, scrape
 from tests.task.conftest import People, new_task
 
 
-async def _samples(services: Services) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{services.task.metrics_port}/metrics")).text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def _get(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    return sample(samples, name, labels)
 
 
 async def test_task_creation_metrics(
     services: Services, tasks: task_pb2_grpc.TaskServiceStub, people: People
 ) -> None:
-    before = await _samples(services)
+    before = await scrape(services.task.metrics_port)
     for _ in range(3):
         await new_task(tasks, people.alice, repository="mahavishnu")
     await rpc_error(new_task(tasks, people.alice, repository="mahavishnu", title=""))
     await rpc_error(new_task(tasks, people.alice, repository="nowhere-at-all"))
-    after = await _samples(services)
+    after = await scrape(services.task.metrics_port)
     delta = lambda name, **kw: _get(after, name, **kw) - _get(before, name, **kw)  # noqa: E731
     assert delta("task_creation_total", repository="mahavishnu", status="success") == 3
     assert delta("task_creation_total", repository="mahavishnu", status="rejected") == 1
@@ -56,7 +43,7 @@ async def test_rpc_and_pool_metrics(
 ) -> None:
     await new_task(tasks, people.alice)
     await asyncio.sleep(0)
-    samples = await _samples(services)
+    samples = await scrape(services.task.metrics_port)
     assert (
         _get(
             samples,

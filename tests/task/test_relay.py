@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
 from grpc import aio
-from prometheus_client.parser import text_string_to_metric_families
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
@@ -30,8 +28,10 @@ from tests.harness import (
     ServiceProcess,
     bearer,
     grpc_channel,
+    metric,
     service_env,
 )
+from tests.task.conftest import make_user
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +68,7 @@ class System:
 @pytest.fixture
 async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[System]:
     deployment = await Deployment.create(cluster)
-    conn = await asyncpg.connect(deployment.admin_url)
-    user_id = str(
-        await conn.fetchval(
-            "INSERT INTO task.users (username, email) VALUES ('relay', 'relay@example.test')"
-            " RETURNING id"
-        )
-    )
-    await conn.close()
+    user_id = await make_user(deployment, "relay")
     audit_port, audit_metrics = free_port(), free_port()
     # The relay reaches the audit service as in production: over TLS, checking its certificate.
     grpc_tls = DevState(tmp_path / "grpc-tls")
@@ -194,15 +187,10 @@ async def assert_exactly_once_in_order(system: System) -> None:
     assert verdict.rows_checked == len(outbox)
 
 
-async def _metric(port: int, name: str, **labels: str) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+async def _redelivered(system: System) -> float:
+    """Events the audit service received again and recognised as already recorded."""
+    port = system.audit.metrics_port
+    return await metric(port, "audit_events_recorded_total", {"result": "duplicate"})
 
 
 async def test_audit_outage_under_load_loses_nothing_and_fails_no_rpc(system: System) -> None:
@@ -217,15 +205,15 @@ async def test_audit_outage_under_load_loses_nothing_and_fails_no_rpc(system: Sy
     assert committed == 180
     # ...and the events wait in the outbox, visible in the metrics.
     await asyncio.sleep(2.5)
-    assert await _metric(task.metrics_port, "task_outbox_depth") >= 1
-    assert await _metric(task.metrics_port, "task_outbox_lag_seconds") > 0
+    assert await metric(task.metrics_port, "task_outbox_depth") >= 1
+    assert await metric(task.metrics_port, "task_outbox_lag_seconds") > 0
     _events, pending, _audited = await _counts(system.deployment)
     assert pending >= 1
     await system.audit.start()
     await wait_all_delivered(system.deployment)
     await assert_exactly_once_in_order(system)
     await asyncio.sleep(2.5)
-    assert await _metric(task.metrics_port, "task_outbox_depth") == 0
+    assert await metric(task.metrics_port, "task_outbox_depth") == 0
 
 
 async def test_sigkill_of_the_relaying_process_mid_batch(system: System) -> None:
@@ -253,10 +241,7 @@ async def test_sigkill_of_the_relaying_process_mid_batch(system: System) -> None
     await wait_all_delivered(system.deployment)
     await assert_exactly_once_in_order(system)
     # The interrupted batch was sent again and recognised, not stored twice.
-    assert (
-        await _metric(system.audit.metrics_port, "audit_events_recorded_total", result="duplicate")
-        >= 1
-    )
+    assert await _redelivered(system) >= 1
 
 
 async def test_three_relays_at_once_never_send_twice(system: System) -> None:
@@ -270,7 +255,7 @@ async def test_three_relays_at_once_never_send_twice(system: System) -> None:
     await system.audit.start()
 
     async def delivered() -> list[float]:
-        return [await _metric(r.metrics_port, "task_outbox_delivered_total") for r in relays]
+        return [await metric(r.metrics_port, "task_outbox_delivered_total") for r in relays]
 
     # Relays that failed while the audit service was down wake from their backoff (up to 5 s)
     # at different times; the first may drain everything before the others wake. Keep load
@@ -283,9 +268,6 @@ async def test_three_relays_at_once_never_send_twice(system: System) -> None:
     await wait_all_delivered(system.deployment)
     await assert_exactly_once_in_order(system)
     # No relay sent an event another relay had claimed: the audit service saw no redelivery.
-    assert (
-        await _metric(system.audit.metrics_port, "audit_events_recorded_total", result="duplicate")
-        == 0
-    )
+    assert await _redelivered(system) == 0
     counts = await delivered()
     assert sum(1 for d in counts if d > 0) >= 2, f"only one relay did the work: {counts}"

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 
 import grpc
-import httpx
 import pytest
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from tests.conftest import Services
-from tests.harness import mhv_code, rpc_error, violations
+from tests.harness import metric, mhv_code, rpc_error, violations
 from tests.task.conftest import People, new_task
 
 
-def _search_count(text: str, status: str) -> float:
-    match = re.search(rf'^semantic_search_total\{{status="{status}"\}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-async def _metrics(services: Services) -> str:
-    async with httpx.AsyncClient() as client:
-        return (await client.get(f"http://127.0.0.1:{services.task.metrics_port}/metrics")).text
+async def _search_count(services: Services, status: str) -> float:
+    return await metric(services.task.metrics_port, "semantic_search_total", {"status": status})
 
 
 async def test_search_ranks_title_matches_first_and_filters(
@@ -78,14 +70,14 @@ async def test_web_search_syntax_and_paging(
 async def test_plan_forbidden_sequences_are_rejected(
     tasks: task_pb2_grpc.TaskServiceStub, people: People, services: Services, query: str
 ) -> None:
-    before = _search_count(await _metrics(services), "rejected")
+    before = await _search_count(services, "rejected")
     error = await rpc_error(
         tasks.SearchTasks(task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md())
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert mhv_code(error) == "MHV-003"
     assert "query" in violations(error)
-    assert _search_count(await _metrics(services), "rejected") == before + 1
+    assert await _search_count(services, "rejected") == before + 1
 
 
 @pytest.mark.parametrize("query", ["", "   ", "\x00", "q" * 501])
@@ -101,10 +93,10 @@ async def test_query_length_rules(
 async def test_hostile_looking_but_legal_queries_are_plain_text(
     tasks: task_pb2_grpc.TaskServiceStub, people: People, services: Services
 ) -> None:
-    before = _search_count(await _metrics(services), "success")
+    before = await _search_count(services, "success")
     for query in ("' OR '1'='1", "1' UNION SELECT * FROM users", "<script>", "\x00drop"):
         reply = await tasks.SearchTasks(
             task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md()
         )
         assert isinstance(reply, task_pb2.SearchTasksResponse)
-    assert _search_count(await _metrics(services), "success") == before + 4
+    assert await _search_count(services, "success") == before + 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import math
 import re
@@ -308,6 +309,14 @@ class TaskCreateRequest(_Strict):
         if value and _CONTROL.search(value):
             raise ValueError("must not contain control characters")
         return value or None
+
+    def fingerprint(self) -> str:
+        """A digest of everything but the request id: a retry must send the same (AIP-155).
+
+        Stored with the task, so it must not change between releases for the same request.
+        """
+        body = self.model_dump(mode="json", exclude={"request_id"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class TaskRef(_Strict):

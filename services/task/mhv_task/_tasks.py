@@ -9,8 +9,6 @@ committed change and never for a rolled-back one.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -105,8 +103,7 @@ class Tasks:
             # Per caller and, for a service, per user it acts for: the gateway's request ids
             # for two people never collide into one task.
             key = f"{actor.principal.subject}:{actor.user_id}:{request.request_id}"
-            body = request.model_dump(mode="json", exclude={"request_id"})
-            fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+            fingerprint = request.fingerprint()
         event = events.task_created(actor.user_id, request)
         async with self._db.connection() as conn:
             task = await store.insert_task(

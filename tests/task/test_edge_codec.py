@@ -1,0 +1,106 @@
+"""Protobuf <-> domain types at the task service's edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import uuid
+from typing import Any
+
+import pytest
+from google.protobuf import json_format, struct_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mahavishnu.task.v1 import task_pb2
+from mhv_common.errors import MahavishnuError
+from mhv_task import _edge_codec as codec
+from mhv_task._lifecycle import Status
+from mhv_task._models import QualityCheck, QualityGate, Task
+from tests.task.conftest import REPOSITORIES
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=40)
+@given(st.dictionaries(st.text(max_size=8), _json, max_size=5))
+def test_structs_decode_as_json_format_does(value: dict[str, Any]) -> None:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    assert codec.plain_struct(struct) == json_format.MessageToDict(struct)
+
+
+def test_non_finite_numbers_reach_the_model_and_are_refused() -> None:
+    request = task_pb2.CreateTaskRequest(title="t", repository="demo")
+    request.metadata.update({"ratio": math.nan})
+    assert math.isnan(codec.plain_struct(request.metadata)["ratio"])
+    with pytest.raises(MahavishnuError) as refused:
+        codec.create_task(request, REPOSITORIES)
+    assert refused.value.code == "MHV-003"
+    assert [v.field for v in refused.value.violations] == ["metadata"]
+
+
+def test_enum_numbers_without_a_name_are_refused_by_the_models() -> None:
+    with pytest.raises(MahavishnuError) as refused:
+        codec.list_tasks(task_pb2.ListTasksRequest(status=42, priority=42))  # type: ignore[arg-type]
+    assert {v.field: v.description for v in refused.value.violations} == {
+        "status": "unknown status",
+        "priority": "unknown priority",
+    }
+    listing = codec.list_tasks(task_pb2.ListTasksRequest(status=task_pb2.TASK_STATUS_BLOCKED))
+    assert (listing.status, listing.priority) == ("blocked", None)
+
+
+def test_a_completion_without_a_gate_records_a_failed_empty_one() -> None:
+    made = codec.complete_task(task_pb2.CompleteTaskRequest(id=3))
+    assert made.quality_gate == QualityGate(passed=False, checks_run=0, checks=[])
+
+
+def test_a_task_encodes_every_field() -> None:
+    now = dt.datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
+    author, assignee = uuid.uuid4(), uuid.uuid4()
+    gate = QualityGate(passed=True, checks_run=2, checks=[QualityCheck(name="ci", passed=True)])
+    task = Task(
+        id=9,
+        title="t",
+        description=None,
+        repository="demo",
+        priority="critical",
+        status=Status.COMPLETED,
+        status_before_block=None,
+        deadline=now,
+        created_by=author,
+        assigned_to=assignee,
+        metadata={"labels": ["x"]},
+        blocked_reason=None,
+        cancel_reason="dup",
+        quality_gate=gate,
+        created_at=now,
+        updated_at=now,
+        started_at=now,
+        completed_at=now,
+        version=4,
+    )
+    message = codec.task_message(task)
+    assert (message.id, message.description, message.etag) == (9, "", task.etag)
+    assert message.priority == task_pb2.PRIORITY_CRITICAL
+    assert message.status == task_pb2.TASK_STATUS_COMPLETED
+    assert (message.created_by, message.assigned_to) == (str(author), str(assignee))
+    assert message.deadline.ToDatetime(dt.UTC) == now
+    assert codec.plain_struct(message.metadata) == {"labels": ["x"]}
+    assert message.cancel_reason == "dup"
+    assert message.quality_gate == task_pb2.QualityGateResult(
+        passed=True, checks_run=2, checks=[task_pb2.QualityCheck(name="ci", passed=True)]
+    )
+    bare = codec.task_message(dataclasses.replace(task, quality_gate=None))
+    assert not bare.HasField("quality_gate")
