@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -10,7 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -69,9 +68,11 @@ def test_a_completion_without_a_gate_records_a_failed_empty_one() -> None:
     assert made.quality_gate == QualityGate(passed=False, checks_run=0, checks=[])
 
 
-def test_a_task_encodes_every_field() -> None:
-    now = dt.datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
-    author, assignee = uuid.uuid4(), uuid.uuid4()
+NOW = dt.datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
+AUTHOR, ASSIGNEE = uuid.uuid4(), uuid.uuid4()
+
+
+def _task(**fields: Any) -> Task:
     gate = QualityGate(passed=True, checks_run=2, checks=[QualityCheck(name="ci", passed=True)])
     task = Task(
         id=9,
@@ -81,29 +82,54 @@ def test_a_task_encodes_every_field() -> None:
         priority="critical",
         status=Status.COMPLETED,
         status_before_block=None,
-        deadline=now,
-        created_by=author,
-        assigned_to=assignee,
+        deadline=NOW,
+        created_by=AUTHOR,
+        assigned_to=ASSIGNEE,
         metadata={"labels": ["x"]},
         blocked_reason=None,
         cancel_reason="dup",
         quality_gate=gate,
-        created_at=now,
-        updated_at=now,
-        started_at=now,
-        completed_at=now,
+        created_at=NOW,
+        updated_at=NOW,
+        started_at=NOW,
+        completed_at=NOW,
         version=4,
     )
+    return task._replace(**fields)
+
+
+def test_a_task_encodes_every_field() -> None:
+    task = _task()
     message = codec.task_message(task)
     assert (message.id, message.description, message.etag) == (9, "", task.etag)
     assert message.priority == task_pb2.PRIORITY_CRITICAL
     assert message.status == task_pb2.TASK_STATUS_COMPLETED
-    assert (message.created_by, message.assigned_to) == (str(author), str(assignee))
-    assert message.deadline.ToDatetime(dt.UTC) == now
+    assert (message.created_by, message.assigned_to) == (str(AUTHOR), str(ASSIGNEE))
+    assert message.deadline.ToDatetime(dt.UTC) == NOW
     assert codec.plain_struct(message.metadata) == {"labels": ["x"]}
     assert message.cancel_reason == "dup"
     assert message.quality_gate == task_pb2.QualityGateResult(
         passed=True, checks_run=2, checks=[task_pb2.QualityCheck(name="ci", passed=True)]
     )
-    bare = codec.task_message(dataclasses.replace(task, quality_gate=None))
+    bare = codec.task_message(task._replace(quality_gate=None, metadata={}, deadline=None))
     assert not bare.HasField("quality_gate")
+    assert not bare.HasField("deadline")
+    # Metadata is always present, as the API always sent it.
+    assert bare.HasField("metadata")
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
+        dt.datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=dt.UTC),
+        dt.datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=dt.UTC),
+        dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC),
+        dt.datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+    ],
+)
+def test_times_encode_as_from_datetime_does(moment: dt.datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(moment)
+    message = codec.task_message(_task(deadline=moment))
+    assert message.deadline == expected

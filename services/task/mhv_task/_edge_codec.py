@@ -78,19 +78,23 @@ def plain_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
     return {key: plain(value) for key, value in struct.fields.items()}
 
 
-def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
+def _set_struct(field: struct_pb2.Struct, value: Mapping[str, Any]) -> None:
+    # Always present, as the API has always sent it, even when empty.
+    field.SetInParent()
     if value:
-        out.update(dict(value))
-    return out
+        field.update(value)
 
 
-def _ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _set_time(field: timestamp_pb2.Timestamp, value: dt.datetime | None) -> None:
+    # What Timestamp.FromDatetime computes for an aware datetime (every stored time is one),
+    # for a fraction of its cost.
+    if value is not None:
+        since = value - _EPOCH
+        field.seconds = since.days * 86_400 + since.seconds
+        field.nanos = since.microseconds * 1000
 
 
 def _priority(value: int) -> str | int | None:
@@ -260,48 +264,48 @@ def list_users(request: task_pb2.ListUsersRequest) -> UserListRequest:
 
 def task_message(task: Task) -> task_pb2.Task:
     """A task as the API's Task message."""
-    gate = task.quality_gate
-    return task_pb2.Task(
+    # Sub-messages are filled in place: passing them to the constructor would copy them.
+    message = task_pb2.Task(
         id=task.id,
         title=task.title,
         description=task.description or "",
         repository=task.repository,
         priority=PRIORITY_TO_PB[task.priority],
         status=STATUS_TO_PB[task.status],
-        deadline=_ts(task.deadline),
         created_by=str(task.created_by),
         assigned_to=str(task.assigned_to) if task.assigned_to else "",
-        metadata=_struct(task.metadata),
         blocked_reason=task.blocked_reason or "",
         cancel_reason=task.cancel_reason or "",
-        quality_gate=task_pb2.QualityGateResult(
-            passed=gate.passed,
-            checks_run=gate.checks_run,
-            checks=[
-                task_pb2.QualityCheck(name=c.name, passed=c.passed, detail=c.detail)
-                for c in gate.checks
-            ],
-        )
-        if gate is not None
-        else None,
-        create_time=_ts(task.created_at),
-        update_time=_ts(task.updated_at),
-        start_time=_ts(task.started_at),
-        complete_time=_ts(task.completed_at),
         etag=task.etag,
     )
+    _set_struct(message.metadata, task.metadata)
+    _set_time(message.create_time, task.created_at)
+    _set_time(message.update_time, task.updated_at)
+    _set_time(message.deadline, task.deadline)
+    _set_time(message.start_time, task.started_at)
+    _set_time(message.complete_time, task.completed_at)
+    gate = task.quality_gate
+    if gate is not None:
+        result = message.quality_gate
+        result.passed = gate.passed
+        result.checks_run = gate.checks_run
+        for check in gate.checks:
+            result.checks.add(name=check.name, passed=check.passed, detail=check.detail)
+        result.SetInParent()
+    return message
 
 
 def user_message(user: User) -> task_pb2.User:
     """A user as the API's User message."""
-    return task_pb2.User(
+    message = task_pb2.User(
         id=str(user.id),
         username=user.username,
         email=user.email,
         display_name=user.display_name or "",
         active=user.active,
-        metadata=_struct(user.metadata),
-        create_time=_ts(user.created_at),
-        update_time=_ts(user.updated_at),
-        last_login_time=_ts(user.last_login_at),
     )
+    _set_struct(message.metadata, user.metadata)
+    _set_time(message.create_time, user.created_at)
+    _set_time(message.update_time, user.updated_at)
+    _set_time(message.last_login_time, user.last_login_at)
+    return message

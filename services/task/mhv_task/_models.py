@@ -29,7 +29,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -557,9 +557,12 @@ class UserListRequest(_Strict):
 # --- domain objects -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Task:
-    """A task as stored, one version of it."""
+class Task(NamedTuple):
+    """A task as stored, one version of it.
+
+    A named tuple rather than a frozen dataclass: as immutable, and several times cheaper to
+    build, which every task RPC does at least once.
+    """
 
     id: int
     title: str
@@ -588,8 +591,7 @@ class Task:
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-@dataclass(frozen=True, slots=True)
-class User:
+class User(NamedTuple):
     """A user as stored."""
 
     id: uuid.UUID
