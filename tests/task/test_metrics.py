@@ -5,6 +5,13 @@ from __future__ import annotations
 import asyncio
 
 from mahavishnu.task.v1 import task_pb2_grpc
+from mhv_common.errors import (
+    DatabaseConnectionError,
+    DeadlineExceededError,
+    TaskNotFoundError,
+    ValidationError,
+)
+from mhv_task._metrics import outcome
 from tests.conftest import Services
 from tests.harness import rpc_error, sample, scrape
 from tests.task.conftest import People, new_task
@@ -59,3 +66,13 @@ async def test_rpc_and_pool_metrics(
         "database_connections",
         frozenset({("database", "postgresql"), ("pool", "task")}),
     ) in samples
+
+
+def test_outcomes_blame_the_caller_or_the_service() -> None:
+    assert outcome(None) == "success"
+    assert outcome(ValidationError()) == "rejected"
+    assert outcome(TaskNotFoundError()) == "rejected"
+    # Our faults, including a deadline we could not meet and anything unexpected.
+    assert outcome(DeadlineExceededError()) == "error"
+    assert outcome(DatabaseConnectionError()) == "error"
+    assert outcome(RuntimeError("boom")) == "error"
