@@ -19,7 +19,6 @@ from mhv_common.context import time_left
 from mhv_common.db import Database
 from mhv_common.errors import (
     FieldViolation,
-    MahavishnuError,
     RepositoryNotFoundError,
     TaskCreationFailedError,
     TaskNotFoundError,
@@ -62,7 +61,7 @@ def _check_etag(task: Task, etag: str) -> None:
         raise TaskUpdateFailedError(f"Task {task.id} changed since you read it (stale etag).")
 
 
-def _not_found(task_id: int) -> MahavishnuError:
+def _not_found(task_id: int) -> TaskNotFoundError:
     return TaskNotFoundError(f"Task {task_id} does not exist.")
 
 
