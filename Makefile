@@ -19,11 +19,12 @@ help:
 # One locked dependency set for the whole monorepo: requirements.lock pins every package with
 # its hashes; the project itself is installed editable on top of it. The editable install
 # records which packages have an __init__.py (the others import as namespace packages), so
-# adding or removing one reinstalls.
+# adding or removing one reinstalls. The lock is complete, so pip installs it with --no-deps:
+# two packages' unused declared dependencies are left out on purpose (pyproject.toml, [tool.uv]).
 $(STAMP): pyproject.toml requirements.lock $(wildcard libs/*/*/__init__.py services/*/*/__init__.py)
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
