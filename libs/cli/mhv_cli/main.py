@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from mhv_cli import devstate
-from mhv_cli.migrate import RoleNames, migrate_down, migrate_up
+from mhv_cli.migrate import RoleNames, held_back, migrate_down, migrate_up
 from mhv_common.auth import Role, TokenIssuer
 from mhv_common.config import (
     AuditSettings,
@@ -110,7 +110,13 @@ async def _migrate(args: argparse.Namespace) -> int:
     done = await migrate_up(admin_url(), roles=roles, passwords=passwords)
     for m in done:
         print(f"applied {m.slice}/{m.version:04d}_{m.name}")
-    if not done:
+    waiting = await held_back(admin_url())
+    for m in waiting:
+        print(
+            f"held back {m.slice}/{m.version:04d}_{m.name}: this server does not offer the "
+            f"{m.requires} extension (semantic search stays off; keyword search works)"
+        )
+    if not done and not waiting:
         print("database is up to date")
     return 0
 

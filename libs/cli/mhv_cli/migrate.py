@@ -10,6 +10,11 @@ PostgreSQL advisory lock makes concurrent runs (several replicas starting at onc
 
 Files are templates: ``{{task_role}}`` and friends become quoted identifiers,
 ``{{task_role_literal}}`` quoted literals, ``{{database}}`` the current database.
+
+A file whose header says ``-- mhv:requires-extension NAME`` needs a PostgreSQL extension the
+server may not offer (pgvector for semantic search). Where ``pg_available_extensions`` has no
+such extension the migration is held back: not run, not recorded, listed by `held_back`; the
+run goes on with the others, and a later run on a server that gained it applies it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ SERVICE_SLICES = ("task", "audit", "webhook")
 _LOCK_KEY = 0x6D68765F6D6967  # "mhv_mig"
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(up|down)\.sql$")
 _RUN_AS_RE = re.compile(r"^--\s*mhv:run-as\s+(\w+)\s*$", re.MULTILINE)
+_REQUIRES_RE = re.compile(r"^--\s*mhv:requires-extension\s+(\w+)\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,12 @@ class Migration:
     def checksum(self) -> str:
         """SHA-256 of the up file as written (before substitution)."""
         return hashlib.sha256(self.up.read_bytes()).hexdigest()
+
+    @property
+    def requires(self) -> str | None:
+        """The extension the up file's header says it needs, if any."""
+        match = _REQUIRES_RE.search(self.up.read_text())
+        return match.group(1) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +166,34 @@ async def applied(conn: asyncpg.Connection) -> dict[tuple[str, int], str]:
     return {(r["slice"], r["version"]): r["checksum"] for r in rows}
 
 
+async def available_extensions(conn: asyncpg.Connection) -> set[str]:
+    """Extensions this server can create (installed or not)."""
+    rows = await conn.fetch("SELECT name FROM pg_available_extensions")
+    return {r["name"] for r in rows}
+
+
+def _lacks_extension(m: Migration, available: set[str]) -> bool:
+    return m.requires is not None and m.requires not in available
+
+
+async def held_back(dsn: str, *, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Unapplied migrations that need an extension this server does not offer."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        available = await available_extensions(conn)
+        has_history = await conn.fetchval(
+            "SELECT to_regclass('mhv_meta.schema_migrations') IS NOT NULL"
+        )
+        seen = await applied(conn) if has_history else {}
+    finally:
+        await conn.close()
+    return [
+        m
+        for m in discover(directory)
+        if (m.slice, m.version) not in seen and _lacks_extension(m, available)
+    ]
+
+
 @asynccontextmanager
 async def _locked(dsn: str) -> AsyncIterator[tuple[asyncpg.Connection, str]]:
     """An administrator connection holding the migration lock, and the database name."""
@@ -215,9 +255,12 @@ async def migrate_up(
     done: list[Migration] = []
     async with _locked(dsn) as (conn, database):
         seen = await applied(conn)
+        available = await available_extensions(conn)
         for m in discover(directory):
             if target is not None and m.version > target.get(m.slice, 1 << 30):
                 continue
+            if (m.slice, m.version) not in seen and _lacks_extension(m, available):
+                continue  # held back until the server offers the extension
             recorded = seen.get((m.slice, m.version))
             if recorded is not None:
                 if recorded != m.checksum:

@@ -1,0 +1,2 @@
+-- mhv:run-as admin
+DROP EXTENSION IF EXISTS vector;
