@@ -7,7 +7,8 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -22,6 +23,7 @@ __all__ = [
     "ServiceProcess",
     "percentile",
     "pgbench",
+    "pgvector_task_connection",
     "service_env",
     "start_order_ports",
     "summary",
@@ -96,3 +98,25 @@ async def admin_execute(url: str, sql: str, *args: object) -> object:
         return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def pgvector_task_connection(database_url: str | None) -> AsyncIterator[asyncpg.Connection]:
+    """The task role's connection to a throw-away migrated database on a server with pgvector.
+
+    A private cluster from the pgserver build (which ships pgvector) unless `database_url` is an
+    administrator URL; the database, its roles and a private cluster are gone afterwards.
+    """
+    cluster = Cluster(database_url) if database_url else await Cluster.start_private()
+    deployment = await Deployment.create(cluster)
+    try:
+        conn = await asyncpg.connect(deployment.role_url("task"))
+        try:
+            if await conn.fetchval("SELECT to_regclass('task_embeddings')") is None:
+                raise SystemExit("this server has no pgvector: semantic search cannot be measured")
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        await deployment.drop()
+        await cluster.close()

@@ -34,7 +34,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 
-from bench._env import Cluster, Deployment
+from bench._env import pgvector_task_connection
 from mhv_task._embedding_local import LocalEmbedder
 from mhv_task._store import search_tasks
 
@@ -121,22 +121,13 @@ async def load(
 
 async def evaluate(args: argparse.Namespace) -> None:
     data = json.loads(EVAL_SET.read_text())
-    cluster = Cluster(args.database_url) if args.database_url else await Cluster.start_private()
-    deployment = await Deployment.create(cluster)
     embedder = LocalEmbedder.load()
     try:
-        conn = await asyncpg.connect(deployment.role_url("task"))
-        try:
-            if await conn.fetchval("SELECT to_regclass('task_embeddings')") is None:
-                raise SystemExit("this server has no pgvector: semantic search cannot be measured")
+        async with pgvector_task_connection(args.database_url) as conn:
             ids = await load(conn, embedder, data["tasks"])
             await report(conn, embedder, data, ids, args)
-        finally:
-            await conn.close()
     finally:
         await embedder.aclose()
-        await deployment.drop()
-        await cluster.close()
 
 
 async def report(
