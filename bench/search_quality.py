@@ -143,8 +143,10 @@ async def report(
     semantic_sql = _SEMANTIC.format(model=embedder.model, dims=embedder.dimensions)
 
     async def keyword(query: str, _v: np.ndarray) -> list[int]:
-        rows = await search_tasks(conn, query=query, filters={}, after=None, limit=DEPTH)
-        return [r["id"] for r in rows]
+        found = await search_tasks(
+            conn, query=query, filters={}, after=None, limit=DEPTH, timeout=None
+        )
+        return [task.id for task, _rank in found]
 
     async def any_word(query: str, _v: np.ndarray) -> list[int]:
         return [r["id"] for r in await conn.fetch(_ANY_WORD, query, DEPTH)]
