@@ -22,6 +22,7 @@ EXPECTED = {
     "paging",
     "periodic",
     "probes",
+    "processes",
     "ratelimit",
     "redaction",
     "server",

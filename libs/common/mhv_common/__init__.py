@@ -9,6 +9,7 @@ edge            what both edges share: `classify` (any exception -> the caller's
 interceptors    the gRPC server interceptors, in their order, and `MethodPolicy`
 server          running a service: `run_service`, `ServiceDefinition`, health, graceful shutdown
 probes          the plaintext health listener for probes that cannot speak TLS (MHV_HEALTH_PORT)
+processes       several processes of one service on one port, under a supervisor
 config          settings from the ``MHV_*`` environment and the files in settings/
 context         per-request state across awaits: request id, caller, deadline
 auth            bearer tokens (EdDSA JWTs), principals and roles, service credentials
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
         paging,
         periodic,
         probes,
+        processes,
         ratelimit,
         redaction,
         server,
@@ -71,6 +73,7 @@ __all__ = [
     "paging",
     "periodic",
     "probes",
+    "processes",
     "ratelimit",
     "redaction",
     "server",

@@ -94,6 +94,8 @@ class TaskSettings(CommonSettings):
     task_database_url: str = ""
     task_grpc_port: int = 50051
     task_metrics_port: int = 9101
+    # Processes serving the task port (SO_REUSEPORT); see mhv_common.processes.
+    task_processes: int = Field(default=1, ge=1, le=64)
     audit_target: str = "127.0.0.1:50052"
     # The name the audit service's certificate must carry (with TLS).
     audit_tls_name: str = "mahavishnu-audit"
@@ -114,6 +116,7 @@ class AuditSettings(CommonSettings):
     # Service principals allowed to record audit events: the task service's relay.
     audit_writers: list[str] = Field(default_factory=lambda: ["service:task"])
     audit_metrics_port: int = 9102
+    audit_processes: int = Field(default=1, ge=1, le=64)
     # The audit service verifies its whole hash chain this often by itself (0: never).
     audit_verify_interval_seconds: float = Field(default=3600.0, ge=0)
 
@@ -125,6 +128,8 @@ class WebhookSettings(CommonSettings):
     webhook_admin_grpc_port: int = 50053
     webhook_https_port: int = 8443
     webhook_metrics_port: int = 9103
+    # The gRPC and HTTPS ports are both shared by every process.
+    webhook_processes: int = Field(default=1, ge=1, le=64)
     webhook_tls_cert_file: Path | None = None
     webhook_tls_key_file: Path | None = None
     task_target: str = "127.0.0.1:50051"

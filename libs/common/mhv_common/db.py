@@ -33,20 +33,26 @@ logger = logging.getLogger(__name__)
 
 Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
+# multiprocess_mode: how the gauges of several processes of one service combine into the one
+# value its /metrics shows (mhv_common.processes): pools add up; every process samples the same
+# schema size, and the newest sample of a live process is the truth.
 DATABASE_CONNECTIONS = Gauge(
     "database_connections",
     "Connections of this process's pool that are checked out.",
     ["database", "pool"],
+    multiprocess_mode="livesum",
 )
 DATABASE_SIZE_BYTES = Gauge(
     "database_size_bytes",
     "Bytes used by a service's schema (tables and indexes), refreshed periodically.",
     ["schema"],
+    multiprocess_mode="livemostrecent",
 )
 DATABASE_POOL_SIZE = Gauge(
     "database_pool_size",
     "Maximum connections of this process's pool.",
     ["database", "pool"],
+    multiprocess_mode="livesum",
 )
 
 # Errors that mean "no usable connection", as opposed to an error in the statement itself.

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
@@ -25,7 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import disable_created_metrics, start_http_server
 
-from mhv_common import logs, tracing
+from mhv_common import logs, processes, tracing
 from mhv_common.auth import TokenVerifier
 from mhv_common.config import CommonSettings, load_settings
 from mhv_common.errors import MahavishnuError
@@ -86,6 +87,8 @@ class ServiceDefinition:
         workers: Background jobs started after startup and drained on shutdown.
         listeners: Servers run beside gRPC (`Listener`), by `serve_forever` only; each stops
             after health turns NOT_SERVING, like the gRPC listener.
+        processes: Copies of the service sharing its ports (``MHV_<SERVICE>_PROCESSES``), run
+            by `run_service` under a supervisor (`mhv_common.processes`).
     """
 
     name: str
@@ -97,6 +100,7 @@ class ServiceDefinition:
     cleanup: Callable[[], Awaitable[None]] | None = None
     workers: list[Worker] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)
+    processes: int = 1
 
 
 class RunningService:
@@ -190,6 +194,7 @@ class RunningService:
                 "grpc_port": self.grpc_port,
                 "grpc_tls": tls is not None,
                 "metrics_port": self.metrics_port,
+                "pid": os.getpid(),
             },
         )
 
@@ -296,7 +301,10 @@ def run_service(
     """A service's ``main()``: load its settings, build it, serve until SIGTERM or SIGINT.
 
     A configuration error (environment, settings files, secrets, TLS material) is one log line
-    without a traceback and exit status 1, before anything starts.
+    without a traceback and exit status 1, before anything starts. With
+    ``definition.processes`` above 1 this process supervises that many copies of itself
+    (`mhv_common.processes`), which serve; the copies run the service with the supervisor
+    serving their metrics.
 
     Args:
         name: Short service name, for the refusal's log line.
@@ -307,6 +315,19 @@ def run_service(
     try:
         settings = load_settings(settings_type)
         definition = build(settings)
+        processes.check(name, processes=definition.processes, grpc_port=definition.grpc_port)
     except MahavishnuError as exc:
         refuse_start(name, exc)
+    if processes.child_index() is not None:
+        # One of several copies: the supervisor serves the metrics of all.
+        definition = replace(definition, metrics_port=None)
+    elif definition.processes > 1:
+        raise SystemExit(
+            processes.supervise(
+                name,
+                processes=definition.processes,
+                metrics_port=definition.metrics_port,
+                settings=settings,
+            )
+        )
     asyncio.run(serve_forever(definition, settings))

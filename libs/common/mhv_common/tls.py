@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from mhv_common.client import Peer
+from mhv_common.client import Peer, target_hosts
 from mhv_common.config import CommonSettings
 from mhv_common.errors import ConfigurationError
 
@@ -110,8 +110,8 @@ def peer(settings: CommonSettings, target: str, server_name: str) -> Peer:
             f"This service serves TLS but would call {target} in plaintext: set "
             "MHV_GRPC_TLS_CA_FILE to the CA that issued the other services' certificates."
         )
-    host = target.removeprefix("dns:///").rpartition(":")[0] or target
-    if not is_loopback(host) and not settings.grpc_allow_plaintext:
+    loopback = all(is_loopback(host) for host in target_hosts(target))
+    if not loopback and not settings.grpc_allow_plaintext:
         raise ConfigurationError(
             f"The call to {target} would cross the network in plaintext, with a bearer "
             "token: set MHV_GRPC_TLS_CA_FILE, or MHV_GRPC_ALLOW_PLAINTEXT=true where a trusted "

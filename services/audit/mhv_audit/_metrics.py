@@ -23,6 +23,8 @@ LAST_VERIFIED = Gauge(
     "audit_chain_last_verified_timestamp_seconds",
     "Unix time at which a verification of the whole chain last found it intact (0: never since "
     "this process started). The AuditChainVerificationStale alert watches it.",
+    # Of several processes, the latest verification by any (one that ended since included).
+    multiprocess_mode="max",
 )
 for _result in ("recorded", "duplicate"):
     EVENTS_RECORDED.labels(_result)

@@ -56,6 +56,7 @@ def build(settings: AuditSettings) -> ServiceDefinition:
         startup=db.open,
         cleanup=db.close,
         workers=workers,
+        processes=settings.audit_processes,
     )
 
 

@@ -29,9 +29,16 @@ TASK_CREATION_DURATION = Histogram(
 SEMANTIC_SEARCH_TOTAL = Counter(
     "semantic_search_total", "SearchTasks calls by outcome.", ["status"]
 )
-OUTBOX_DEPTH = Gauge("task_outbox_depth", "Audit events committed but not yet delivered.")
+# Every process of the service samples the same outbox: the newest sample stands.
+OUTBOX_DEPTH = Gauge(
+    "task_outbox_depth",
+    "Audit events committed but not yet delivered.",
+    multiprocess_mode="livemostrecent",
+)
 OUTBOX_LAG = Gauge(
-    "task_outbox_lag_seconds", "Age of the oldest undelivered audit event (0 when none)."
+    "task_outbox_lag_seconds",
+    "Age of the oldest undelivered audit event (0 when none).",
+    multiprocess_mode="livemostrecent",
 )
 OUTBOX_DELIVERED = Counter("task_outbox_delivered_total", "Audit events delivered.")
 OUTBOX_FAILURES = Counter(

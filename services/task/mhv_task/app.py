@@ -90,6 +90,7 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         startup=db.open,
         cleanup=db.close,
         workers=workers,
+        processes=settings.task_processes,
     )
 
 

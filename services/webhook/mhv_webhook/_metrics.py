@@ -59,9 +59,17 @@ CONNECTIONS_REFUSED = Counter(
 )
 for _reason in ("per_address", "head_timeout"):
     CONNECTIONS_REFUSED.labels(_reason)
-INBOX_DEPTH = Gauge("webhook_inbox_depth", "Inbox deliveries in each open state.", ["state"])
+# Every process of the gateway samples the same inbox: the newest sample stands.
+INBOX_DEPTH = Gauge(
+    "webhook_inbox_depth",
+    "Inbox deliveries in each open state.",
+    ["state"],
+    multiprocess_mode="livemostrecent",
+)
 INBOX_LAG = Gauge(
-    "webhook_inbox_lag_seconds", "Age of the oldest delivery still pending (0 when none)."
+    "webhook_inbox_lag_seconds",
+    "Age of the oldest delivery still pending (0 when none).",
+    multiprocess_mode="livemostrecent",
 )
 DEDUP_PURGED = Counter("webhook_dedup_purged_total", "Dedup records deleted after their retention.")
 DELIVERIES_PURGED = Counter(

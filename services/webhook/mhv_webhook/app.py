@@ -175,6 +175,7 @@ def build(
                 ),
                 InboxGauges(inbox, interval=settings.webhook_gauge_interval_seconds),
             ],
+            processes=settings.webhook_processes,
         ),
         listener=listener,
         edge=edge,
