@@ -64,11 +64,15 @@ class PrivateCluster:
 
     Attributes:
         root: Folder holding ``data/``, ``superuser.password`` and ``server.log``.
-        port: TCP port on 127.0.0.1.
+        port: TCP port on 127.0.0.1 (and on every address of `listen`).
+        listen: Addresses the server listens on.
+        clients: Networks (CIDR) besides loopback allowed to log in, with a password.
     """
 
     root: Path
     port: int
+    listen: tuple[str, ...] = ("127.0.0.1",)
+    clients: tuple[str, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -158,10 +162,11 @@ class PrivateCluster:
             # Up but refusing connections: typically still shutting down from a previous
             # run. Let it finish, then start afresh.
             self.stop()
+        self._allow_clients()
         options = " ".join(
             [
                 f"-p {self.port}",
-                "-c listen_addresses=127.0.0.1",
+                f"-c listen_addresses={','.join(self.listen)}",
                 "-c unix_socket_directories=''",
                 "-c max_connections=200",
                 "-c shared_buffers=128MB",
@@ -193,6 +198,14 @@ class PrivateCluster:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"private PostgreSQL did not accept connections on {self.port}")
+
+    def _allow_clients(self) -> None:
+        hba = self.data_dir / "pg_hba.conf"
+        lines = hba.read_text().splitlines()
+        wanted = [f"host all all {network} scram-sha-256" for network in self.clients]
+        missing = [line for line in wanted if line not in lines]
+        if missing:
+            hba.write_text("\n".join([*lines, *missing]) + "\n")
 
     def stop(self, *, mode: str = "fast") -> None:
         """Stop the server if it runs."""
