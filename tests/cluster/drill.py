@@ -216,7 +216,8 @@ class RateProbe:
 async def probe_rate_limit(system: System, *, attempts: int = 12) -> RateProbe:
     """Send `attempts` CreateTask calls of one member, in turn to each task replica."""
     replicas = system.replicas_of("task")
-    before = [await r.metric("rate_limit_rejections_total", method_class="create") for r in replicas]
+    refusals = "rate_limit_rejections_total"
+    before = [await r.metric(refusals, method_class="create") for r in replicas]
     metadata = bearer(system.token("member"))
     allowed = 0
     async with service_channel(system.peer("task")) as channel:
@@ -241,7 +242,7 @@ async def probe_rate_limit(system: System, *, attempts: int = 12) -> RateProbe:
             except aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
-    after = [await r.metric("rate_limit_rejections_total", method_class="create") for r in replicas]
+    after = [await r.metric(refusals, method_class="create") for r in replicas]
     return RateProbe(attempts, allowed, [a - b for a, b in zip(after, before, strict=True)])
 
 
@@ -320,7 +321,9 @@ async def verify(system: System, ledger: Ledger) -> Verdict:
         )
         ids = {
             r["title"]: r["id"]
-            for r in await conn.fetch("SELECT title, id FROM task.tasks WHERE title LIKE 'cluster %'")
+            for r in await conn.fetch(
+                "SELECT title, id FROM task.tasks WHERE title LIKE 'cluster %'"
+            )
         }
         outbox = [r["event_id"] for r in await conn.fetch("SELECT event_id FROM task.outbox")]
         audited = [
@@ -374,7 +377,8 @@ class Report:
     calls_during_outage: int  # attempts started from the kill/cut until the host served again
     errors: dict[str, int]  # failed attempts by "kind outcome", whole run
     errors_during_outage: dict[str, int]
-    disruption: float  # from the kill/cut to the end of the last failed attempt it caused
+    # by kind of call: from the kill/cut to the end of the last failed attempt after it
+    disruption: dict[str, float]
     recovery: float  # from the restart/restore until every replica on the host took traffic
     restart_floor: float  # restart to SERVING of the host's processes (0 when cut)
     calls: int
@@ -462,7 +466,10 @@ async def run_drill(
     verdict = await verify(system, ledger)
     failed = [c for c in ledger.calls if c.outcome != "OK"]
     during = [c for c in ledger.calls if away <= c.started <= recovered]
-    caused = [c.ended for c in failed if c.ended >= away]
+    disruption = {
+        kind: max([c.ended - away for c in failed if c.kind == kind and c.ended >= away] or [0.0])
+        for kind in ("CreateTask", "webhook")
+    }
     return Report(
         mode=mode,
         duration=ended - began,
@@ -472,7 +479,7 @@ async def run_drill(
         errors_during_outage=dict(
             collections.Counter(f"{c.kind} {c.outcome}" for c in during if c.outcome != "OK")
         ),
-        disruption=(max(caused) - away) if caused else 0.0,
+        disruption=disruption,
         recovery=recovered - back,
         restart_floor=(serving - back) if mode == "kill" else 0.0,
         calls=len(ledger.calls),
@@ -481,4 +488,3 @@ async def run_drill(
         unacknowledged=ledger.unacknowledged,
         rejected=ledger.rejected,
     )
-

