@@ -36,7 +36,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -50,13 +50,14 @@ logger = logging.getLogger(__name__)
 
 CHILD_INDEX_ENV = "MHV_PROCESS_INDEX"
 """Set by the supervisor in each copy's environment: its index, 0 to N-1."""
+SUPERVISOR_PID_ENV = "MHV_SUPERVISOR_PID"
+"""Set by the supervisor in each copy's environment: its own process id."""
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_LIMIT = 5
 RESTART_WINDOW_SECONDS = 60.0
 _MAX_RESTART_PAUSE_SECONDS = 5.0
 
 _PR_SET_PDEATHSIG = 1
-# Looked up in the supervisor: between fork and exec a child should only make the call.
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
@@ -66,16 +67,17 @@ def child_index() -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
-def stop_with(parent: int) -> Callable[[], None]:
-    """For a child process before exec: SIGTERM it when `parent` dies, even by SIGKILL."""
+def follow_supervisor() -> None:
+    """In a copy: get SIGTERM when the supervisor dies, even by SIGKILL; exit if it is gone.
 
-    def preexec() -> None:
-        if _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-            os._exit(70)
-        if os.getppid() != parent:  # the parent died before the call above: do not start
-            os._exit(70)
-
-    return preexec
+    Done by the copy itself at start rather than between fork and exec in the supervisor, where
+    only async-signal-safe calls belong.
+    """
+    supervisor = int(os.environ.get(SUPERVISOR_PID_ENV, "0"))
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if supervisor and os.getppid() != supervisor:  # it died before the call above
+        raise SystemExit(1)
 
 
 def check(service: str, *, processes: int, grpc_port: int) -> None:
@@ -189,13 +191,13 @@ class Supervisor:
         env = {
             **os.environ,
             CHILD_INDEX_ENV: str(index),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
             METRICS_DIR_ENV: str(self._metrics_dir),
             "MHV_REUSE_PORT": "true",
         }
         process = await asyncio.create_subprocess_exec(
             *self._command,
             env=env,
-            preexec_fn=stop_with(os.getpid()),
             # Its own process group: a Ctrl-C in a terminal reaches the supervisor only, which
             # stops the copies in order.
             process_group=0,

@@ -320,6 +320,7 @@ def run_service(
         refuse_start(name, exc)
     if processes.child_index() is not None:
         # One of several copies: the supervisor serves the metrics of all.
+        processes.follow_supervisor()
         definition = replace(definition, metrics_port=None)
     elif definition.processes > 1:
         raise SystemExit(
