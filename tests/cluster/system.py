@@ -123,16 +123,6 @@ class Replica:
             self.process.kill()
             self.process.wait()
 
-    def stop(self, *, timeout: float = 30.0) -> None:
-        """SIGTERM and wait (SIGKILL after `timeout`)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
     async def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of `name` matching `labels` on this replica's /metrics."""
         url = f"http://{self.host.address}:{self.metrics_port}/metrics"

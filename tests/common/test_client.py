@@ -13,10 +13,14 @@ from grpc import aio
 
 from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
+from mhv_common.auth import Role
 from mhv_common.client import Peer, service_channel, target_hosts
 from mhv_common.config import CommonSettings
 from mhv_common.errors import ConfigurationError
+from mhv_common.interceptors import MethodPolicy
+from mhv_common.server import RunningService, ServiceDefinition
 from mhv_common.tls import channel_credentials, peer
+from tests.harness import Keys
 
 # Two replicas on two loopback addresses, as two hosts would be.
 ADDRESSES = ("127.0.0.1", "127.0.0.2")
@@ -139,3 +143,57 @@ async def test_every_replica_must_carry_the_callee_name(
         with pytest.raises(aio.AioRpcError) as refused:
             await ch.unary_unary("/probe.Probe/Who")(b"", timeout=3)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _serve_peer_probe(keys: Keys, *, max_age: float) -> RunningService:
+    """A service on the common runtime whose one method answers with the caller's address."""
+
+    async def caller(_request: bytes, context: grpc.ServicerContext) -> bytes:
+        return str(context.peer()).encode()
+
+    def register(server: aio.Server) -> list[str]:
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "probe.Probe",
+                    {"Caller": grpc.unary_unary_rpc_method_handler(caller)},
+                )
+            ]
+        )
+        return ["probe.Probe"]
+
+    definition = ServiceDefinition(
+        name="probe",
+        grpc_port=0,
+        metrics_port=None,
+        register=register,
+        policies={"/probe.Probe/Caller": MethodPolicy(frozenset({Role.ADMIN}))},
+    )
+    settings = CommonSettings(
+        auth_jwks_file=keys.jwks,
+        grpc_max_connection_age_seconds=max_age,
+        shutdown_grace_seconds=0.5,
+    )
+    service = RunningService(definition, settings)
+    await service.start()
+    return service
+
+
+@pytest.mark.parametrize("max_age", [1.0, 0.0])
+async def test_servers_close_old_connections_so_clients_resolve_again(
+    keys: Keys, max_age: float
+) -> None:
+    service = await _serve_peer_probe(keys, max_age=max_age)
+    metadata = (("authorization", f"Bearer {keys.token(Role.ADMIN)}"),)
+    try:
+        peer_ = Peer(f"127.0.0.1:{service.grpc_port}", None, "probe")
+        async with service_channel(peer_) as channel:
+            caller = channel.unary_unary("/probe.Probe/Caller")
+            first = await caller(b"", metadata=metadata, timeout=5)
+            # Past the age (with gRPC's 10% jitter): new calls go over a new connection.
+            await asyncio.sleep(2.0)
+            second = await caller(b"", metadata=metadata, timeout=5, wait_for_ready=True)
+    finally:
+        await service.stop()
+    # The client's address: a new connection comes from a new port.
+    assert (first != second) is (max_age > 0)

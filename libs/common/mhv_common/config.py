@@ -61,6 +61,10 @@ class CommonSettings(BaseSettings):
     grpc_tls_key_file: Path | None = None
     grpc_tls_ca_file: Path | None = None
     grpc_allow_plaintext: bool = False
+    # Each gRPC connection takes no new calls after this long (those in flight may finish) and
+    # its client connects again, looking the callee's DNS name up afresh: replicas added
+    # since are then balanced onto. 0: connections last as long as the client keeps them.
+    grpc_max_connection_age_seconds: float = Field(default=300.0, ge=0)
 
     auth_jwks: str | None = None
     auth_jwks_file: Path | None = None

@@ -145,14 +145,21 @@ class RunningService:
         self.interceptors = build_interceptors(
             verifier=verifier, limiter=limiter, policies=d.policies
         )
-        server = aio.server(
-            interceptors=self.interceptors,
-            options=[
-                ("grpc.so_reuseport", 1 if s.reuse_port else 0),
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if s.grpc_max_connection_age_seconds > 0:
+            # A connection past its age takes no new calls; those in flight may run to their
+            # longest deadline (a chain verification: minutes) before it is closed.
+            longest = max([p.max_deadline for p in d.policies.values()], default=0.0)
+            grace = max(longest, s.shutdown_grace_seconds)
+            options += [
+                ("grpc.max_connection_age_ms", int(s.grpc_max_connection_age_seconds * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(grace * 1000)),
+            ]
+        server = aio.server(interceptors=self.interceptors, options=options)
         self._service_names = list(d.register(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
