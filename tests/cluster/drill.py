@@ -224,7 +224,7 @@ async def probe_rate_limit(system: System, *, attempts: int = 12) -> RateProbe:
         # Connected to both replicas first, so that the calls alternate between them.
         health = health_pb2_grpc.HealthStub(channel)
         await health.Check(health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         stub = task_pb2_grpc.TaskServiceStub(channel)
         for _ in range(attempts):
             request_id = str(uuid.uuid4())
