@@ -124,7 +124,7 @@ async def _client(port: int, ca: str, key: bytes, seconds: float, connections: i
 
 
 def _pgbench_script(body: bytes) -> str:
-    from mhv_webhook._inbox import ACCEPT_SQL
+    from mhv_webhook._store_inbox import ACCEPT_SQL
 
     values = {
         "$11": "NULL",

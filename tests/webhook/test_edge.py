@@ -18,7 +18,9 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from mhv_webhook._verify import FreshnessWindow, HeaderView, verify_standard
+from mhv_webhook._headers import HeaderView
+from mhv_webhook._scheme import FreshnessWindow
+from mhv_webhook._scheme_standard import verify_signature as verify_standard
 from tests.harness import Deployment
 from tests.webhook.conftest import (
     EDGE_SOURCES,

@@ -8,10 +8,11 @@ import uuid
 from dataclasses import dataclass
 
 from mhv_common.errors import RateLimitExceededError
-from mhv_webhook._inbox import Inbox
+from mhv_webhook._headers import HeaderView
 from mhv_webhook._metrics import DUPLICATES, SECRET_MATCHES
+from mhv_webhook._scheme import Clock, parse_payload
 from mhv_webhook._sources import RATE_CLASS, Source
-from mhv_webhook._verify import Clock, HeaderView, parse_payload
+from mhv_webhook._store_inbox import Inbox
 
 # Bodies up to this size are verified on the event loop (well under a millisecond).
 _HASH_INLINE_BYTES = 256 * 1024
@@ -114,14 +115,14 @@ class Ingestor:
             charged = True
         # Only now, with the bytes authenticated, is the body parsed.
         payload = parse_payload(body)
-        event, action = source.verifier.describe(verified, payload)
+        event, action = source.scheme.describe(verified, payload)
         result = await self._inbox.accept(
             source=source.name,
             dedup_keys=verified.dedup_keys,
             delivery_id=verified.delivery_id,
             event=event,
             action=action,
-            headers=headers.pick(source.kept_headers),
+            headers=headers.pick(source.scheme.kept_headers),
             body=body,
             traceparent=traceparent,
             tracestate=tracestate,

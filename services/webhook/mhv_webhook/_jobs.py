@@ -6,8 +6,9 @@ import logging
 
 from mhv_common.db import DATABASE_SIZE_BYTES as DATABASE_SIZE
 from mhv_common.periodic import Periodic
-from mhv_webhook._inbox import Inbox, Sagas
 from mhv_webhook._metrics import DEDUP_PURGED, DELIVERIES_PURGED, INBOX_DEPTH, INBOX_LAG
+from mhv_webhook._store_inbox import Inbox
+from mhv_webhook._store_saga import Sagas
 
 logger = logging.getLogger(__name__)
 _JOB_DEADLINE_SECONDS = 60.0
@@ -67,7 +68,9 @@ class DeliveryPurger(Periodic):
 
     async def tick(self) -> None:
         """Purge once."""
-        deleted = await self._sagas.purge_finished(retention_seconds=self._retention)
+        deleted = await self._sagas.purge_finished(
+            retention_seconds=self._retention, timeout=_JOB_DEADLINE_SECONDS
+        )
         DELIVERIES_PURGED.inc(deleted)
         if deleted:
             logger.info("finished deliveries purged", extra={"deleted": deleted})

@@ -37,14 +37,25 @@ from contextlib import AbstractAsyncContextManager
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from mahavishnu.task.v1 import task_pb2
 from mhv_common import context
 from mhv_common.config import RepositoryCatalog
-from mhv_common.errors import MahavishnuError
-from mhv_webhook._events import IgnoredEvent, IssueChange, Kind, interpret
-from mhv_webhook._inbox import Claimed, IssueBusy, LeaseLost, Sagas, SagaStep
+from mhv_common.errors import (
+    InvalidTaskTransitionError,
+    MahavishnuError,
+    TaskAlreadyCompletedError,
+)
+from mhv_webhook._changes import Change, IgnoredEvent, IssueChange, Kind
 from mhv_webhook._metrics import SAGA_OUTCOMES
-from mhv_webhook._taskclient import PermanentError, TaskClient, TransientError
+from mhv_webhook._scheme import Scheme
+from mhv_webhook._schemes import interpret
+from mhv_webhook._store_saga import Claimed, IssueBusy, LeaseLost, Sagas, SagaStep
+from mhv_webhook._taskclient import (
+    PermanentError,
+    QualityGate,
+    TaskClient,
+    TaskStatus,
+    TransientError,
+)
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("mahavishnu.webhook.saga")
@@ -52,7 +63,9 @@ tracer = trace.get_tracer("mahavishnu.webhook.saga")
 STEPS = ("started", "actor", "claim", "task", "change", "done")
 # Answers that mean "the change no longer applies", which completes the saga: e.g. closing an
 # issue whose task was completed already.
-_ALREADY = frozenset({"MHV-104", "MHV-106"})
+_ALREADY = (TaskAlreadyCompletedError, InvalidTaskTransitionError)
+# What completing a task for a closed issue records: no checks ran here.
+_CLOSED_ISSUE_GATE = QualityGate(passed=True, checks_run=0)
 
 
 def _after(step: str, done: str) -> bool:
@@ -66,7 +79,7 @@ class SagaWorker:
         sagas: The saga store.
         client: The task service client.
         repositories: Repository mapping for incoming issues.
-        schemes: Source name -> scheme (github, gitlab, standard).
+        schemes: Source name -> its scheme, which reads the source's deliveries.
         index: Worker number, for its name.
         lease_seconds: How long a claim lasts without renewal.
         max_attempts: Attempts before a delivery may be dead-lettered...
@@ -83,7 +96,7 @@ class SagaWorker:
         sagas: Sagas,
         client: TaskClient,
         repositories: RepositoryCatalog,
-        schemes: Mapping[str, str],
+        schemes: Mapping[str, Scheme],
         *,
         index: int,
         lease_seconds: float = 30.0,
@@ -115,7 +128,9 @@ class SagaWorker:
         """Claim and process deliveries until stopped."""
         while not self._stop.is_set():
             try:
-                claimed = await self._sagas.claim(worker=self._id, lease_seconds=self._lease)
+                claimed = await self._sagas.claim(
+                    worker=self._id, lease_seconds=self._lease, timeout=context.time_left()
+                )
             except Exception as exc:  # the database is down: wait and try again
                 logger.warning("saga claim failed", extra={"error": type(exc).__name__})
                 claimed = None
@@ -154,7 +169,7 @@ class SagaWorker:
 
     async def _process(self, claimed: Claimed) -> None:
         intent = interpret(
-            scheme=self._schemes.get(claimed.source, ""),
+            self._schemes.get(claimed.source),
             source=claimed.source,
             event=claimed.event,
             body=claimed.body,
@@ -180,15 +195,17 @@ class SagaWorker:
 
     def _step(self, claimed: Claimed) -> AbstractAsyncContextManager[SagaStep]:
         """A saga step's transaction, holding the saga row."""
-        return self._sagas.step(claimed.id, worker=self._id, lease_seconds=self._lease)
+        return self._sagas.step(
+            claimed.id, worker=self._id, lease_seconds=self._lease, timeout=context.time_left()
+        )
 
     async def _run(self, claimed: Claimed, change: IssueChange) -> None:
         with context.deadline_scope(self._lease / 2):
             async with self._step(claimed) as step:
                 actor = step.saga.user_id
                 if not _after(step.saga.step, "started"):
-                    actor = uuid.UUID(await self._client.ensure_user(change.actor))
-                    await step.record("actor", user_id=actor)
+                    actor = await self._client.ensure_user(change.actor)
+                    await step.record("actor", user_id=actor, timeout=context.time_left())
         self._failpoint("actor")
         assert actor is not None
         with context.deadline_scope(self._lease / 2):
@@ -199,13 +216,19 @@ class SagaWorker:
                         change.source,
                         change.external_key,
                         replace=change.kind == Kind.REOPENED,
+                        timeout=context.time_left(),
                     )
-                    if task_id is not None and await self._client.get_task(task_id) is None:
+                    if task_id is not None and await self._client.task_status(task_id) is None:
                         # The linked task was deleted: this issue needs a new one.
                         task_id, create = await step.claim_issue(
-                            change.source, change.external_key, replace=True
+                            change.source,
+                            change.external_key,
+                            replace=True,
+                            timeout=context.time_left(),
                         )
-                    await step.record("claim", task_id=task_id, created_task=create)
+                    await step.record(
+                        "claim", task_id=task_id, created_task=create, timeout=context.time_left()
+                    )
         self._failpoint("claim")
         with context.deadline_scope(self._lease / 2):
             async with self._step(claimed) as step:
@@ -219,106 +242,82 @@ class SagaWorker:
                             title=change.title.strip() or change.external_key,
                             description=change.description,
                             repository=change.repository,
-                            actor=str(actor),
+                            actor=actor,
                         )
-                        await step.link_task(change.source, change.external_key, task_id)
-                    await step.record("task", task_id=task_id)
+                        await step.link_task(
+                            change.source, change.external_key, task_id, timeout=context.time_left()
+                        )
+                    await step.record("task", task_id=task_id, timeout=context.time_left())
         self._failpoint("task")
         with context.deadline_scope(self._lease / 2):
             async with self._step(claimed) as step:
                 if not _after(step.saga.step, "task"):
                     assert step.saga.task_id is not None
-                    await self._apply(change, step.saga.task_id, str(actor))
-                    await step.record("change")
+                    await self._apply(change, step.saga.task_id, actor)
+                    await step.record("change", timeout=context.time_left())
         self._failpoint("change")
 
-    async def _apply(self, change: IssueChange, task_id: int, actor: str) -> None:
+    async def _apply(self, change: IssueChange, task_id: int, actor: uuid.UUID) -> None:
         try:
             if change.kind == Kind.EDITED:
-                await self._client.call(
-                    "UpdateTask",
-                    task_pb2.UpdateTaskRequest(
-                        task=task_pb2.Task(
-                            id=task_id,
-                            title=change.title.strip() or change.external_key,
-                            description=change.description,
-                        ),
-                        update_mask={"paths": ["title", "description"]},
-                    ),
+                await self._client.update_task(
+                    task_id,
+                    title=change.title.strip() or change.external_key,
+                    description=change.description,
                     actor=actor,
                 )
             elif change.kind == Kind.CLOSED:
                 await self._close(task_id, actor, not_planned=change.not_planned)
             elif change.kind == Kind.ASSIGNED:
                 assignee = (
-                    await self._client.ensure_user(change.assignee) if change.assignee else ""
+                    await self._client.ensure_user(change.assignee) if change.assignee else None
                 )
-                await self._client.call(
-                    "AssignTask",
-                    task_pb2.AssignTaskRequest(id=task_id, assigned_to=assignee),
-                    actor=actor,
-                )
+                await self._client.assign_task(task_id, assignee, actor=actor)
         except PermanentError as exc:
-            if exc.code not in _ALREADY:
+            if not isinstance(exc.error, _ALREADY):
                 raise
 
-    async def _close(self, task_id: int, actor: str, *, not_planned: bool) -> None:
+    async def _close(self, task_id: int, actor: uuid.UUID, *, not_planned: bool) -> None:
         """Drive the task to cancelled or completed from wherever it is (safe to repeat)."""
         if not_planned:
-            await self._client.call(
-                "CancelTask",
-                task_pb2.CancelTaskRequest(id=task_id, reason="issue closed as not planned"),
-                actor=actor,
+            await self._client.cancel_task(
+                task_id, reason="issue closed as not planned", actor=actor
             )
             return
         for _ in range(4):
-            task = await self._client.get_task(task_id)
-            if task is None or task.status in (
-                task_pb2.TASK_STATUS_COMPLETED,
-                task_pb2.TASK_STATUS_CANCELLED,
-            ):
+            status = await self._client.task_status(task_id)
+            if status is None or status.closed:
                 return
-            if task.status == task_pb2.TASK_STATUS_BLOCKED:
-                await self._client.call(
-                    "UnblockTask", task_pb2.UnblockTaskRequest(id=task_id), actor=actor
-                )
-            elif task.status == task_pb2.TASK_STATUS_PENDING:
-                await self._client.call(
-                    "StartTask", task_pb2.StartTaskRequest(id=task_id), actor=actor
-                )
+            if status == TaskStatus.BLOCKED:
+                await self._client.unblock_task(task_id, actor=actor)
+            elif status == TaskStatus.PENDING:
+                await self._client.start_task(task_id, actor=actor)
             else:
-                await self._client.call(
-                    "CompleteTask",
-                    task_pb2.CompleteTaskRequest(
-                        id=task_id,
-                        quality_gate=task_pb2.QualityGateResult(passed=True, checks_run=0),
-                    ),
-                    actor=actor,
+                await self._client.complete_task(
+                    task_id, quality_gate=_CLOSED_ISSUE_GATE, actor=actor
                 )
 
-    async def _compensate(
-        self, claimed: Claimed, intent: IssueChange | IgnoredEvent, error: PermanentError
-    ) -> None:
+    async def _compensate(self, claimed: Claimed, intent: Change, error: PermanentError) -> None:
         """Undo what this saga did, then end it compensated.
 
         Only a task this saga created is cancelled (and its issue claim released, so a later
         event starts afresh); a task it merely found is left as it was.
         """
         reason = f"{error}"
-        saga = await self._sagas.saga(claimed.id)
+        saga = await self._sagas.saga(claimed.id, timeout=context.time_left())
         if isinstance(intent, IssueChange) and saga is not None and saga.created_task:
             try:
                 if saga.task_id is not None:
-                    await self._client.call(
-                        "CancelTask",
-                        task_pb2.CancelTaskRequest(
-                            id=saga.task_id, reason=f"webhook delivery {claimed.id} failed"
-                        ),
-                        actor=str(saga.user_id or await self._client.ensure_user(intent.actor)),
+                    await self._client.cancel_task(
+                        saga.task_id,
+                        reason=f"webhook delivery {claimed.id} failed",
+                        actor=saga.user_id or await self._client.ensure_user(intent.actor),
                     )
-                await self._sagas.release_claim(claimed.id, intent.source, intent.external_key)
+                await self._sagas.release_claim(
+                    claimed.id, intent.source, intent.external_key, timeout=context.time_left()
+                )
             except PermanentError as exc:
-                if exc.code not in _ALREADY:
+                if not isinstance(exc.error, _ALREADY):
                     reason += f"; compensation: {exc}"
             except TransientError as exc:
                 # The undo itself must happen: retry the whole saga later, which fails
@@ -330,7 +329,12 @@ class SagaWorker:
 
     async def _end(self, claimed: Claimed, state: str, saga_state: str, error: str = "") -> None:
         if await self._sagas.finish(
-            claimed.id, worker=self._id, state=state, saga_state=saga_state, error=error
+            claimed.id,
+            worker=self._id,
+            state=state,
+            saga_state=saga_state,
+            error=error,
+            timeout=context.time_left(),
         ):
             SAGA_OUTCOMES.labels(state).inc()
             self._failpoint("done")
@@ -342,7 +346,12 @@ class SagaWorker:
         delay = min(self._retry_base * 2 ** (claimed.attempts - 1), 300.0)
         delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not security
         await self._sagas.reschedule(
-            claimed.id, worker=self._id, delay_seconds=delay, dead=dead, error=error
+            claimed.id,
+            worker=self._id,
+            delay_seconds=delay,
+            dead=dead,
+            error=error,
+            timeout=context.time_left(),
         )
         if dead:
             SAGA_OUTCOMES.labels("dead_letter").inc()

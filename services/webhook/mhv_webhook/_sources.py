@@ -1,4 +1,7 @@
-"""Declared webhook sources, each with its verifier, body cap and rate limiter (fail closed)."""
+"""Declared webhook sources, each with its scheme, verifier, body cap and rate limiter.
+
+Fail closed: a source without a usable secret stops the gateway from starting.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,9 @@ from dataclasses import dataclass
 from mhv_common.config import WebhookSettings, WebhookSource
 from mhv_common.errors import ConfigurationError
 from mhv_common.ratelimit import RateLimiter
-from mhv_webhook._secrets import Secret, env_name, parse_secrets
-from mhv_webhook._verify import (
-    FreshnessWindow,
-    GitHubVerifier,
-    GitLabVerifier,
-    StandardVerifier,
-    Verifier,
-)
+from mhv_webhook._scheme import FreshnessWindow, Scheme, Verifier
+from mhv_webhook._schemes import scheme_named
+from mhv_webhook._secrets import env_name, parse_secrets
 
 RATE_CLASS = "webhook"
 
@@ -26,46 +24,18 @@ class Source:
 
     Attributes:
         name: Path segment and metric label (``/webhooks/<name>``).
-        scheme: ``github``, ``gitlab`` or ``standard``.
-        verifier: Authenticates its requests.
+        scheme: What the gateway knows about this kind of sender.
+        verifier: Authenticates its requests, with its secrets.
         body_cap_bytes: Largest body read; anything larger gets 413.
         limiter: Per-source request budget (rate class ``webhook``, keyed by source).
-        kept_headers: Non-secret headers stored with each delivery.
 
     """
 
     name: str
-    scheme: str
+    scheme: Scheme
     verifier: Verifier
     body_cap_bytes: int
     limiter: RateLimiter
-    kept_headers: tuple[str, ...]
-
-
-def _verifier(
-    declared: WebhookSource, secrets: Sequence[Secret], window: FreshnessWindow
-) -> Verifier:
-    variable = env_name(declared.name)
-    signing = [s for s in secrets if s.signing_key]
-    plain = [s for s in secrets if not s.signing_key]
-    if declared.scheme == "github":
-        if signing:
-            raise ConfigurationError(
-                f"{variable}: GitHub signs with the secret text as entered; "
-                "remove the whsec_ prefix."
-            )
-        return GitHubVerifier(secrets)
-    if declared.scheme == "gitlab":
-        return GitLabVerifier(secrets, window=window)
-    if declared.scheme == "standard":
-        if plain:
-            raise ConfigurationError(
-                f"{variable}: Standard Webhooks secrets are whsec_<base64> signing keys."
-            )
-        return StandardVerifier(secrets, window=window)
-    raise ConfigurationError(
-        f"Source {declared.name!r}: no verifier for scheme {declared.scheme!r}."
-    )
 
 
 def build_sources(
@@ -75,7 +45,7 @@ def build_sources(
     *,
     now: float,
 ) -> dict[str, Source]:
-    """Pair every declared source with its secrets and verifier.
+    """Pair every declared source with its scheme, secrets and verifier.
 
     Args:
         declared: Sources from settings/webhooks.yaml.
@@ -84,8 +54,9 @@ def build_sources(
         now: Current Unix time, to refuse sources whose every secret has expired.
 
     Raises:
-        ConfigurationError: A source has no secret, only expired ones, malformed ones, or a
-            scheme without a verifier. The gateway does not start (fail closed).
+        ConfigurationError: A source has no secret, only expired ones, malformed ones, secrets
+            its scheme cannot use, or a scheme the gateway does not know. The gateway does
+            not start (fail closed).
 
     """
     window = FreshnessWindow(
@@ -96,24 +67,23 @@ def build_sources(
     override = settings.rate_limits.get(RATE_CLASS)
     sources: dict[str, Source] = {}
     for entry in declared:
-        secrets = parse_secrets(entry.name, environ.get(env_name(entry.name)))
+        variable = env_name(entry.name)
+        secrets = parse_secrets(entry.name, environ.get(variable))
         if not any(s.active(now) for s in secrets):
             raise ConfigurationError(
-                f"{env_name(entry.name)}: every secret has expired; source {entry.name!r} "
+                f"{variable}: every secret has expired; source {entry.name!r} "
                 "could not authenticate anything."
             )
-        verifier = _verifier(entry, secrets, window)
-        limiter = RateLimiter(
-            {RATE_CLASS: override or entry.rate_limit},
-            storage_uri=settings.rate_limit_storage_uri,
-            service="webhook",
-        )
+        scheme = scheme_named(entry.scheme, source=entry.name)
         sources[entry.name] = Source(
             name=entry.name,
-            scheme=entry.scheme,
-            verifier=verifier,
+            scheme=scheme,
+            verifier=scheme.verifier(secrets, window=window, variable=variable),
             body_cap_bytes=entry.body_cap_bytes,
-            limiter=limiter,
-            kept_headers=verifier.kept_headers,
+            limiter=RateLimiter(
+                {RATE_CLASS: override or entry.rate_limit},
+                storage_uri=settings.rate_limit_storage_uri,
+                service="webhook",
+            ),
         )
     return sources

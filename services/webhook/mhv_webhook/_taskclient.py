@@ -1,12 +1,20 @@
 """The gateway's client of the task service: users and tasks, as a service acting for a user.
 
 Every call carries the gateway's service token, the user it acts for (``x-mhv-on-behalf-of``),
-the remaining deadline, and the trace context of the delivery being processed. Failures come
-back as `TransientError` (retry later: the task service is down, slow or busy) or
-`PermanentError` (retrying the same request cannot help), with the MHV code when there is one.
+the remaining deadline, and the trace context of the delivery being processed. The methods
+take and return plain Python values (ids, `TaskStatus`, `QualityGate`); protobuf stays in this
+module. Failures come back as `TransientError` (retry later: the task service is down, slow or
+busy) or `PermanentError` (retrying the same request cannot help), each carrying the typed
+`MahavishnuError` the task service answered with, when it answered with one.
 """
 
 from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc import aio
@@ -16,7 +24,9 @@ from mhv_common import context
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
 from mhv_common.edge import ON_BEHALF_OF_KEY
-from mhv_common.errors import from_rpc_error
+from mhv_common.errors import MahavishnuError, from_rpc_error
+
+T = TypeVar("T")
 
 _TRANSIENT = frozenset(
     {
@@ -30,31 +40,72 @@ _TRANSIENT = frozenset(
 )
 
 
-class TransientError(Exception):
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its lifecycle, as the task service reports it."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    BLOCKED = "blocked"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the task has ended (completed or cancelled)."""
+        return self in (TaskStatus.COMPLETED, TaskStatus.CANCELLED)
+
+
+_STATUS = {
+    task_pb2.TASK_STATUS_PENDING: TaskStatus.PENDING,
+    task_pb2.TASK_STATUS_IN_PROGRESS: TaskStatus.IN_PROGRESS,
+    task_pb2.TASK_STATUS_BLOCKED: TaskStatus.BLOCKED,
+    task_pb2.TASK_STATUS_COMPLETED: TaskStatus.COMPLETED,
+    task_pb2.TASK_STATUS_CANCELLED: TaskStatus.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class QualityGate:
+    """The quality-gate result recorded when a task is completed.
+
+    Attributes:
+        passed: Whether the gate passed.
+        checks_run: How many checks ran.
+    """
+
+    passed: bool
+    checks_run: int
+
+
+class TaskServiceError(Exception):
+    """A call to the task service failed.
+
+    Attributes:
+        error: The typed error the task service answered with (e.g. `UserInactiveError`), or
+            None when there was no Mahavishnu answer (a transport failure).
+    """
+
+    def __init__(self, message: str, *, error: MahavishnuError | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class TransientError(TaskServiceError):
     """The call may succeed later, unchanged."""
 
 
-class PermanentError(Exception):
-    """The call cannot succeed as it is.
-
-    Attributes:
-        code: The MHV code of the task service's answer, or "" when there was none.
-    """
-
-    def __init__(self, message: str, *, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
+class PermanentError(TaskServiceError):
+    """The call cannot succeed as it is."""
 
 
-def _fail(exc: aio.AioRpcError | BaseException) -> Exception:
+def _fail(exc: BaseException) -> TaskServiceError:
     if not isinstance(exc, aio.AioRpcError):
         return TransientError(f"task service call interrupted ({type(exc).__name__})")
-    mhv = from_rpc_error(exc)
-    code = mhv.code if mhv else ""
-    message = f"task service answered {exc.code().name}" + (f" [{code}]" if code else "")
+    error = from_rpc_error(exc)
+    message = f"task service answered {exc.code().name}" + (f" [{error.code}]" if error else "")
     if exc.code() in _TRANSIENT:
-        return TransientError(message)
-    return PermanentError(message, code=code)
+        return TransientError(message, error=error)
+    return PermanentError(message, error=error)
 
 
 class TaskClient:
@@ -91,10 +142,10 @@ class TaskClient:
         if self._channel is not None:
             await self._channel.close()
 
-    def _options(self, acting_for: str | None = None) -> dict[str, object]:
+    def _options(self, acting_for: uuid.UUID | None = None) -> dict[str, object]:
         metadata = list(self._credentials.metadata())
-        if acting_for:
-            metadata.append((ON_BEHALF_OF_KEY, acting_for))
+        if acting_for is not None:
+            metadata.append((ON_BEHALF_OF_KEY, str(acting_for)))
         left = context.time_left(cap=self._rpc_timeout)
         # wait_for_ready: a call made while the channel reconnects waits (within its deadline)
         # instead of failing at once. The call gets 90% of the time left, so that its own
@@ -106,29 +157,37 @@ class TaskClient:
         }
 
     @property
-    def tasks(self) -> task_pb2_grpc.TaskServiceStub:
-        """The TaskService stub."""
+    def _task_stub(self) -> task_pb2_grpc.TaskServiceStub:
         assert self._tasks is not None, "open() first"
         return self._tasks
 
     @property
-    def users(self) -> task_pb2_grpc.UserServiceStub:
-        """The UserService stub."""
+    def _user_stub(self) -> task_pb2_grpc.UserServiceStub:
         assert self._users is not None, "open() first"
         return self._users
 
-    async def ensure_user(self, username: str) -> str:
+    @staticmethod
+    async def _call(call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except aio.AioRpcError as exc:
+            raise _fail(exc) from None
+
+    async def _get_user(self, username: str) -> uuid.UUID:
+        found = await self._user_stub.GetUser(
+            task_pb2.GetUserRequest(username=username), **self._options()
+        )
+        return uuid.UUID(found.id)
+
+    async def ensure_user(self, username: str) -> uuid.UUID:
         """The id of the user called `username`, created if missing (safe to repeat)."""
         try:
-            found = await self.users.GetUser(
-                task_pb2.GetUserRequest(username=username), **self._options()
-            )
-            return str(found.id)
+            return await self._get_user(username)
         except aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise _fail(exc) from None
         try:
-            made = await self.users.CreateUser(
+            made = await self._user_stub.CreateUser(
                 task_pb2.CreateUserRequest(
                     username=username,
                     email=f"{username}@users.webhook.invalid",
@@ -136,53 +195,86 @@ class TaskClient:
                 ),
                 **self._options(),
             )
-            return str(made.id)
+            return uuid.UUID(made.id)
         except aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise _fail(exc) from None
         # Another worker created the user between our two calls.
-        try:
-            found = await self.users.GetUser(
-                task_pb2.GetUserRequest(username=username), **self._options()
-            )
-        except aio.AioRpcError as exc:
-            raise _fail(exc) from None
-        return str(found.id)
+        return await self._call(lambda: self._get_user(username))
 
     async def create_task(
-        self, *, request_id: str, title: str, description: str, repository: str, actor: str
+        self,
+        *,
+        request_id: str,
+        title: str,
+        description: str,
+        repository: str,
+        actor: uuid.UUID,
     ) -> int:
         """Create a task; retries with the same `request_id` return the same task."""
-        try:
-            task = await self.tasks.CreateTask(
-                task_pb2.CreateTaskRequest(
-                    title=title,
-                    description=description,
-                    repository=repository,
-                    request_id=request_id,
-                ),
-                **self._options(actor),
-            )
-        except aio.AioRpcError as exc:
-            raise _fail(exc) from None
+        request = task_pb2.CreateTaskRequest(
+            title=title, description=description, repository=repository, request_id=request_id
+        )
+        task = await self._call(lambda: self._task_stub.CreateTask(request, **self._options(actor)))
         return int(task.id)
 
-    async def get_task(self, task_id: int) -> task_pb2.Task | None:
-        """The task, or None when it was deleted."""
+    async def task_status(self, task_id: int) -> TaskStatus | None:
+        """The task's status, or None when the task was deleted."""
         try:
-            task: task_pb2.Task = await self.tasks.GetTask(
+            task = await self._task_stub.GetTask(
                 task_pb2.GetTaskRequest(id=task_id), **self._options()
             )
         except aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise _fail(exc) from None
-        return task
+        status = _STATUS.get(task.status)
+        if status is None:
+            raise PermanentError(f"task service answered with unknown task status {task.status}")
+        return status
 
-    async def call(self, method: str, request: object, *, actor: str) -> task_pb2.Task:
-        """Call a TaskService mutation (UpdateTask, StartTask, ...) acting for `actor`."""
-        try:
-            task: task_pb2.Task = await getattr(self.tasks, method)(request, **self._options(actor))
-        except aio.AioRpcError as exc:
-            raise _fail(exc) from None
-        return task
+    async def update_task(
+        self, task_id: int, *, title: str, description: str, actor: uuid.UUID
+    ) -> None:
+        """Replace the task's title and description."""
+        request = task_pb2.UpdateTaskRequest(
+            task=task_pb2.Task(id=task_id, title=title, description=description),
+            update_mask={"paths": ["title", "description"]},
+        )
+        await self._call(lambda: self._task_stub.UpdateTask(request, **self._options(actor)))
+
+    async def assign_task(
+        self, task_id: int, assignee: uuid.UUID | None, *, actor: uuid.UUID
+    ) -> None:
+        """Assign the task to `assignee`, or unassign it (None)."""
+        request = task_pb2.AssignTaskRequest(
+            id=task_id, assigned_to=str(assignee) if assignee else ""
+        )
+        await self._call(lambda: self._task_stub.AssignTask(request, **self._options(actor)))
+
+    async def start_task(self, task_id: int, *, actor: uuid.UUID) -> None:
+        """Move a pending task to in progress."""
+        request = task_pb2.StartTaskRequest(id=task_id)
+        await self._call(lambda: self._task_stub.StartTask(request, **self._options(actor)))
+
+    async def unblock_task(self, task_id: int, *, actor: uuid.UUID) -> None:
+        """Move a blocked task back to where it was."""
+        request = task_pb2.UnblockTaskRequest(id=task_id)
+        await self._call(lambda: self._task_stub.UnblockTask(request, **self._options(actor)))
+
+    async def complete_task(
+        self, task_id: int, *, quality_gate: QualityGate, actor: uuid.UUID
+    ) -> None:
+        """Complete an in-progress task, recording `quality_gate`."""
+        request = task_pb2.CompleteTaskRequest(
+            id=task_id,
+            quality_gate=task_pb2.QualityGateResult(
+                passed=quality_gate.passed, checks_run=quality_gate.checks_run
+            ),
+        )
+        await self._call(lambda: self._task_stub.CompleteTask(request, **self._options(actor)))
+
+    async def cancel_task(self, task_id: int, *, reason: str, actor: uuid.UUID) -> None:
+        """Cancel an open task, giving `reason`."""
+        request = task_pb2.CancelTaskRequest(id=task_id, reason=reason)
+        await self._call(lambda: self._task_stub.CancelTask(request, **self._options(actor)))

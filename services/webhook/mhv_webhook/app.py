@@ -1,4 +1,4 @@
-"""Wiring of the webhook gateway: settings, sources, inbox, HTTPS edge, admin servicer, jobs."""
+"""Wiring of the webhook gateway: settings, sources, stores, HTTPS edge, admin servicer, jobs."""
 
 from __future__ import annotations
 
@@ -23,16 +23,18 @@ from mhv_common.ratelimit import RateLimiter
 from mhv_common.server import ServiceDefinition, run_service
 from mhv_common.tls import peer
 from mhv_webhook import _metrics as metrics
-from mhv_webhook._admin import WebhookAdminServicer
-from mhv_webhook._http import WebhookEdge
-from mhv_webhook._https import HttpsListener, tls_context
-from mhv_webhook._inbox import Inbox, Sagas
+from mhv_webhook._deliveries import Deliveries
+from mhv_webhook._edge_admin import WebhookAdminServicer
+from mhv_webhook._edge_http import WebhookEdge
+from mhv_webhook._edge_listener import HttpsListener, tls_context
 from mhv_webhook._ingest import Ingestor
 from mhv_webhook._jobs import DedupPurger, DeliveryPurger, InboxGauges
 from mhv_webhook._saga import SagaWorker
+from mhv_webhook._scheme import Clock
 from mhv_webhook._sources import Source, build_sources
+from mhv_webhook._store_inbox import Inbox
+from mhv_webhook._store_saga import Sagas
 from mhv_webhook._taskclient import TaskClient
-from mhv_webhook._verify import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def build(
 
     def register(server: aio.Server) -> Sequence[str]:
         webhook_pb2_grpc.add_WebhookAdminServiceServicer_to_server(
-            WebhookAdminServicer(inbox), server
+            WebhookAdminServicer(Deliveries(inbox)), server
         )
         return [SERVICE]
 

@@ -1,4 +1,9 @@
-"""The TLS listener: uvicorn serving the edge on a socket bound at start-up, TLS 1.2 minimum."""
+"""The HTTPS listener: uvicorn serving the edge over TLS 1.2+ on a socket bound at start-up.
+
+Checks of the connection itself belong here, below the middleware: uvicorn's HTTP/1.1
+protocol with the guards it lacks (a head timeout, connections per address, the JSON 400 for
+requests it cannot parse) and a transport that corks writes and lingers before closing.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,174 @@
+"""Operators' view of the inbox: list, inspect and retry deliveries.
+
+The domain behind WebhookAdminService (`mhv_webhook._edge_admin`): it checks what operators
+ask for, pages through the inbox with opaque keyset tokens and decides whether a delivery can
+be retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+
+from mhv_common import context
+from mhv_common.errors import (
+    DeliveryNotFoundError,
+    DeliveryNotRetryableError,
+    FieldViolation,
+    InvalidPageTokenError,
+    ValidationError,
+)
+from mhv_webhook._store_inbox import DeliveryRow, Inbox
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Source names are at most 32 characters (settings/webhooks.yaml); longer is not a filter.
+MAX_SOURCE_FILTER = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """What an operator lists.
+
+    Attributes:
+        source: Only this source's deliveries; empty for every source.
+        state: Only deliveries in this state (`mhv_webhook._store_inbox.STATES`), or None.
+        page_size: Deliveries per page; 0 for the default, at most `MAX_PAGE_SIZE`.
+        page_token: Where the previous page ended, or empty for the first page.
+    """
+
+    source: str = ""
+    state: str | None = None
+    page_size: int = 0
+    page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPage:
+    """One page of deliveries, newest first, and the token of the next ("" after the last)."""
+
+    deliveries: tuple[DeliveryRow, ...]
+    next_page_token: str
+
+
+def _filters(source: str, state: str | None) -> str:
+    return f"{source}\x00{state or ''}"
+
+
+def encode_page_token(row: DeliveryRow, *, source: str, state: str | None) -> str:
+    """Opaque keyset token: the last row's position and the filters it belongs to."""
+    data = {"t": row.received_at.isoformat(), "i": str(row.id), "f": _filters(source, state)}
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
+def decode_page_token(
+    token: str, *, source: str, state: str | None
+) -> tuple[dt.datetime, uuid.UUID]:
+    """Position after which the next page starts.
+
+    Raises:
+        InvalidPageTokenError: Not a token of ours, or issued for other filters (MHV-011).
+
+    """
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+        position = (dt.datetime.fromisoformat(data["t"]), uuid.UUID(data["i"]))
+        issued_for = data["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+        raise InvalidPageTokenError() from None
+    if issued_for != _filters(source, state) or position[0].tzinfo is None:
+        raise InvalidPageTokenError()
+    return position
+
+
+def parse_delivery_id(text: str) -> uuid.UUID:
+    """The gateway's id of a delivery.
+
+    Raises:
+        ValidationError: Not a UUID (MHV-003).
+    """
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ValidationError(
+            "The delivery id is not a UUID.",
+            violations=[FieldViolation("id", "must be the gateway's delivery id (a UUID)")],
+        ) from None
+
+
+class Deliveries:
+    """Listing, inspection and retry of deliveries, over the inbox store.
+
+    Each call's statements are bounded by the current request's deadline.
+    """
+
+    def __init__(self, inbox: Inbox) -> None:
+        self._inbox = inbox
+
+    async def list(self, request: ListRequest) -> DeliveryPage:
+        """Deliveries newest first, filtered by source and state, in pages.
+
+        Raises:
+            ValidationError: Negative page size or an overlong source (MHV-003).
+            InvalidPageTokenError: The token is not ours or belongs to other filters (MHV-011).
+        """
+        if request.page_size < 0:
+            raise ValidationError(violations=[FieldViolation("page_size", "must not be negative")])
+        if len(request.source) > MAX_SOURCE_FILTER:
+            raise ValidationError(violations=[FieldViolation("source", "is too long")])
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = (
+            decode_page_token(request.page_token, source=request.source, state=request.state)
+            if request.page_token
+            else None
+        )
+        rows = await self._inbox.list_deliveries(
+            source=request.source or None,
+            state=request.state,
+            after=after,
+            limit=size + 1,
+            timeout=context.time_left(),
+        )
+        page, more = rows[:size], len(rows) > size
+        return DeliveryPage(
+            tuple(page),
+            encode_page_token(page[-1], source=request.source, state=request.state) if more else "",
+        )
+
+    async def get(self, delivery_id: str) -> DeliveryRow:
+        """One delivery with its saga progress.
+
+        Raises:
+            ValidationError: The id is not a UUID (MHV-003).
+            DeliveryNotFoundError: No such delivery (MHV-307).
+        """
+        row = await self._inbox.get_delivery(
+            parse_delivery_id(delivery_id), timeout=context.time_left()
+        )
+        if row is None:
+            raise DeliveryNotFoundError()
+        return row
+
+    async def retry(self, delivery_id: str) -> DeliveryRow:
+        """Re-queue a dead-lettered delivery (same row, same dedup key); return it, pending.
+
+        Raises:
+            ValidationError: The id is not a UUID (MHV-003).
+            DeliveryNotFoundError: No such delivery (MHV-307).
+            DeliveryNotRetryableError: The delivery is not dead-lettered (MHV-308).
+        """
+        delivery = parse_delivery_id(delivery_id)
+        if not await self._inbox.requeue_dead_letter(delivery, timeout=context.time_left()):
+            row = await self._inbox.get_delivery(delivery, timeout=context.time_left())
+            if row is None:
+                raise DeliveryNotFoundError()
+            raise DeliveryNotRetryableError(
+                f"The delivery is {row.state}; only dead-lettered deliveries can be retried."
+            )
+        row = await self._inbox.get_delivery(delivery, timeout=context.time_left())
+        assert row is not None
+        return row

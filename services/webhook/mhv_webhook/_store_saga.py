@@ -1,0 +1,363 @@
+"""The saga store: the SQL of processing (leases, the saga log under its row lock, issue links).
+
+Every method takes a keyword-only `timeout` (seconds, None for no bound), applied to the wait
+for a connection and to each statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+
+from mhv_common.db import Database
+
+_CLAIM_SQL = """
+WITH next AS (
+    SELECT id FROM deliveries
+    WHERE state IN ('pending', 'processing') AND next_attempt_at <= now()
+      AND (leased_until IS NULL OR leased_until < now())
+    ORDER BY next_attempt_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE deliveries d
+SET state = 'processing', leased_by = $1, leased_until = now() + make_interval(secs => $2),
+    attempts = d.attempts + 1, updated_at = now()
+FROM next
+WHERE d.id = next.id
+RETURNING d.id, d.source, d.event, d.action, d.body, d.traceparent, d.tracestate, d.attempts,
+          extract(epoch FROM now() - d.received_at)::float8 AS age_seconds
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A delivery a worker leased, with what its saga has done so far."""
+
+    id: uuid.UUID
+    source: str
+    event: str
+    action: str
+    body: bytes
+    traceparent: str | None
+    tracestate: str | None
+    attempts: int
+    age_seconds: float
+    step: str
+    saga_state: str
+    task_id: int | None
+    user_id: uuid.UUID | None
+    idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SagaRow:
+    """The saga log row, read under its lock."""
+
+    step: str
+    state: str
+    task_id: int | None
+    user_id: uuid.UUID | None
+    idempotency_key: str
+    created_task: bool
+
+
+class IssueBusy(Exception):
+    """Another delivery's saga is creating this issue's task; try again a little later."""
+
+
+class LeaseLost(Exception):
+    """Another worker holds the delivery now (ours expired); stop working on it."""
+
+
+class SagaStep:
+    """One saga step, inside a transaction that holds the saga log row (FOR UPDATE)."""
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        delivery: uuid.UUID,
+        worker: str,
+        lease: float,
+        saga: SagaRow,
+    ) -> None:
+        self._conn = conn
+        self._delivery = delivery
+        self._worker = worker
+        self._lease = lease
+        self.saga = saga
+
+    async def record(
+        self,
+        step: str,
+        *,
+        task_id: int | None = None,
+        user_id: uuid.UUID | None = None,
+        created_task: bool | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Record the step as done (committed with the transaction) and renew the lease."""
+        await self._conn.execute(
+            "UPDATE saga_log SET step = $2, task_id = coalesce($3, task_id),"
+            " user_id = coalesce($4, user_id), created_task = coalesce($5, created_task),"
+            " updated_at = now() WHERE delivery_id = $1",
+            self._delivery,
+            step,
+            task_id,
+            user_id,
+            created_task,
+            timeout=timeout,
+        )
+        await self._conn.execute(
+            "UPDATE deliveries SET leased_until = now() + make_interval(secs => $2),"
+            " updated_at = now() WHERE id = $1",
+            self._delivery,
+            self._lease,
+            timeout=timeout,
+        )
+
+    async def claim_issue(
+        self, source: str, external_key: str, *, replace: bool, timeout: float | None = None
+    ) -> tuple[int | None, bool]:
+        """Find the issue's task, or claim the right to create it.
+
+        Returns:
+            (task id, False) when the issue already has a task to use; (None, True) when this
+            saga now owns the issue's claim and must create the task.
+
+        Raises:
+            IssueBusy: Another delivery's claim is still being worked on.
+        """
+        await self._conn.execute(
+            "INSERT INTO issue_links (source, external_key, task_id, delivery)"
+            " VALUES ($1, $2, NULL, $3) ON CONFLICT (source, external_key) DO NOTHING",
+            source,
+            external_key,
+            self._delivery,
+            timeout=timeout,
+        )
+        # The row lock serialises every saga touching this issue until we commit.
+        row = await self._conn.fetchrow(
+            "SELECT task_id, delivery FROM issue_links WHERE source = $1 AND external_key = $2"
+            " FOR UPDATE",
+            source,
+            external_key,
+            timeout=timeout,
+        )
+        assert row is not None
+        if row["task_id"] is None and row["delivery"] != self._delivery:
+            raise IssueBusy(f"delivery {row['delivery']} is creating this issue's task")
+        if row["task_id"] is not None and not replace:
+            return int(row["task_id"]), False
+        # Ours to create (a new issue, our own unfinished claim, a reopened issue, or an issue
+        # whose task was deleted).
+        await self._conn.execute(
+            "UPDATE issue_links SET task_id = NULL, delivery = $3, updated_at = now()"
+            " WHERE source = $1 AND external_key = $2",
+            source,
+            external_key,
+            self._delivery,
+            timeout=timeout,
+        )
+        return None, True
+
+    async def link_task(
+        self, source: str, external_key: str, task_id: int, *, timeout: float | None = None
+    ) -> None:
+        """Complete our claim: the issue's task is `task_id`."""
+        await self._conn.execute(
+            "UPDATE issue_links SET task_id = $3, updated_at = now()"
+            " WHERE source = $1 AND external_key = $2 AND delivery = $4",
+            source,
+            external_key,
+            task_id,
+            self._delivery,
+            timeout=timeout,
+        )
+
+
+class Sagas:
+    """SQL for saga workers: claim, step under lock, finish, reschedule, issue links."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def claim(
+        self, *, worker: str, lease_seconds: float, timeout: float | None = None
+    ) -> Claimed | None:
+        """Lease the next due delivery (SKIP LOCKED: never wait for another worker)."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            row = await conn.fetchrow(_CLAIM_SQL, worker, float(lease_seconds), timeout=timeout)
+            if row is None:
+                return None
+            saga = await conn.fetchrow(
+                "INSERT INTO saga_log (delivery_id, idempotency_key) VALUES ($1, $2)"
+                " ON CONFLICT (delivery_id) DO UPDATE SET updated_at = now()"
+                " RETURNING step, state, task_id, user_id, idempotency_key, created_task",
+                row["id"],
+                f"webhook:{row['id']}",
+                timeout=timeout,
+            )
+        return Claimed(
+            id=row["id"],
+            source=row["source"],
+            event=row["event"],
+            action=row["action"],
+            body=bytes(row["body"]),
+            traceparent=row["traceparent"],
+            tracestate=row["tracestate"],
+            attempts=row["attempts"],
+            age_seconds=row["age_seconds"],
+            step=saga["step"],
+            saga_state=saga["state"],
+            task_id=saga["task_id"],
+            user_id=saga["user_id"],
+            idempotency_key=saga["idempotency_key"],
+        )
+
+    @asynccontextmanager
+    async def step(
+        self,
+        delivery: uuid.UUID,
+        *,
+        worker: str,
+        lease_seconds: float,
+        timeout: float | None = None,
+    ) -> AsyncIterator[SagaStep]:
+        """One saga step, in a transaction holding the saga log row (SELECT ... FOR UPDATE).
+
+        `timeout` bounds the transaction's start and the lock; the step's own statements take
+        theirs (`SagaStep`).
+
+        Raises:
+            LeaseLost: Our lease expired and another worker may have the delivery.
+        """
+        async with self._db.transaction(timeout=timeout) as conn:
+            # The saga row lock: no other worker advances this saga while we hold it.
+            saga = await conn.fetchrow(
+                "SELECT step, state, task_id, user_id, idempotency_key, created_task"
+                " FROM saga_log WHERE delivery_id = $1 FOR UPDATE",
+                delivery,
+                timeout=timeout,
+            )
+            ours = await conn.fetchval(
+                "SELECT leased_by = $2 AND leased_until > now() FROM deliveries WHERE id = $1",
+                delivery,
+                worker,
+                timeout=timeout,
+            )
+            if saga is None or not ours:
+                raise LeaseLost()
+            yield SagaStep(conn, delivery, worker, lease_seconds, SagaRow(**dict(saga)))
+
+    async def saga(self, delivery: uuid.UUID, *, timeout: float | None = None) -> SagaRow | None:
+        """The saga log row of a delivery, as last committed."""
+        async with self._db.connection(timeout=timeout) as conn:
+            row = await conn.fetchrow(
+                "SELECT step, state, task_id, user_id, idempotency_key, created_task"
+                " FROM saga_log WHERE delivery_id = $1",
+                delivery,
+                timeout=timeout,
+            )
+        return SagaRow(**dict(row)) if row is not None else None
+
+    async def release_claim(
+        self, delivery: uuid.UUID, source: str, external_key: str, *, timeout: float | None = None
+    ) -> None:
+        """Drop an issue link this delivery owns (its saga is being compensated)."""
+        async with self._db.connection(timeout=timeout) as conn:
+            await conn.execute(
+                "DELETE FROM issue_links WHERE source = $1 AND external_key = $2 AND delivery = $3",
+                source,
+                external_key,
+                delivery,
+                timeout=timeout,
+            )
+
+    async def purge_finished(
+        self, *, retention_seconds: float, batch: int = 1000, timeout: float | None = None
+    ) -> int:
+        """Delete finished deliveries (and their saga logs) older than the retention."""
+        total = 0
+        while True:
+            async with self._db.connection(timeout=timeout) as conn:
+                status = await conn.execute(
+                    "DELETE FROM deliveries WHERE id = ANY (ARRAY("
+                    " SELECT id FROM deliveries"
+                    " WHERE state IN ('completed', 'ignored', 'compensated')"
+                    " AND updated_at < now() - make_interval(secs => $1) LIMIT $2))",
+                    float(retention_seconds),
+                    batch,
+                    timeout=timeout,
+                )
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                return total
+
+    async def finish(
+        self,
+        delivery: uuid.UUID,
+        *,
+        worker: str,
+        state: str,
+        saga_state: str,
+        error: str = "",
+        timeout: float | None = None,
+    ) -> bool:
+        """End the delivery in `state`; False when our lease was lost meanwhile."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            done = await conn.fetchval(
+                "UPDATE deliveries SET state = $3, last_error = $4, leased_by = NULL,"
+                " leased_until = NULL, updated_at = now()"
+                " WHERE id = $1 AND leased_by = $2 RETURNING id",
+                delivery,
+                worker,
+                state,
+                error[:500],
+                timeout=timeout,
+            )
+            if done is None:
+                return False
+            await conn.execute(
+                "UPDATE saga_log SET state = $2, updated_at = now() WHERE delivery_id = $1",
+                delivery,
+                saga_state,
+                timeout=timeout,
+            )
+        return True
+
+    async def reschedule(
+        self,
+        delivery: uuid.UUID,
+        *,
+        worker: str,
+        delay_seconds: float,
+        dead: bool,
+        error: str,
+        timeout: float | None = None,
+    ) -> None:
+        """Give the delivery back for a later attempt, or dead-letter it."""
+        async with self._db.transaction(timeout=timeout) as conn:
+            done = await conn.fetchval(
+                "UPDATE deliveries SET state = $3, last_error = $4, leased_by = NULL,"
+                " leased_until = NULL, next_attempt_at = now() + make_interval(secs => $5),"
+                " updated_at = now() WHERE id = $1 AND leased_by = $2 RETURNING id",
+                delivery,
+                worker,
+                "dead_letter" if dead else "pending",
+                error[:500],
+                float(delay_seconds),
+                timeout=timeout,
+            )
+            if done is not None and dead:
+                await conn.execute(
+                    "UPDATE saga_log SET state = 'failed', updated_at = now()"
+                    " WHERE delivery_id = $1",
+                    delivery,
+                    timeout=timeout,
+                )
