@@ -195,7 +195,10 @@ class EdgeServer:
         self._thread.join(30)
 
 
-def edge_settings(deployment: Deployment, tls: Tls, sources_file: Path) -> WebhookSettings:
+def edge_settings(deployment: Deployment, tls: Tls, folder: Path) -> WebhookSettings:
+    """Settings of an in-process edge declaring `EDGE_SOURCES` (written into `folder`)."""
+    sources_file = folder / "webhooks.yaml"
+    sources_file.write_text(EDGE_SOURCES)
     return WebhookSettings(
         webhook_database_url=deployment.role_url("webhook"),
         webhooks_file=sources_file,
@@ -218,10 +221,8 @@ def edge(
     hook_secrets: Secrets,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[EdgeServer]:
-    sources = Path(tmp_path_factory.mktemp("edge")) / "webhooks.yaml"
-    sources.write_text(EDGE_SOURCES)
     server = EdgeServer(
-        edge_settings(deployment, tls, sources),
+        edge_settings(deployment, tls, Path(tmp_path_factory.mktemp("edge"))),
         hook_secrets.edge_environ(),
         deployment.role_url("webhook"),
     )
@@ -260,9 +261,12 @@ def gateway_env(
     keys: Keys,
     tls: Tls,
     secrets: Secrets,
-    sources_file: Path,
+    folder: Path,
     **extra: str,
 ) -> dict[str, str]:
+    """Environment of a gateway process declaring `PROCESS_SOURCES` (written into `folder`)."""
+    sources_file = folder / "webhooks.yaml"
+    sources_file.write_text(PROCESS_SOURCES)
     env = service_env(deployment, keys, secrets.process_environ())
     env.update(
         {
@@ -325,14 +329,12 @@ async def gateway(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[GatewayProcess]:
     folder = Path(tmp_path_factory.mktemp("gateway"))
-    sources = folder / "webhooks.yaml"
-    sources.write_text(PROCESS_SOURCES)
     env = gateway_env(
         deployment,
         keys,
         tls,
         hook_secrets,
-        sources,
+        folder,
         MHV_WEBHOOK_GAUGE_INTERVAL_SECONDS="0.5",
         MHV_WEBHOOK_DEDUP_PURGE_INTERVAL_SECONDS="0.5",
     )

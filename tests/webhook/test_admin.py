@@ -15,7 +15,7 @@ from grpc import aio
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common.auth import Role
 from mhv_common.errors import from_rpc_error
-from tests.harness import Keys, bearer
+from tests.harness import Keys, bearer, rpc_error
 from tests.webhook.conftest import GatewayProcess
 
 pytestmark = pytest.mark.slow
@@ -53,12 +53,6 @@ async def _insert(
     return row_id
 
 
-async def _error(call: object) -> aio.AioRpcError:
-    with pytest.raises(aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    return info.value
-
-
 def _code(error: aio.AioRpcError) -> str:
     typed = from_rpc_error(error)
     assert typed is not None
@@ -76,7 +70,7 @@ async def test_every_rpc_is_admin_only(
         stub.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(uuid.uuid4())), metadata=token),
     ]
     for call in calls:
-        error = await _error(call)
+        error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert _code(error) == "MHV-005"
 
@@ -87,7 +81,7 @@ async def test_every_rpc_needs_a_token(stub: webhook_pb2_grpc.WebhookAdminServic
         stub.GetDelivery(webhook_pb2.GetDeliveryRequest(id=str(uuid.uuid4()))),
         stub.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(uuid.uuid4()))),
     ):
-        error = await _error(call)
+        error = await rpc_error(call)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert _code(error) == "MHV-004"
 
@@ -140,10 +134,10 @@ async def test_list_filters_newest_first_in_pages(
         webhook_pb2.ListDeliveriesRequest(source="github", page_token=first.next_page_token),
         webhook_pb2.ListDeliveriesRequest(source=source, page_token="not-a-token"),
     ):
-        error = await _error(stub.ListDeliveries(bad, metadata=token))
+        error = await rpc_error(stub.ListDeliveries(bad, metadata=token))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert _code(error) == "MHV-011"
-    error = await _error(
+    error = await rpc_error(
         stub.ListDeliveries(webhook_pb2.ListDeliveriesRequest(page_size=-1), metadata=token)
     )
     assert (error.code(), _code(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "MHV-003")
@@ -172,11 +166,11 @@ async def test_get_delivery_shows_saga_progress(
     )
     assert (got.saga_step, got.task_id, got.state) == ("task_applied", 42, S.DELIVERY_STATE_PENDING)
     assert got.receive_time.seconds > 0
-    missing = await _error(
+    missing = await rpc_error(
         stub.GetDelivery(webhook_pb2.GetDeliveryRequest(id=str(uuid.uuid4())), metadata=token)
     )
     assert (missing.code(), _code(missing)) == (grpc.StatusCode.NOT_FOUND, "MHV-307")
-    bad = await _error(
+    bad = await rpc_error(
         stub.GetDelivery(webhook_pb2.GetDeliveryRequest(id="42; DROP TABLE"), metadata=token)
     )
     assert (bad.code(), _code(bad)) == (grpc.StatusCode.INVALID_ARGUMENT, "MHV-003")
@@ -226,11 +220,11 @@ async def test_retry_requeues_only_dead_letters_keeping_the_dedup_key(
     )
     assert (saga["state"], saga["idempotency_key"]) == ("running", f"webhook:{dead}")
     # Now pending: not retryable again.
-    again = await _error(
+    again = await rpc_error(
         stub.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(dead)), metadata=token)
     )
     assert (again.code(), _code(again)) == (grpc.StatusCode.FAILED_PRECONDITION, "MHV-308")
-    missing = await _error(
+    missing = await rpc_error(
         stub.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(uuid.uuid4())), metadata=token)
     )
     assert (missing.code(), _code(missing)) == (grpc.StatusCode.NOT_FOUND, "MHV-307")

@@ -20,7 +20,6 @@ import pytest
 
 from tests.harness import ROOT, Deployment, Keys
 from tests.webhook.conftest import (
-    PROCESS_SOURCES,
     GatewayProcess,
     Secrets,
     Tls,
@@ -208,9 +207,7 @@ def _start_and_wait(env: dict[str, str], timeout: float = 30) -> subprocess.Comp
 def process_env(
     deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
 ) -> dict[str, str]:
-    sources = tmp_path / "webhooks.yaml"
-    sources.write_text(PROCESS_SOURCES)
-    return gateway_env(deployment, keys, tls, hook_secrets, sources)
+    return gateway_env(deployment, keys, tls, hook_secrets, tmp_path)
 
 
 def test_start_refused_without_a_secret(process_env: dict[str, str]) -> None:

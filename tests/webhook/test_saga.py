@@ -36,7 +36,6 @@ from tests.harness import (
     service_env,
 )
 from tests.webhook.conftest import (
-    PROCESS_SOURCES,
     GatewayProcess,
     Secrets,
     Tls,
@@ -109,14 +108,12 @@ async def system(
         "mhv_task", task_env, task_port, task_metrics, folder / "task.log", ca_file=grpc_tls.grpc_ca
     )
     await task.start()
-    sources = folder / "webhooks.yaml"
-    sources.write_text(PROCESS_SOURCES)
     env = gateway_env(
         deployment,
         keys,
         tls,
         hook_secrets,
-        sources,
+        folder,
         MHV_TASK_TARGET=task.target,
         MHV_GRPC_TLS_CA_FILE=str(grpc_tls.grpc_ca),
         **SAGA_SETTINGS,

@@ -1,0 +1,66 @@
+"""The public surface of mhv_webhook is what its __all__ says, and nothing goes missing."""
+
+from __future__ import annotations
+
+import mhv_webhook
+
+EXPECTED = {
+    "SCHEMES",
+    "STATES",
+    "AcceptResult",
+    "Claimed",
+    "DedupPurger",
+    "Deliveries",
+    "DeliveryPage",
+    "DeliveryPurger",
+    "DeliveryRow",
+    "Exchange",
+    "FreshnessWindow",
+    "HeaderView",
+    "HttpsListener",
+    "IgnoredEvent",
+    "Inbox",
+    "InboxGauges",
+    "InboxStats",
+    "Ingestor",
+    "IssueBusy",
+    "IssueChange",
+    "Kind",
+    "LeaseLost",
+    "ListRequest",
+    "PermanentError",
+    "QualityGate",
+    "Receipt",
+    "SagaRow",
+    "SagaStep",
+    "SagaWorker",
+    "Sagas",
+    "Scheme",
+    "Secret",
+    "Source",
+    "TaskClient",
+    "TaskServiceError",
+    "TaskStatus",
+    "TransientError",
+    "Verified",
+    "Verifier",
+    "WebhookAdminServicer",
+    "WebhookEdge",
+    "build_sources",
+    "error_response",
+    "interpret",
+    "parse_payload",
+    "parse_secrets",
+    "tls_context",
+    "webhook_middleware",
+}
+
+
+def test_exports() -> None:
+    assert set(mhv_webhook.__all__) == EXPECTED
+    for name in EXPECTED:
+        assert getattr(mhv_webhook, name) is not None
+
+
+def test_the_three_sender_schemes() -> None:
+    assert set(mhv_webhook.SCHEMES) == {"github", "gitlab", "standard"}
