@@ -9,8 +9,6 @@ carries the trace to the audit service. Every hop must land in the sender's trac
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import ssl
 import time
@@ -31,6 +29,7 @@ from mhv_common.server import RunningService
 from mhv_task.app import build as build_task
 from mhv_webhook.app import build as build_gateway
 from tests.harness import KEY_ID, Cluster, Deployment, Keys, webhook_env
+from tests.webhook.signing import github_headers
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +101,10 @@ async def test_webhook_task_and_audit_share_one_trace(
                 "sender": {"login": "octocat"},
             }
         ).encode()
-        secret = hooks["MHV_WEBHOOK_SECRETS_GITHUB"]
-        headers = {
-            "X-Hub-Signature-256": "sha256="
-            + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest(),
-            "X-GitHub-Event": "issues",
-            "X-GitHub-Delivery": str(uuid.uuid4()),
-            "Content-Type": "application/json",
-            "traceparent": f"00-{trace_id}-{'1' * 16}-01",
-        }
+        headers = github_headers(
+            hooks["MHV_WEBHOOK_SECRETS_GITHUB"], body, delivery=str(uuid.uuid4())
+        )
+        headers["traceparent"] = f"00-{trace_id}-{'1' * 16}-01"
         trust = ssl.create_default_context(cafile=hooks["MHV_WEBHOOK_TLS_CERT_FILE"])
         async with httpx.AsyncClient(verify=trust) as client:
             reply = await client.post(

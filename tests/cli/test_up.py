@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -24,6 +22,7 @@ import pytest
 from mhv_cli.migrate import RoleNames, drop_roles
 from mhv_cli.pgcluster import free_port
 from tests.harness import Cluster, with_database
+from tests.webhook.signing import github_headers
 
 ROOT = Path(__file__).resolve().parents[2]
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -206,15 +205,10 @@ def _check_webhook_to_audit(up: Up, ca: str) -> None:
             "sender": {"login": "octocat"},
         }
     ).encode()
-    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     answer = httpx.post(
         f"https://localhost:{env['MHV_WEBHOOK_HTTPS_PORT']}/webhooks/github",
         content=body,
-        headers={
-            "X-Hub-Signature-256": f"sha256={signature}",
-            "X-GitHub-Event": "issues",
-            "X-GitHub-Delivery": str(uuid.uuid4()),
-        },
+        headers=github_headers(secret, body, delivery=str(uuid.uuid4())),
         verify=ssl.create_default_context(cafile=str(state / "tls" / "cert.pem")),
         timeout=30,
     )

@@ -10,8 +10,6 @@ no target-down alert may fire.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import ssl
 import uuid
@@ -31,6 +29,7 @@ from tests.conftest import Services
 from tests.harness import Deployment, Keys, bearer, grpc_channel
 from tests.observability.prometheus import RULE_FILES, Prometheus, scrape_config
 from tests.observability.test_dashboards import recorded_names
+from tests.webhook.signing import github_headers
 
 pytestmark = pytest.mark.slow
 
@@ -75,19 +74,13 @@ async def _traffic(services: Services, deployment: Deployment, keys: Keys) -> No
         await audit.VerifyAuditChain(audit_pb2.VerifyAuditChainRequest(), metadata=auditor)
     body = json.dumps({"zen": "Keep it logically awesome.", "hook_id": 1}).encode()
     secret = services.env["MHV_WEBHOOK_SECRETS_GITHUB"].split(",")[0].split(";")[0]
-    signature = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     url = f"https://127.0.0.1:{services.ports['webhook_https']}/webhooks/github"
     trust = ssl.create_default_context(cafile=services.env["MHV_WEBHOOK_TLS_CERT_FILE"])
     async with httpx.AsyncClient(verify=trust) as client:
         ok = await client.post(
             url,
             content=body,
-            headers={
-                "X-Hub-Signature-256": f"sha256={signature}",
-                "X-GitHub-Event": "ping",
-                "X-GitHub-Delivery": str(uuid.uuid4()),
-                "Content-Type": "application/json",
-            },
+            headers=github_headers(secret, body, delivery=str(uuid.uuid4()), event="ping"),
         )
         assert ok.status_code == 202, ok.text
         refused = await client.post(
