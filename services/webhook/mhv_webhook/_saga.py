@@ -64,7 +64,7 @@ STEPS = ("started", "actor", "claim", "task", "change", "done")
 # Answers that mean "the change no longer applies", which completes the saga: e.g. closing an
 # issue whose task was completed already.
 _ALREADY = (TaskAlreadyCompletedError, InvalidTaskTransitionError)
-# What completing a task for a closed issue records: no checks ran here.
+# What completing a task for a closed issue records: the gateway itself runs no checks.
 _CLOSED_ISSUE_GATE = QualityGate(passed=True, checks_run=0)
 
 
