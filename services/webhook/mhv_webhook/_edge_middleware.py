@@ -61,6 +61,7 @@ ROUTE = "POST /webhooks/{source}"
 UNVERIFIED_RATE_CLASS = "webhook_unverified"
 
 _EXCHANGE = "mhv.webhook.exchange"
+_REQUEST_ID_HEADER = REQUEST_ID_KEY.encode("ascii")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRACESTATE = re.compile(r"^[\x20-\x7e]{1,512}$")
 _DIGITS = re.compile(r"^[0-9]{1,20}$")
@@ -167,7 +168,7 @@ class Tracing:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve the request inside its span."""
-        ex = exchange(scope)
+        ex: Exchange = scope[_EXCHANGE]
         with tracer.start_as_current_span(
             ROUTE,
             context=propagate.extract(trace_carrier(ex.headers)),
@@ -185,8 +186,8 @@ class RequestScope:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve the request with its context bound; note the answer's status."""
-        ex = exchange(scope)
-        request_id = (REQUEST_ID_KEY.encode("ascii"), ex.request_id.encode("ascii"))
+        ex: Exchange = scope[_EXCHANGE]
+        request_id = (_REQUEST_ID_HEADER, ex.request_id.encode("ascii"))
 
         async def answer(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -206,7 +207,7 @@ class Telemetry:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Count and time the request once it is answered."""
-        ex = exchange(scope)
+        ex: Exchange = scope[_EXCHANGE]
         await self.app(scope, receive, send)
         REQUESTS.labels(ex.label, str(ex.status)).inc()
         DELIVERIES.labels(ex.label, ex.outcome).inc()
@@ -235,7 +236,7 @@ class ErrorBody:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve the request; answer its failure."""
-        ex = exchange(scope)
+        ex: Exchange = scope[_EXCHANGE]
         try:
             await self.app(scope, receive, send)
         except ClientDisconnect:
@@ -295,7 +296,7 @@ class Authentication:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse an unknown source (MHV-306) or missing credentials (MHV-300, MHV-304)."""
-        ex = exchange(scope)
+        ex: Exchange = scope[_EXCHANGE]
         if ex.source is None:
             raise WebhookSourceUnknownError()
         self._ingestor.precheck(ex.source, ex.headers)
@@ -315,7 +316,7 @@ class BodyCap:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read the body into the exchange."""
-        ex = exchange(scope)
+        ex: Exchange = scope[_EXCHANGE]
         assert ex.source is not None  # Authentication refused unknown sources
         ex.body = await self._read(receive, ex.source, ex.headers)
         await self.app(scope, receive, send)
@@ -371,7 +372,8 @@ class AckDeadline:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Set the request's deadline."""
-        exchange(scope).context.deadline = time.monotonic() + self._seconds
+        ex: Exchange = scope[_EXCHANGE]
+        ex.context.deadline = time.monotonic() + self._seconds
         await self.app(scope, receive, send)
 
 
