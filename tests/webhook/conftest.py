@@ -251,10 +251,6 @@ class GatewayProcess:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.https_port}"
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.process.metrics_port}/metrics"
-
 
 def gateway_env(
     deployment: Deployment,

@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.harness import ROOT, Deployment, Keys
+from tests.harness import ROOT, Deployment, Keys, scrape
 from tests.webhook.conftest import (
     GatewayProcess,
     Secrets,
@@ -132,28 +132,29 @@ async def test_trace_context_and_metrics(
     assert row["event"] == "issue.created"
     # Stored trace context continues the sender's trace.
     assert row["traceparent"].split("-")[1] == trace_id
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, frozenset(labels.items()))]  # KeyError: the series is missing
+
+    # The gauges are refreshed every 0.5 s: wait for a refresh that saw this delivery.
     deadline = time.monotonic() + 15
-    text = ""
-    async with httpx.AsyncClient() as plain:
-        while time.monotonic() < deadline:
-            text = (await plain.get(gateway.metrics_url)).text
-            if 'webhook_inbox_depth{state="pending"}' in text and "database_size_bytes" in text:
-                break
-            await asyncio.sleep(0.3)
-    samples = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
-    assert samples['webhook_requests_total{code="202",source="generic"}'] >= 1
-    assert samples['webhook_requests_total{code="401",source="generic"}'] >= 1
-    assert samples['webhook_deliveries_total{outcome="accepted",source="generic"}'] >= 1
-    assert samples['webhook_deliveries_total{outcome="bad_signature",source="generic"}'] >= 1
-    assert samples['webhook_ack_duration_seconds_count{source="generic"}'] >= 2
-    assert samples['webhook_secret_matches_total{key="0",source="generic"}'] >= 1
-    assert samples['webhook_inbox_depth{state="pending"}'] >= 1
-    assert samples["webhook_inbox_lag_seconds"] >= 0
-    assert samples['database_size_bytes{schema="webhook"}'] > 0
+    samples = await scrape(gateway.process.metrics_port)
+    while time.monotonic() < deadline and not (
+        samples.get(("webhook_inbox_depth", frozenset({("state", "pending")})), 0) >= 1
+        and samples.get(("database_size_bytes", frozenset({("schema", "webhook")})), 0) > 0
+    ):
+        await asyncio.sleep(0.3)
+        samples = await scrape(gateway.process.metrics_port)
+
+    assert value("webhook_requests_total", code="202", source="generic") >= 1
+    assert value("webhook_requests_total", code="401", source="generic") >= 1
+    assert value("webhook_deliveries_total", outcome="accepted", source="generic") >= 1
+    assert value("webhook_deliveries_total", outcome="bad_signature", source="generic") >= 1
+    assert value("webhook_ack_duration_seconds_count", source="generic") >= 2
+    assert value("webhook_secret_matches_total", key="0", source="generic") >= 1
+    assert value("webhook_inbox_depth", state="pending") >= 1
+    assert value("webhook_inbox_lag_seconds") >= 0
+    assert value("database_size_bytes", schema="webhook") > 0
 
 
 async def test_tls_1_2_is_the_minimum(gateway: GatewayProcess, tls: Tls) -> None:
