@@ -26,6 +26,7 @@ EXPECTED = {
     "ratelimit",
     "redaction",
     "server",
+    "structs",
     "timestamps",
     "tls",
     "tracing",

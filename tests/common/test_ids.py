@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from mhv_common.errors import FieldViolation, ValidationError
-from mhv_common.ids import canonical_uuid, parse_uuid
+from mhv_common.ids import canonical_uuid, parse_uuid, uuid_or_none
 
 ID = uuid.UUID("0b6b8f9e-3f4a-4c1e-9d2b-7a1c2e3f4a5b")
 
@@ -16,6 +16,7 @@ ID = uuid.UUID("0b6b8f9e-3f4a-4c1e-9d2b-7a1c2e3f4a5b")
 def test_the_canonical_spelling_in_either_case_is_an_id(text: str) -> None:
     assert parse_uuid(text, field="user_id") == ID
     assert canonical_uuid(text, field="user_id") == str(ID)
+    assert uuid_or_none(text) == ID
 
 
 @pytest.mark.parametrize(
@@ -33,6 +34,7 @@ def test_the_canonical_spelling_in_either_case_is_an_id(text: str) -> None:
     ],
 )
 def test_other_spellings_are_refused_naming_the_field(text: str) -> None:
+    assert uuid_or_none(text) is None
     for parse in (parse_uuid, canonical_uuid):
         with pytest.raises(ValidationError) as caught:
             parse(text, field="events[3].user_id", description="must be the actor's user id")

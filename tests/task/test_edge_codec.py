@@ -3,47 +3,46 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import uuid
 from typing import Any
 
 import pytest
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from mahavishnu.task.v1 import task_pb2
 from mhv_common.errors import MahavishnuError
+from mhv_common.structs import NOT_FINITE, plain_struct
 from mhv_task import _edge_codec as codec
 from mhv_task._lifecycle import Status
 from mhv_task._models import QualityCheck, QualityGate, Task
 from tests.task.conftest import REPOSITORIES
 
-STRUCTS = [
-    {},
-    {"": "", "none": None, "yes": True, "no": False},
-    {"int": 3, "float": 2.5, "neg": -0.0, "big": 1e300, "tiny": 5e-324, "exact": 2**53},
-    {"labels": ["infra", 1, None, [], {}], "nested": {"a": {"b": [{"c": [True]}]}}},
-    {"unicode \u00e9\u202e": "\U0001f680 \u05ea\u05e7\u05df", "nul\x00": "a\x00b"},
-]
-
-
-@pytest.mark.parametrize("value", STRUCTS)
-def test_structs_decode_as_json_format_does(value: dict[str, Any]) -> None:
-    struct = struct_pb2.Struct()
-    struct.update(value)
-    # As JSON text: the same types too (3.0 stays a float, as stored and fingerprinted).
-    ours, theirs = codec.plain_struct(struct), json_format.MessageToDict(struct)
-    assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
-
 
 def test_non_finite_numbers_reach_the_model_and_are_refused() -> None:
     request = task_pb2.CreateTaskRequest(title="t", repository="demo")
     request.metadata.update({"ratio": math.nan})
-    assert math.isnan(codec.plain_struct(request.metadata)["ratio"])
     with pytest.raises(MahavishnuError) as refused:
         codec.create_task(request, REPOSITORIES)
     assert refused.value.code == "MHV-003"
     assert [v.field for v in refused.value.violations] == ["metadata"]
+    # Refused with the request's other violations, by the model, not alone by the decoder.
+    request.title = ""
+    with pytest.raises(MahavishnuError) as refused:
+        codec.create_task(request, REPOSITORIES)
+    assert {v.field: v.description for v in refused.value.violations} == {
+        "title": "must not be empty",
+        "metadata": NOT_FINITE,
+    }
+    # An UpdateTask ignores what its mask does not name, a Struct it could not decode too.
+    update = task_pb2.UpdateTaskRequest(task=task_pb2.Task(id=3, title="t"))
+    update.task.metadata.update({"ratio": math.inf})
+    update.update_mask.paths.append("title")
+    assert codec.update_task(update).changes() == {"title": "t"}
+    update.update_mask.paths.append("metadata")
+    with pytest.raises(MahavishnuError) as refused:
+        codec.update_task(update)
+    assert [v.field for v in refused.value.violations] == ["task.metadata"]
 
 
 def test_enum_numbers_without_a_name_are_refused_by_the_models() -> None:
@@ -100,7 +99,7 @@ def test_a_task_encodes_every_field() -> None:
     assert message.status == task_pb2.TASK_STATUS_COMPLETED
     assert (message.created_by, message.assigned_to) == (str(AUTHOR), str(ASSIGNEE))
     assert message.deadline.ToDatetime(dt.UTC) == NOW
-    assert codec.plain_struct(message.metadata) == {"labels": ["x"]}
+    assert plain_struct(message.metadata) == {"labels": ["x"]}
     assert message.cancel_reason == "dup"
     assert message.quality_gate == task_pb2.QualityGateResult(
         passed=True, checks_run=2, checks=[task_pb2.QualityCheck(name="ci", passed=True)]

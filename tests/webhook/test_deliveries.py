@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from mhv_common import paging
 from mhv_common.errors import InvalidPageTokenError, ValidationError
 from mhv_webhook._deliveries import (
     Deliveries,
@@ -55,6 +56,22 @@ def test_a_page_token_resumes_after_its_row_for_its_filters_only() -> None:
     for garbage in ("not-a-token", "", "e30=", "ü"):
         with pytest.raises(InvalidPageTokenError):
             decode_page_token(garbage, source="github", state="pending")
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        {"t": 10**18, "i": str(uuid.uuid4())},  # after the year 9999
+        {"t": 0, "i": "not-a-uuid"},
+        {"t": "2026-01-01T12:00:00+00:00", "i": str(uuid.uuid4())},
+        {"i": str(uuid.uuid4())},
+    ],
+)
+def test_a_forged_position_is_refused_as_not_ours(position: dict[str, object]) -> None:
+    token = paging.encode_token(position, filters={"source": "github", "state": None})
+    with pytest.raises(InvalidPageTokenError) as refused:
+        decode_page_token(token, source="github", state=None)
+    assert [v.field for v in refused.value.violations] == ["page_token"]
 
 
 def test_delivery_ids_are_the_gateways_uuids() -> None:

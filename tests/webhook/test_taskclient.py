@@ -55,6 +55,15 @@ def test_an_outage_is_transient() -> None:
     assert "interrupted (ConnectionResetError)" in str(interrupted)
 
 
+def test_only_answers_that_pass_are_transient() -> None:
+    passing = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN"}
+    passing.add("CANCELLED")
+    for code in grpc.StatusCode:
+        if code is not grpc.StatusCode.OK:
+            transient = isinstance(_fail(_rpc_error(code, None)), TransientError)
+            assert transient == (code.name in passing), code
+
+
 def test_every_task_status_has_a_typed_value() -> None:
     known = {
         value for name, value in task_pb2.TaskStatus.items() if name != "TASK_STATUS_UNSPECIFIED"

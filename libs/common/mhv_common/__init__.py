@@ -5,7 +5,8 @@ Its public surface is these modules; import from them by name
 
 ==============  ===================================================================================
 errors          the exception classes, one per row of the error catalog, and their wire encodings
-edge            what both edges share: `classify` (any exception -> the caller's error), header keys
+edge            what the edges share: `classify` (any exception -> the caller's error), header
+                keys, which gRPC statuses are the service's fault and which are transient
 interceptors    the gRPC server interceptors, in their order, and `MethodPolicy`
 server          running a service: `run_service`, `ServiceDefinition`, health, graceful shutdown
 probes          the plaintext health listener for probes that cannot speak TLS (MHV_HEALTH_PORT)
@@ -18,6 +19,7 @@ db              the asyncpg pool: deadline-aware connections and transactions, `
 paging          the page-token codec and page sizes of every listing
 ids             UUIDs a caller sends: `parse_uuid`, `canonical_uuid`
 timestamps      datetimes and microseconds to and from protobuf Timestamps
+structs         protobuf Structs (free-form JSON from callers) as plain Python, non-finite refused
 periodic        background jobs that run every so often until the service stops
 client          channels for service-to-service calls
 tls             TLS for gRPC servers and clients
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
         ratelimit,
         redaction,
         server,
+        structs,
         timestamps,
         tls,
         tracing,
@@ -77,6 +80,7 @@ __all__ = [
     "ratelimit",
     "redaction",
     "server",
+    "structs",
     "timestamps",
     "tls",
     "tracing",

@@ -1,4 +1,4 @@
-"""What the gRPC interceptors and the HTTP middleware share: error mapping and header names.
+"""What the edges share: error mapping, header names, and which statuses are whose fault.
 
 `classify` decides which catalog error a caller receives for any exception, so both edges (and
 the metrics and log lines of both) report the same code for the same failure. The metadata
@@ -30,6 +30,21 @@ REQUEST_ID_KEY = "x-request-id"
 ON_BEHALF_OF_KEY = "x-mhv-on-behalf-of"
 """The user a service caller acts for; only service principals may send it."""
 
+_S = grpc.StatusCode
+
+SERVICE_FAULTS = frozenset(
+    {_S.INTERNAL, _S.UNAVAILABLE, _S.DEADLINE_EXCEEDED, _S.UNKNOWN, _S.DATA_LOSS}
+)
+"""Statuses that blame the answering service, not the caller (its metrics count them as errors)."""
+
+TRANSIENT_STATUSES = (SERVICE_FAULTS - {_S.DATA_LOSS}) | {_S.RESOURCE_EXHAUSTED, _S.CANCELLED}
+"""Statuses after which the same call may succeed later: a caller retries these.
+
+The service's faults that pass (an outage, a missed deadline, a crash), and two that are not
+its fault but pass too: a rate limit (RESOURCE_EXHAUSTED) and a call cut short (CANCELLED).
+Lost data does not come back by asking again.
+"""
+
 
 def classify(exc: BaseException) -> MahavishnuError:
     """Map any exception to the error the caller will see. Never exposes the exception's text."""
@@ -52,4 +67,10 @@ def classify(exc: BaseException) -> MahavishnuError:
     return InternalError()
 
 
-__all__ = ["ON_BEHALF_OF_KEY", "REQUEST_ID_KEY", "classify"]
+__all__ = [
+    "ON_BEHALF_OF_KEY",
+    "REQUEST_ID_KEY",
+    "SERVICE_FAULTS",
+    "TRANSIENT_STATUSES",
+    "classify",
+]

@@ -16,6 +16,15 @@ UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12
 """A UUID in its canonical, hyphenated form (either case)."""
 
 
+def uuid_or_none(value: str) -> uuid.UUID | None:
+    """The UUID `value` spells canonically, or None: for callers that raise their own error.
+
+    A token's subject that is not a user id is an authentication failure, not a bad field;
+    a validator of a typed request raises `ValueError`. Everything else uses `parse_uuid`.
+    """
+    return uuid.UUID(value) if UUID_PATTERN.match(value) else None
+
+
 def canonical_uuid(
     value: str,
     *,
@@ -54,4 +63,4 @@ def parse_uuid(
     return uuid.UUID(canonical_uuid(value, field=field, description=description, message=message))
 
 
-__all__ = ["UUID_PATTERN", "canonical_uuid", "parse_uuid"]
+__all__ = ["UUID_PATTERN", "canonical_uuid", "parse_uuid", "uuid_or_none"]

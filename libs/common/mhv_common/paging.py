@@ -60,9 +60,9 @@ def decode_token(
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
         digest, position = body["f"], body["p"]
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise _not_ours() from exc
+        raise not_ours() from exc
     if not isinstance(position, dict):
-        raise _not_ours()
+        raise not_ours()
     if digest != _digest(filters):
         raise InvalidPageTokenError(
             "The page token was issued for different filters; send the same filters or "
@@ -80,11 +80,15 @@ def decode_token(
         if isinstance(value, int) and kind is int:
             ok = ok and _INT64[0] <= value <= _INT64[1]
         if not ok:
-            raise _not_ours()
+            raise not_ours()
     return position
 
 
-def _not_ours() -> InvalidPageTokenError:
+def not_ours() -> InvalidPageTokenError:
+    """The error for a token this service did not issue (MHV-011, naming ``page_token``).
+
+    For listings that check the position further after `decode_token` (a time, a UUID).
+    """
     return InvalidPageTokenError(
         "The page token is not valid.",
         violations=[FieldViolation("page_token", "is not a token this service issued")],

@@ -7,12 +7,10 @@ translates between protobuf and the domain.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from typing import Any
 
 import orjson
-from google.protobuf import struct_pb2
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
@@ -22,6 +20,7 @@ from mhv_audit._log import AuditLog, ListRequest
 from mhv_audit._verify import BreakKind
 from mhv_common import context as mhv_context
 from mhv_common.errors import AuthorizationError, FieldViolation, ValidationError
+from mhv_common.structs import NotFiniteError, plain_struct
 from mhv_common.timestamps import set_micros
 
 _BREAK_KINDS = {
@@ -32,33 +31,15 @@ _BREAK_KINDS = {
 }
 
 
-def _plain(value: struct_pb2.Value) -> Any:
-    """A Struct value as plain Python (json_format.MessageToDict does the same, slower)."""
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        number = value.number_value
-        if not math.isfinite(number):
-            raise ValueError("not a finite number")
-        return number
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {k: _plain(v) for k, v in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_plain(v) for v in value.list_value.values]
-    return None
-
-
 def _event_input(record: audit_pb2.EventRecord) -> EventInput:
     details: dict[str, Any] | None = None
     details_error: str | None = None
     if record.HasField("details"):
         try:
-            details = {k: _plain(v) for k, v in record.details.fields.items()}
-        except ValueError:
-            details_error = "must hold only finite numbers (no NaN or infinity)"
+            details = plain_struct(record.details)
+        except NotFiniteError as refused:
+            # Reported by the domain with the batch's other violations, under the event's index.
+            details_error = str(refused)
     occur_time = None
     if record.HasField("occur_time"):
         occur_time = (record.occur_time.seconds, record.occur_time.nanos)

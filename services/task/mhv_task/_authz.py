@@ -21,14 +21,15 @@ import asyncpg
 from mhv_common import context
 from mhv_common.auth import Principal, Role
 from mhv_common.db import Database
+from mhv_common.edge import ON_BEHALF_OF_KEY
 from mhv_common.errors import (
     AuthenticationError,
     AuthorizationError,
     FieldViolation,
     UserInactiveError,
     UserNotFoundError,
-    ValidationError,
 )
+from mhv_common.ids import parse_uuid, uuid_or_none
 from mhv_task import _store as store
 
 
@@ -69,21 +70,21 @@ def actor_for_change() -> Actor:
     ctx = context.current()
     if principal.is_service:
         named = ctx.extra.get("on_behalf_of") if ctx else None
-        try:
-            return Actor(uuid.UUID(named or ""), principal)
-        except ValueError:
-            raise ValidationError(
-                "Service callers must name the user they act for.",
-                violations=[
-                    FieldViolation(
-                        "x-mhv-on-behalf-of", "must be the id (UUID) of an existing user"
-                    )
-                ],
-            ) from None
-    try:
-        return Actor(uuid.UUID(principal.subject), principal)
-    except ValueError:
-        raise AuthenticationError("The token's subject is not a user id.") from None
+        user = parse_uuid(
+            named or "",
+            field=ON_BEHALF_OF_KEY,
+            description="must be the id (UUID) of an existing user",
+            message="Service callers must name the user they act for.",
+        )
+        return Actor(user, principal)
+    return Actor(_subject_id(principal), principal)
+
+
+def _subject_id(principal: Principal) -> uuid.UUID:
+    user = uuid_or_none(principal.subject)
+    if user is None:
+        raise AuthenticationError("The token's subject is not a user id.")
+    return user
 
 
 def ensure_can_change(
@@ -118,10 +119,7 @@ class ActiveUsers:
         principal = current_principal()
         if principal.is_service:
             return
-        try:
-            user = uuid.UUID(principal.subject)
-        except ValueError:
-            raise AuthenticationError("The token's subject is not a user id.") from None
+        user = _subject_id(principal)
         now = time.monotonic()
         if not fresh and self._seen.get(user, 0.0) > now:
             return

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
+from mhv_common.timestamps import to_timestamp
 from mhv_task._events import PendingEvent
 
 
@@ -21,15 +22,13 @@ def to_record(event: PendingEvent) -> audit_pb2.EventRecord:
     """An outbox event as the audit service's EventRecord."""
     details = struct_pb2.Struct()
     details.update(event.details)
-    occurred = timestamp_pb2.Timestamp()
-    occurred.FromDatetime(event.occurred_at)
     return audit_pb2.EventRecord(
         event_id=str(event.event_id),
         task_id=event.task_id,
         event_type=event.event_type,
         user_id=str(event.user_id),
         details=details,
-        occur_time=occurred,
+        occur_time=to_timestamp(event.occurred_at),
         request_id=event.request_id,
         traceparent=event.traceparent,
     )

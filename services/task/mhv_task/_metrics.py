@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterable
 from types import TracebackType
 
-import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from mhv_common.db import DATABASE_SIZE_BYTES
+from mhv_common.edge import SERVICE_FAULTS
 from mhv_common.errors import MahavishnuError
 
 TASK_CREATION_TOTAL = Counter(
@@ -48,22 +48,13 @@ OUTBOX_FAILURES = Counter(
 TASK_SCHEMA = "task"
 UNKNOWN_REPOSITORY_LABEL = "_unknown"
 OUTCOMES = ("success", "rejected", "error")
-_SERVER_FAULTS = frozenset(
-    {
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
 
 
 def outcome(exc: BaseException | None) -> str:
     """``success``, ``rejected`` (the caller's fault) or ``error`` (ours), for metrics."""
     if exc is None:
         return "success"
-    if isinstance(exc, MahavishnuError) and exc.grpc_status not in _SERVER_FAULTS:
+    if isinstance(exc, MahavishnuError) and exc.grpc_status not in SERVICE_FAULTS:
         return "rejected"
     return "error"
 

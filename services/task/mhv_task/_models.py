@@ -47,6 +47,9 @@ from pydantic_core import PydanticCustomError
 
 from mhv_common.config import REPOSITORY_NAME_PATTERN, RepositoryCatalog
 from mhv_common.errors import FieldViolation, RepositoryNotFoundError, ValidationError
+from mhv_common.ids import uuid_or_none
+from mhv_common.structs import NOT_FINITE
+from mhv_common.timestamps import from_micros, micros_of
 from mhv_task._lifecycle import Status
 
 Priority = Literal["low", "medium", "high", "critical"]
@@ -58,7 +61,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _USERNAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,190}$")
 _SEARCH_FORBIDDEN = (";", "--", "/*", "*/")
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MAX_METADATA_BYTES = 16 * 1024
 MAX_REQUEST_ID = 100
 MAX_REASON = 1000
@@ -66,7 +68,6 @@ MAX_GATE_CHECKS = 200
 MAX_CHECK_NAME = 200
 MAX_CHECK_DETAIL = 2000
 _HOLDS_NUL = "must not contain NUL characters (\\u0000) in keys or values"
-_NOT_FINITE = "must hold only finite numbers (no NaN or infinity)"
 # The error type of a repository missing from settings/repos.yaml (see `validate`).
 UNKNOWN_REPOSITORY = "unknown_repository"
 
@@ -92,7 +93,7 @@ def _unstorable(value: Any) -> str | None:
     if isinstance(value, str):
         return _HOLDS_NUL if "\x00" in value else None
     if isinstance(value, float):
-        return None if math.isfinite(value) else _NOT_FINITE
+        return None if math.isfinite(value) else NOT_FINITE
     if isinstance(value, dict):
         for key, item in value.items():
             problem = _unstorable(key) or _unstorable(item)
@@ -104,6 +105,15 @@ def _unstorable(value: Any) -> str | None:
             if problem:
                 return problem
     return None
+
+
+def _refused_by_decoding(value: Any) -> Any:
+    # The edge hands on a Struct it could not decode (a NaN in it) as the reason, a
+    # `mhv_common.structs.NotFiniteError`: refused here, it joins the other violations, and an
+    # UpdateTask whose mask does not name the field ignores it like any other value.
+    if isinstance(value, ValueError):
+        raise value
+    return value
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
@@ -138,23 +148,6 @@ def parse_deadline(value: str, *, now: dt.datetime | None = None) -> dt.datetime
     return _in_future(deadline, now)
 
 
-def from_timestamp(seconds: int, nanos: int) -> dt.datetime:
-    """A protobuf Timestamp's (seconds, nanos) as a UTC datetime, truncated to microseconds."""
-    micros = abs(nanos) // 1000 * (1 if nanos >= 0 else -1)
-    try:
-        return _EPOCH + dt.timedelta(seconds=seconds, microseconds=micros)
-    except OverflowError:
-        raise ValueError("is out of range (years 1 to 9999)") from None
-
-
-def parse_uuid(value: str) -> uuid.UUID:
-    """Parse a user id."""
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ValueError("is not a user id (UUID)") from None
-
-
 def _title(value: str | None) -> str:
     value = clean_text(value or "")
     if not value:
@@ -180,18 +173,25 @@ def _deadline(value: str | dt.datetime | tuple[int, int] | None) -> dt.datetime 
     if isinstance(value, str):
         return parse_deadline(value)
     if isinstance(value, tuple):
-        value = from_timestamp(*value)
+        # Truncated to the microsecond, PostgreSQL's precision.
+        micros = micros_of(*value)
+        if micros is None:
+            raise ValueError("is out of range (years 1 to 9999)")
+        value = from_micros(micros)
     return _in_future(value, None)
 
 
-def _optional_uuid(value: str | uuid.UUID | None) -> uuid.UUID | None:
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, uuid.UUID) else parse_uuid(value)
-
-
 def _uuid(value: str | uuid.UUID) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else parse_uuid(value)
+    if isinstance(value, uuid.UUID):
+        return value
+    parsed = uuid_or_none(value) if isinstance(value, str) else None
+    if parsed is None:
+        raise ValueError("is not a user id (UUID)")
+    return parsed
+
+
+def _optional_uuid(value: str | uuid.UUID | None) -> uuid.UUID | None:
+    return None if value is None or value == "" else _uuid(value)
 
 
 def _task_id(value: int) -> int:
@@ -257,7 +257,9 @@ def unknown_repository(catalog: RepositoryCatalog, name: str) -> str:
 Title = Annotated[str, BeforeValidator(_title)]
 Description = Annotated[str | None, BeforeValidator(_description)]
 Deadline = Annotated[dt.datetime | None, BeforeValidator(_deadline)]
-Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+Metadata = Annotated[
+    dict[str, Any], BeforeValidator(_refused_by_decoding), AfterValidator(_check_metadata)
+]
 UserId = Annotated[uuid.UUID, BeforeValidator(_uuid)]
 OptionalUserId = Annotated[uuid.UUID | None, BeforeValidator(_optional_uuid)]
 TaskId = Annotated[int, AfterValidator(_task_id)]

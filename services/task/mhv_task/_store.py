@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from mhv_common import db
 from mhv_task._events import OutboxEvent, PendingEvent
 from mhv_task._lifecycle import Status
 from mhv_task._models import QualityGate, Task, TaskCreateRequest, User
@@ -522,13 +523,5 @@ async def purge_delivered(
 
 
 async def schema_size(conn: asyncpg.Connection, *, timeout: float | None) -> int:
-    """Bytes used by the task schema's tables and indexes."""
-    size: int = await conn.fetchval(
-        """
-        SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'task' AND c.relkind IN ('r', 'm')
-        """,
-        timeout=timeout,
-    )
-    return size
+    """Bytes used by the task schema's tables and indexes (`mhv_common.db.schema_size`)."""
+    return await db.schema_size(conn, "task", timeout=timeout)

@@ -7,21 +7,19 @@ be retried.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
-import json
 import uuid
 from dataclasses import dataclass
 
-from mhv_common import context
+from mhv_common import context, paging
 from mhv_common.errors import (
     DeliveryNotFoundError,
     DeliveryNotRetryableError,
     FieldViolation,
-    InvalidPageTokenError,
     ValidationError,
 )
+from mhv_common.ids import parse_uuid, uuid_or_none
+from mhv_common.timestamps import from_micros, to_micros
 from mhv_webhook._store_inbox import DeliveryRow, Inbox
 
 DEFAULT_PAGE_SIZE = 50
@@ -55,14 +53,14 @@ class DeliveryPage:
     next_page_token: str
 
 
-def _filters(source: str, state: str | None) -> str:
-    return f"{source}\x00{state or ''}"
+def _filters(source: str, state: str | None) -> dict[str, str | None]:
+    return {"source": source, "state": state}
 
 
 def encode_page_token(row: DeliveryRow, *, source: str, state: str | None) -> str:
-    """Opaque keyset token: the last row's position and the filters it belongs to."""
-    data = {"t": row.received_at.isoformat(), "i": str(row.id), "f": _filters(source, state)}
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+    """Opaque keyset token (`mhv_common.paging`): the last row's position, for these filters."""
+    position = {"t": to_micros(row.received_at), "i": str(row.id)}
+    return paging.encode_token(position, filters=_filters(source, state))
 
 
 def decode_page_token(
@@ -74,15 +72,17 @@ def decode_page_token(
         InvalidPageTokenError: Not a token of ours, or issued for other filters (MHV-011).
 
     """
+    position = paging.decode_token(
+        token, filters=_filters(source, state), fields={"t": int, "i": str}
+    )
+    delivery = uuid_or_none(position["i"]) if position else None
+    if position is None or delivery is None:
+        raise paging.not_ours()
     try:
-        data = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
-        position = (dt.datetime.fromisoformat(data["t"]), uuid.UUID(data["i"]))
-        issued_for = data["f"]
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
-        raise InvalidPageTokenError() from None
-    if issued_for != _filters(source, state) or position[0].tzinfo is None:
-        raise InvalidPageTokenError()
-    return position
+        received = from_micros(position["t"])
+    except OverflowError:  # a forged time beyond the year 9999
+        raise paging.not_ours() from None
+    return received, delivery
 
 
 def parse_delivery_id(text: str) -> uuid.UUID:
@@ -91,13 +91,12 @@ def parse_delivery_id(text: str) -> uuid.UUID:
     Raises:
         ValidationError: Not a UUID (MHV-003).
     """
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise ValidationError(
-            "The delivery id is not a UUID.",
-            violations=[FieldViolation("id", "must be the gateway's delivery id (a UUID)")],
-        ) from None
+    return parse_uuid(
+        text,
+        field="id",
+        description="must be the gateway's delivery id (a UUID)",
+        message="The delivery id is not a UUID.",
+    )
 
 
 class Deliveries:
@@ -116,11 +115,9 @@ class Deliveries:
             ValidationError: Negative page size or an overlong source (MHV-003).
             InvalidPageTokenError: The token is not ours or belongs to other filters (MHV-011).
         """
-        if request.page_size < 0:
-            raise ValidationError(violations=[FieldViolation("page_size", "must not be negative")])
+        size = paging.page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         if len(request.source) > MAX_SOURCE_FILTER:
             raise ValidationError(violations=[FieldViolation("source", "is too long")])
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = (
             decode_page_token(request.page_token, source=request.source, state=request.state)
             if request.page_token

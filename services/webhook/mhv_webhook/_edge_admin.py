@@ -7,13 +7,11 @@ interceptors' job (`mhv_common.interceptors`, policies in `mhv_webhook.app`); th
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
-
-from google.protobuf import timestamp_pb2
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common.errors import FieldViolation, ValidationError
+from mhv_common.timestamps import to_timestamp
 from mhv_webhook._deliveries import Deliveries, ListRequest
 from mhv_webhook._store_inbox import STATES, DeliveryRow
 
@@ -21,12 +19,6 @@ _STATE_TO_PB = {
     name: webhook_pb2.DeliveryState.Value(f"DELIVERY_STATE_{name.upper()}") for name in STATES
 }
 _PB_TO_STATE = {value: name for name, value in _STATE_TO_PB.items()}
-
-
-def _timestamp(moment: dt.datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
 
 
 def to_proto(row: DeliveryRow) -> webhook_pb2.Delivery:
@@ -42,9 +34,9 @@ def to_proto(row: DeliveryRow) -> webhook_pb2.Delivery:
         last_error=row.last_error,
         saga_step=row.saga_step or "",
         task_id=row.task_id or 0,
-        receive_time=_timestamp(row.received_at),
-        update_time=_timestamp(row.updated_at),
-        next_attempt_time=_timestamp(row.next_attempt_at),
+        receive_time=to_timestamp(row.received_at),
+        update_time=to_timestamp(row.updated_at),
+        next_attempt_time=to_timestamp(row.next_attempt_at),
     )
 
 

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mhv_common.db import Database
+from mhv_common.db import Database, schema_size
 
 STATES = ("pending", "processing", "completed", "ignored", "compensated", "dead_letter")
 OPEN_STATES = ("pending", "processing", "dead_letter")
@@ -259,12 +259,7 @@ class Inbox:
                 " FROM deliveries WHERE state = 'pending'",
                 timeout=timeout,
             )
-            size = await conn.fetchval(
-                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = 'webhook' AND c.relkind IN ('r', 'p', 'm')",
-                timeout=timeout,
-            )
+            size = await schema_size(conn, "webhook", timeout=timeout)
         depth = dict.fromkeys(OPEN_STATES, 0)
         depth.update({r["state"]: int(r["n"]) for r in rows})
         return InboxStats(depth, float(lag), int(size))

@@ -23,21 +23,10 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common import context
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
-from mhv_common.edge import ON_BEHALF_OF_KEY
+from mhv_common.edge import ON_BEHALF_OF_KEY, TRANSIENT_STATUSES
 from mhv_common.errors import MahavishnuError, from_rpc_error
 
 T = TypeVar("T")
-
-_TRANSIENT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-    }
-)
 
 
 class TaskStatus(enum.StrEnum):
@@ -103,7 +92,7 @@ def _fail(exc: BaseException) -> TaskServiceError:
         return TransientError(f"task service call interrupted ({type(exc).__name__})")
     error = from_rpc_error(exc)
     message = f"task service answered {exc.code().name}" + (f" [{error.code}]" if error else "")
-    if exc.code() in _TRANSIENT:
+    if exc.code() in TRANSIENT_STATUSES:
         return TransientError(message, error=error)
     return PermanentError(message, error=error)
 
