@@ -179,3 +179,22 @@ def test_the_modules_own_summaries_draw_the_same_order(
     assert all(found), (_drawn_order(heading_text), summary)
     positions = [match.start() for match in found if match]
     assert positions == sorted(positions)
+
+
+# --- stores -------------------------------------------------------------------------------------
+
+
+def test_every_store_coroutine_takes_a_keyword_only_timeout() -> None:
+    # "Every method takes a keyword-only `timeout`", for every service's store modules.
+    stores = sorted((ROOT / "services").glob("*/mhv_*/_store*.py"))
+    assert len(stores) >= 4
+    checked = 0
+    for path in stores:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.AsyncFunctionDef) and not node.name.startswith("_"):
+                keywords = [argument.arg for argument in node.args.kwonlyargs]
+                assert "timeout" in keywords, (
+                    f"{path.name}: {node.name} takes no keyword-only timeout"
+                )
+                checked += 1
+    assert checked >= 30

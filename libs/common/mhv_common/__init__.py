@@ -17,7 +17,7 @@ auth            bearer tokens (EdDSA JWTs), principals and roles, service creden
 ratelimit       rate limits per caller, method class and role
 db              the asyncpg pool: deadline-aware connections and transactions, `schema_size`
 paging          the page-token codec and page sizes of every listing
-ids             UUIDs a caller sends: `parse_uuid`, `canonical_uuid`
+ids             UUIDs a caller sends: `parse_uuid`, `canonical_uuid`, `uuid_or_none`
 timestamps      datetimes and microseconds to and from protobuf Timestamps
 structs         protobuf Structs (free-form JSON from callers) as plain Python, non-finite refused
 periodic        background jobs that run every so often until the service stops
