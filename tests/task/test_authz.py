@@ -10,6 +10,10 @@ import grpc
 import pytest
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
+from mhv_common import context
+from mhv_common.auth import Principal, Role
+from mhv_common.errors import AuthenticationError, ValidationError
+from mhv_task._authz import Actor, actor_for_change
 from tests.harness import mhv_code, rpc_error
 from tests.task.conftest import People, new_task
 
@@ -163,3 +167,26 @@ async def test_every_rpc_for_every_principal(
                     error.details(),
                 )
                 assert mhv_code(error) == "MHV-005"
+
+
+# --- who the actor is ---------------------------------------------------------------------------
+
+
+def _acting(principal: Principal, **extra: str) -> Actor:
+    request = context.RequestContext(request_id="r", method="/x", principal=principal, extra=extra)
+    with context.bind(request):
+        return actor_for_change()
+
+
+def test_the_actor_is_a_canonical_user_id_and_nothing_else() -> None:
+    user = uuid.uuid4()
+    member = Principal(str(user), frozenset({Role.MEMBER}))
+    assert _acting(member).user_id == user
+    service = Principal("service:webhook", frozenset({Role.SERVICE}))
+    assert _acting(service, on_behalf_of=str(user)).user_id == user
+    for loose in (user.hex, f"{{{user}}}", "alice"):
+        with pytest.raises(AuthenticationError):
+            _acting(Principal(loose, frozenset({Role.MEMBER})))
+        with pytest.raises(ValidationError) as refused:
+            _acting(service, on_behalf_of=loose)
+        assert [v.field for v in refused.value.violations] == ["x-mhv-on-behalf-of"]

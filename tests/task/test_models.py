@@ -245,6 +245,8 @@ def test_user_rules() -> None:
     assert (made.email, made.display_name) == ("a@b.test", None)
     assert validate(UserLookup, {"id": None, "username": "x"}).id is None
     assert problems(UserLookup, {"id": "nope"}) == {"id": "is not a user id (UUID)"}
+    # Only the canonical spelling: the same user must not have several ids.
+    assert problems(UserLookup, {"id": uuid.uuid4().hex}) == {"id": "is not a user id (UUID)"}
 
 
 def test_the_models_are_frozen() -> None:
