@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install monitoring-tools run test lint typecheck buflint generate check-generated lock audit-deps image clean
+.PHONY: help install monitoring-tools backup-tools run test lint typecheck buflint generate check-generated lock audit-deps image clean
 
 help:
 	@echo "make run       start task, audit and webhook services (and a private PostgreSQL"
@@ -39,7 +39,13 @@ proto/node_modules/.installed: proto/package.json proto/package-lock.json
 monitoring-tools:
 	./deploy/install-tools.sh
 
+# Barman (the engine behind `mhv backup` and `mhv restore`) in .tools/barman/, from
+# deploy/backup/requirements.lock; gpg for backup encryption.
+backup-tools:
+	./deploy/install-tools.sh backup
+
 run: $(STAMP)
+	@./deploy/install-tools.sh backup || echo "Barman could not be installed: mhv up runs without backups"
 	$(BIN)/mhv up
 
 generate: $(STAMP)
@@ -60,13 +66,15 @@ typecheck: $(STAMP)
 buflint: proto/node_modules/.installed
 	cd proto && npx --no-install buf lint
 
-test: install monitoring-tools lint typecheck buflint
+test: install monitoring-tools backup-tools lint typecheck buflint
 	$(BIN)/pytest
 
 lock:
 	$(BIN)/python -m pip install --quiet uv==0.13.9
 	$(BIN)/uv pip compile pyproject.toml --extra dev --extra local --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 -o requirements.lock
+	$(BIN)/uv pip compile deploy/backup/requirements.in --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 -o deploy/backup/requirements.lock
 	# The container image installs only what the services need at run time: the same pins
 	# and hashes as requirements.lock, without the dev extra (tests/container check the subset).
 	$(BIN)/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
@@ -82,4 +90,4 @@ audit-deps: $(STAMP)
 	$(BIN)/pip-audit --strict --progress-spinner off -r requirements.lock
 
 clean:
-	rm -rf $(VENV) proto/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools proto/node_modules .pytest_cache .mypy_cache .ruff_cache

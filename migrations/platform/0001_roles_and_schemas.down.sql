@@ -1,6 +1,9 @@
 -- mhv:run-as admin
 -- Drops the three slices with everything in them. Roles stay (they are cluster-wide and may
--- own objects in other databases); `mhv migrate --drop-roles` removes them.
+-- own objects in other databases); drop them by hand (DROP ROLE) once no database uses them.
+-- mhv:loses task.*
+-- mhv:loses audit.*
+-- mhv:loses webhook.*
 DROP SCHEMA IF EXISTS webhook CASCADE;
 DROP SCHEMA IF EXISTS audit CASCADE;
 DROP SCHEMA IF EXISTS task CASCADE;

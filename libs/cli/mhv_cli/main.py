@@ -97,7 +97,11 @@ async def _migrate(args: argparse.Namespace) -> int:
     roles = role_names()
     if args.down:
         undone = await migrate_down(
-            admin_url(), slice_name=args.down, to_version=args.to, roles=roles
+            admin_url(),
+            slice_name=args.down,
+            to_version=args.to,
+            roles=roles,
+            allow_data_loss=args.allow_data_loss,
         )
         for m in undone:
             print(f"reverted {m.slice}/{m.version:04d}_{m.name}")
@@ -163,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply (or with --down, revert) migrations")
     migrate.add_argument("--down", choices=["task", "audit", "webhook", "platform"])
     migrate.add_argument("--to", type=int, default=0, help="version to revert to")
+    migrate.add_argument(
+        "--allow-data-loss",
+        action="store_true",
+        help="revert even migrations whose down file destroys rows that exist (MHV-060)",
+    )
     migrate.set_defaults(func=lambda a: asyncio.run(_migrate(a)))
     sub.add_parser(
         "validate-config", help="check settings/*.yaml and the MHV_* environment"

@@ -15,6 +15,14 @@ A file whose header says ``-- mhv:requires-extension NAME`` needs a PostgreSQL e
 server may not offer (pgvector for semantic search). Where ``pg_available_extensions`` has no
 such extension the migration is held back: not run, not recorded, listed by `held_back`; the
 run goes on with the others, and a later run on a server that gained it applies it.
+
+A down migration that destroys data says so in its header, one line per table it empties or
+rows it drops (``-- mhv:loses task.tasks``, ``-- mhv:loses webhook.saga_log WHERE
+created_task``, ``-- mhv:loses audit.*`` for every table of a schema). Before reverting
+anything, `migrate_down` counts those rows; if any exist it reverts nothing and raises MHV-060,
+unless the operator allows the loss. A down migration without such a line claims to keep every
+row; tests/cli/test_migrate_data.py holds each one to its claim on a database with rows in
+every table.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import asyncpg
 
-from mhv_common.errors import ConfigurationError
+from mhv_common.errors import ConfigurationError, MigrationWouldLoseDataError
 
 ROOT = Path(__file__).resolve().parents[3]
 MIGRATIONS_DIR = ROOT / "migrations"
@@ -39,6 +47,29 @@ _LOCK_KEY = 0x6D68765F6D6967  # "mhv_mig"
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(up|down)\.sql$")
 _RUN_AS_RE = re.compile(r"^--\s*mhv:run-as\s+(\w+)\s*$", re.MULTILINE)
 _REQUIRES_RE = re.compile(r"^--\s*mhv:requires-extension\s+(\w+)\s*$", re.MULTILINE)
+_LOSES_RE = re.compile(
+    r"^--\s*mhv:loses\s+([a-z_][a-z0-9_]*)\.([a-z_][a-z0-9_]*|\*)(?:\s+WHERE\s+(.+?))?\s*$",
+    re.MULTILINE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DataLoss:
+    """Rows a down migration destroys, as its header declares them.
+
+    Attributes:
+        schema: The schema.
+        table: The table, or ``*`` for every table of the schema.
+        where: SQL condition selecting the rows lost; None for all of them.
+    """
+
+    schema: str
+    table: str
+    where: str | None = None
+
+    def __str__(self) -> str:
+        name = f"{self.schema}.{self.table}"
+        return f"{name} WHERE {self.where}" if self.where else name
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +92,16 @@ class Migration:
         """The extension the up file's header says it needs, if any."""
         match = _REQUIRES_RE.search(self.up.read_text())
         return match.group(1) if match else None
+
+    @property
+    def losses(self) -> tuple[DataLoss, ...]:
+        """What the down migration declares it destroys (nothing: it keeps every row)."""
+        if self.down is None:
+            return ()
+        return tuple(
+            DataLoss(schema, table, where or None)
+            for schema, table, where in _LOSES_RE.findall(self.down.read_text())
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +330,29 @@ async def migrate_up(
     return done
 
 
+async def rows_lost(conn: asyncpg.Connection, loss: DataLoss) -> int:
+    """How many rows `loss` would destroy now (tables that do not exist hold none)."""
+    if loss.table == "*":
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename",
+            loss.schema,
+        )
+        names = [r["tablename"] for r in tables]
+    elif await conn.fetchval("SELECT to_regclass($1)", f"{loss.schema}.{loss.table}"):
+        names = [loss.table]
+    else:
+        names = []
+    total = 0
+    for name in names:
+        where = f" WHERE {loss.where}" if loss.where else ""
+        # Names come from the header's pattern (identifiers only) or the catalog; the condition
+        # is SQL written in a migration file, as trusted as the migration itself.
+        total += await conn.fetchval(
+            f"SELECT count(*) FROM {_ident(loss.schema)}.{_ident(name)}{where}"  # noqa: S608
+        )
+    return total
+
+
 async def migrate_down(
     dsn: str,
     *,
@@ -296,17 +360,41 @@ async def migrate_down(
     to_version: int,
     roles: RoleNames = RoleNames(),
     directory: Path = MIGRATIONS_DIR,
+    allow_data_loss: bool = False,
 ) -> list[Migration]:
-    """Revert `slice_name` to `to_version` (0 = nothing applied), newest first."""
+    """Revert `slice_name` to `to_version` (0 = nothing applied), newest first.
+
+    Raises:
+        MigrationWouldLoseDataError: A migration to revert declares losses and the rows exist;
+            nothing was reverted (unless `allow_data_loss`).
+        ConfigurationError: A migration to revert has no down file.
+    """
     undone: list[Migration] = []
     async with _locked(dsn) as (conn, database):
         seen = await applied(conn)
         mine = [m for m in discover(directory) if m.slice == slice_name]
-        for m in sorted(mine, key=lambda m: m.version, reverse=True):
-            if m.version <= to_version or (m.slice, m.version) not in seen:
-                continue
+        steps = [
+            m
+            for m in sorted(mine, key=lambda m: m.version, reverse=True)
+            if m.version > to_version and (m.slice, m.version) in seen
+        ]
+        for m in steps:
             if m.down is None:
                 raise ConfigurationError(f"migrations/{m.slice}/{m.up.name} has no down migration.")
+        at_risk = [
+            (m, loss, count)
+            for m in steps
+            for loss in m.losses
+            if (count := await rows_lost(conn, loss))
+        ]
+        if at_risk and not allow_data_loss:
+            lost = "; ".join(
+                f"{m.slice}/{m.down.name if m.down else m.up.name} drops {count} row(s) of {loss}"
+                for m, loss, count in at_risk
+            )
+            raise MigrationWouldLoseDataError(f"Nothing was reverted: {lost}.")
+        for m in steps:
+            assert m.down is not None
             delete = "DELETE FROM mhv_meta.schema_migrations WHERE slice = $1 AND version = $2"
             await _run_file(
                 conn,

@@ -6,7 +6,7 @@ under `docs/errors/` are all derived from `CATALOG`. Add a code here, then run
 
 Ranges follow the plan:
 
-- MHV-001..099 system errors
+- MHV-001..099 system errors (050..069: backup, restore and migration commands)
 - MHV-100..199 task and user errors
 - MHV-200..299 repository errors
 - MHV-300..399 external integration (webhooks, GitHub, GitLab)
@@ -196,6 +196,95 @@ CATALOG: tuple[ErrorSpec, ...] = (
         (
             "A change cancelled while it committed may have been saved: re-read the resource "
             "(or retry CreateTask with the same request_id) before sending it again.",
+        ),
+    ),
+    # --- Backups, restores and migrations (050-069): operators' commands, not RPCs ----------
+    ErrorSpec(
+        "MHV-050",
+        "BACKUP_NOT_FOUND",
+        _S.FAILED_PRECONDITION,
+        500,
+        "No backup repository is configured here, or it holds no completed backup.",
+        (
+            "Point MHV_BACKUP_HOME at the backup repository's folder (the backup host's), or "
+            "create one for this database with `mhv backup init`.",
+            "Take a first backup with `mhv backup run`; `mhv backup list` shows what exists.",
+            "See docs/runbooks/disaster-recovery.md.",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-051",
+        "BACKUP_REPOSITORY_MISMATCH",
+        _S.FAILED_PRECONDITION,
+        500,
+        "The backup repository belongs to another database cluster.",
+        (
+            "Check MHV_BACKUP_HOME and MHV_BACKUP_SERVER: the repository records the system "
+            "identifier of the cluster it backs up, and this one differs.",
+            "A cluster rebuilt from scratch (initdb) is a new cluster: give it a new "
+            "repository (`mhv backup init --server NEW-NAME`); never mix two clusters' WAL.",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-052",
+        "RESTORE_TARGET_OUT_OF_RANGE",
+        _S.OUT_OF_RANGE,
+        400,
+        "The recovery target time lies outside the recoverable window.",
+        (
+            "Pick a time inside the window the error gives (`mhv backup info` shows it): no "
+            "earlier than the end of the oldest backup, no later than the last WAL received.",
+            "Times need a UTC offset, e.g. 2026-05-01T09:30:00+00:00.",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-053",
+        "RESTORE_DESTINATION_IN_USE",
+        _S.FAILED_PRECONDITION,
+        409,
+        "The restore destination is not an empty folder: restores never overwrite data.",
+        (
+            "Restore into a new, empty folder (`--destination`), then start PostgreSQL on it.",
+            "To replace a lost primary, first make sure its server is stopped and move its old "
+            "data folder aside; never restore over a running cluster.",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-054",
+        "BACKUP_FAILED",
+        _S.UNAVAILABLE,
+        503,
+        "The backup engine could not complete the operation.",
+        (
+            "Run `mhv backup check`: it lists every failing precondition (database "
+            "reachable, WAL streaming running, encryption key usable).",
+            "The engine's own log is in MHV_BACKUP_HOME (barman.log).",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-055",
+        "BACKUP_VERIFICATION_FAILED",
+        _S.DATA_LOSS,
+        500,
+        "A restored backup failed verification.",
+        (
+            "Read the JSON report: it names each failed check (index corruption, row counts, "
+            "foreign keys, audit chain, anchors, outbox).",
+            "Take a new backup now and verify it; follow docs/runbooks/backup-verification-"
+            "failed.md.",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-060",
+        "MIGRATION_WOULD_LOSE_DATA",
+        _S.FAILED_PRECONDITION,
+        409,
+        "This down migration would destroy data, so it was not run.",
+        (
+            "Keep the data: roll the application back without reverting this migration "
+            "(docs/runbooks/rollback.md), or export the rows first.",
+            "If losing those rows is intended, take a backup (`mhv backup run`) and run the "
+            "command again with --allow-data-loss.",
         ),
     ),
     # --- Task and user errors (100-199) -----------------------------------------------------

@@ -225,6 +225,34 @@ class RequestCancelledError(MahavishnuError, code="MHV-012"):
     """MHV-012: The caller cancelled the request."""
 
 
+class BackupNotFoundError(MahavishnuError, code="MHV-050"):
+    """MHV-050: No backup repository is configured here, or it holds no completed backup."""
+
+
+class BackupRepositoryMismatchError(MahavishnuError, code="MHV-051"):
+    """MHV-051: The backup repository belongs to another database cluster."""
+
+
+class RestoreTargetOutOfRangeError(MahavishnuError, code="MHV-052"):
+    """MHV-052: The recovery target time lies outside the recoverable window."""
+
+
+class RestoreDestinationInUseError(MahavishnuError, code="MHV-053"):
+    """MHV-053: The restore destination is not an empty folder: restores never overwrite data."""
+
+
+class BackupFailedError(MahavishnuError, code="MHV-054"):
+    """MHV-054: The backup engine could not complete the operation."""
+
+
+class BackupVerificationFailedError(MahavishnuError, code="MHV-055"):
+    """MHV-055: A restored backup failed verification."""
+
+
+class MigrationWouldLoseDataError(MahavishnuError, code="MHV-060"):
+    """MHV-060: This down migration would destroy data, so it was not run."""
+
+
 class TaskNotFoundError(MahavishnuError, code="MHV-100"):
     """MHV-100: The task does not exist."""
 
@@ -372,6 +400,10 @@ __all__ = [
     "AuditChainBrokenError",
     "AuthenticationError",
     "AuthorizationError",
+    "BackupFailedError",
+    "BackupNotFoundError",
+    "BackupRepositoryMismatchError",
+    "BackupVerificationFailedError",
     "ConfigurationError",
     "DatabaseConnectionError",
     "DeadlineExceededError",
@@ -385,11 +417,14 @@ __all__ = [
     "InvalidPageTokenError",
     "InvalidTaskTransitionError",
     "MahavishnuError",
+    "MigrationWouldLoseDataError",
     "NotImplementedRpcError",
     "RateLimitExceededError",
     "RepositoryNotConfiguredError",
     "RepositoryNotFoundError",
     "RequestCancelledError",
+    "RestoreDestinationInUseError",
+    "RestoreTargetOutOfRangeError",
     "ServiceUnavailableError",
     "TaskAlreadyCompletedError",
     "TaskBlockedError",

@@ -63,9 +63,10 @@ def index() -> str:
     return f"""{NOTICE}
 # Error codes
 
-Every error a caller sees carries one of these codes. Ranges: MHV-001..099 system,
-MHV-100..199 tasks and users, MHV-200..299 repositories, MHV-300..399 webhooks and external
-integrations, MHV-400..499 audit log.
+Every error a caller sees carries one of these codes. Ranges: MHV-001..099 system
+(MHV-050..069: operators' backup, restore and migration commands), MHV-100..199 tasks and
+users, MHV-200..299 repositories, MHV-300..399 webhooks and external integrations,
+MHV-400..499 audit log.
 
 | Code | Name | gRPC | HTTP | Meaning |
 |---|---|---|---|---|
