@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "validate-config", help="check settings/*.yaml and the MHV_* environment"
     ).set_defaults(func=_validate_config)
+    from mhv_cli import anchors, backup_cli
+
+    backup_cli.add_commands(sub)
+    anchors.add_commands(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPERUSER = "postgres"
@@ -37,6 +37,52 @@ def _install_dir() -> Path:
 def binary(name: str) -> Path:
     """Path of a PostgreSQL program (postgres, pg_ctl, pgbench, ...) of the private build."""
     return _install_dir() / "bin" / name
+
+
+# Where Debian (and the PGDG packages) install each major version's programs.
+_SYSTEM_BIN = "/usr/lib/postgresql/{major}/bin"
+
+
+def bin_dir_for(major: int) -> Path:
+    """The programs of PostgreSQL `major`: the private build's, or the system's.
+
+    Raises:
+        RuntimeError: No installation of that major version here.
+    """
+    if major_version(binary("postgres").parent) == major:
+        return binary("postgres").parent
+    system = Path(_SYSTEM_BIN.format(major=major))
+    if (system / "postgres").exists():
+        return system
+    raise RuntimeError(f"PostgreSQL {major} is not installed here")
+
+
+def major_version(bin_dir: Path) -> int:
+    """The major version of the PostgreSQL programs in `bin_dir`."""
+    out = subprocess.run(
+        [str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(out.split()[-1].split(".")[0])
+
+
+def contrib_bin_dir() -> Path:
+    """Programs of a PostgreSQL with its contrib modules (amcheck), preferring the private build.
+
+    The pip-installed build ships no contrib modules; Debian's packages do. Falls back to the
+    private build when no system PostgreSQL is installed.
+    """
+    for major in (17, 16, 15):
+        system = Path(_SYSTEM_BIN.format(major=major))
+        if (system / "postgres").exists() and _has_extension(system, "amcheck"):
+            return system
+    return binary("postgres").parent
+
+
+def _has_extension(bin_dir: Path, name: str) -> bool:
+    share = subprocess.run(
+        [str(bin_dir / "pg_config"), "--sharedir"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return bool(share) and (Path(share) / "extension" / f"{name}.control").exists()
 
 
 def _wrap(argv: list[str]) -> list[str]:
@@ -58,6 +104,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _setting(value: str) -> str:
+    # pg_ctl passes -o through a shell: quote values, and an empty one as ''.
+    return "'" + value.replace("'", "") + "'" if value == "" or " " in value else value
+
+
 @dataclass
 class PrivateCluster:
     """One private cluster in `root` (created on first start).
@@ -67,12 +118,21 @@ class PrivateCluster:
         port: TCP port on 127.0.0.1 (and on every address of `listen`).
         listen: Addresses the server listens on.
         clients: Networks (CIDR) besides loopback allowed to log in, with a password.
+        settings: Further server settings (``-c name=value`` at start), e.g. those a primary
+            needs for synchronous WAL streaming (`mhv_cli.backup.PRIMARY_SETTINGS`).
+        bin_dir: The PostgreSQL programs to run (default: the private build's).
     """
 
     root: Path
     port: int
     listen: tuple[str, ...] = ("127.0.0.1",)
     clients: tuple[str, ...] = ()
+    settings: dict[str, str] = field(default_factory=dict)
+    bin_dir: Path | None = None
+
+    def binary(self, name: str) -> Path:
+        """Path of one of this cluster's PostgreSQL programs."""
+        return (self.bin_dir or binary("postgres").parent) / name
 
     @property
     def data_dir(self) -> Path:
@@ -111,7 +171,7 @@ class PrivateCluster:
             subprocess.run(
                 _wrap(
                     [
-                        str(binary("initdb")),
+                        str(self.binary("initdb")),
                         "-D",
                         str(self.data_dir),
                         "-U",
@@ -123,6 +183,9 @@ class PrivateCluster:
                         "-E",
                         "UTF8",
                         "--locale=C.UTF-8",
+                        # Every page carries a checksum: corruption on disk, in a backup or
+                        # in a restore is detected (pg_checksums, reads) instead of served.
+                        "--data-checksums",
                         "--no-sync",
                     ]
                 ),
@@ -137,7 +200,7 @@ class PrivateCluster:
         if not self.initialized():
             return False
         result = subprocess.run(
-            _wrap([str(binary("pg_ctl")), "-D", str(self.data_dir), "status"]),
+            _wrap([str(self.binary("pg_ctl")), "-D", str(self.data_dir), "status"]),
             capture_output=True,
             check=False,
         )
@@ -146,7 +209,7 @@ class PrivateCluster:
     def accepting(self) -> bool:
         """Whether the server accepts connections now (not starting up or shutting down)."""
         result = subprocess.run(
-            [str(binary("pg_isready")), "-h", "127.0.0.1", "-p", str(self.port), "-t", "5"],
+            [str(self.binary("pg_isready")), "-h", "127.0.0.1", "-p", str(self.port), "-t", "5"],
             capture_output=True,
             check=False,
         )
@@ -171,12 +234,13 @@ class PrivateCluster:
                 "-c max_connections=200",
                 "-c shared_buffers=128MB",
                 "-c fsync=on",
+                *(f"-c {name}={_setting(value)}" for name, value in self.settings.items()),
             ]
         )
         subprocess.run(
             _wrap(
                 [
-                    str(binary("pg_ctl")),
+                    str(self.binary("pg_ctl")),
                     "-D",
                     str(self.data_dir),
                     "-o",
@@ -212,7 +276,7 @@ class PrivateCluster:
         if not self.running():
             return
         subprocess.run(
-            _wrap([str(binary("pg_ctl")), "-D", str(self.data_dir), "-m", mode, "-w", "stop"]),
+            _wrap([str(self.binary("pg_ctl")), "-D", str(self.data_dir), "-m", mode, "-w", "stop"]),
             check=True,
             capture_output=True,
         )
