@@ -409,6 +409,9 @@ class Repository:
         self.gnupg.chmod(0o700)
         if not self.passphrase_file.exists():
             _private(self.passphrase_file, secrets.token_urlsafe(32) + "\n")
+        # The strongest fixed S2K count protects the private key: the agent's own calibration
+        # of that count takes seconds on a busy machine, for every key it protects.
+        _private(self.gnupg / "gpg-agent.conf", "s2k-count 65011712\n")
         found = self._fingerprint()
         if found:
             return found
@@ -516,7 +519,6 @@ class Repository:
         """
         self.require()
         self.barman("receive-wal", "--create-slot", self.server, check=False)
-        self.barman("receive-wal", "--reset", self.server, check=False)
         sink = open(log or self.home / "receive-wal.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             return subprocess.Popen(
@@ -913,6 +915,9 @@ def run_backup(
 ) -> BackupRun:
     """Take a full base backup now, keep it 30 days, and write its count mark.
 
+    Retention itself (deleting what fell out of the window) is Barman's periodic work
+    (`Repository.maintain`), which `mhv backup receive` runs every minute.
+
     Before the backup, the audit chain is verified and its head recorded as an anchor in
     `anchors_file` (default `mhv_cli.anchors.default_file`).
 
@@ -957,7 +962,6 @@ def run_backup(
     _release_expired_keeps(repo)
     mark = asyncio.run(take_mark(primary.url(), backup.backup_id))
     path = mark.save(repo.marks_dir)
-    repo.maintain()
     progress.finish(f"count mark {mark.restore_point} at {mark.lsn}")
     return BackupRun(repo.find(backup.backup_id), seconds, size, path)
 
