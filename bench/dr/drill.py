@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/test-dr.py [--tasks 2000] [--load-seconds 3] [--clients 6]
                                         [--webhook-senders 2] [--verify] [--json-out FILE]
-                                        [--keep]
+                                        [--keep | --root DIR]
 
 Builds a deployment in a temporary folder (`bench.dr.site`): a primary whose commits wait for
 the backup repository's WAL receiver (synchronous streaming), the three services, `--tasks`
@@ -415,15 +415,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json-out", help="also write the JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--root", help="work in this (empty) folder and keep it")
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="mhv-dr-"))
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="mhv-dr-"))
+    root.mkdir(parents=True, exist_ok=True)
     try:
         result = asyncio.run(drill(args, root))
     finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
+        if args.keep or args.root:
             say(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

@@ -336,13 +336,14 @@ class Repository:
         Raises:
             BackupRepositoryMismatchError: The repository already backs up another cluster.
         """
+        # Before writing anything: a repository of another cluster stays as it is.
+        self.check_system_id(primary)
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.home.chmod(0o700)
         for folder in (self.barman_home, self.marks_dir, self.verification_dir, self.staging):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _private(
-            self.pgpass, f"{primary.host}:{primary.port}:*:{primary.user}:{primary.password}\n"
-        )
+        fields = (primary.host, str(primary.port), "*", primary.user, primary.password)
+        _private(self.pgpass, ":".join(_pgpass_escape(f) for f in fields) + "\n")
         _private(
             self.connection_file,
             json.dumps(
@@ -357,7 +358,6 @@ class Repository:
         fingerprint = self._ensure_key()
         bin_dir = pg_bin or binary("pg_basebackup").parent
         _private(self.config, self._render(primary, bin_dir, fingerprint))
-        self.check_system_id(primary)
         self.barman("receive-wal", "--create-slot", self.server, check=False)
 
     @property
@@ -466,7 +466,8 @@ class Repository:
         """The primary this repository backs up (password from its pgpass file)."""
         self.require()
         saved = json.loads(self.connection_file.read_text())
-        password = self.pgpass.read_text().strip().split(":", 4)[4]
+        fields = re.split(r"(?<!\\):", self.pgpass.read_text().rstrip("\n"), maxsplit=4)
+        password = re.sub(r"\\(.)", r"\1", fields[4])
         return Connection(password=password, **saved)
 
     # --- running Barman ------------------------------------------------------------------
@@ -743,6 +744,11 @@ def _private(path: Path, content: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(content)
+
+
+def _pgpass_escape(value: str) -> str:
+    """A field of a libpq password file: backslash and colon escaped."""
+    return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 def _last_words(text: str) -> str:

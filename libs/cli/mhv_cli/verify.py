@@ -108,7 +108,8 @@ async def _wait_promoted(url: str, *, timeout: float = 600) -> None:
         await asyncio.sleep(0.2)
 
 
-def _checksums(cluster: PrivateCluster) -> Check:
+def check_page_checksums(cluster: PrivateCluster) -> Check:
+    """``pg_checksums --check`` over the (stopped) cluster's every page."""
     data_dir = cluster.data_dir
     control = subprocess.run(
         [str(cluster.binary("pg_controldata")), "-D", str(data_dir)],
@@ -137,7 +138,8 @@ def _checksums(cluster: PrivateCluster) -> Check:
     return Check(ok, detail)
 
 
-async def _amcheck(cluster: PrivateCluster, database: str, password: str) -> Check:
+async def check_indexes(cluster: PrivateCluster, database: str, password: str) -> Check:
+    """``pg_amcheck`` on every B-tree index and heap of `database`."""
     conn = await asyncpg.connect(cluster.url(database))
     try:
         indexes = await conn.fetch(
@@ -186,7 +188,8 @@ async def _amcheck(cluster: PrivateCluster, database: str, password: str) -> Che
     return Check(ok, detail)
 
 
-async def _row_counts(conn: asyncpg.Connection, mark: Mark | None) -> Check:
+async def check_row_counts(conn: asyncpg.Connection, mark: Mark | None) -> Check:
+    """Every table's rows against the count mark."""
     counts = await count_rows(conn, await tables(conn))
     if mark is None:
         return Check(False, {"reason": "no count mark for this backup", "counts": counts})
@@ -216,7 +219,8 @@ ORDER BY 1
 """
 
 
-async def _foreign_keys(conn: asyncpg.Connection) -> Check:
+async def check_foreign_keys(conn: asyncpg.Connection) -> Check:
+    """Every foreign key of the service schemas, row by row."""
     violations = {}
     keys = await conn.fetch(_FOREIGN_KEYS, ["task", "audit", "webhook"])
     for key in keys:
@@ -237,7 +241,8 @@ async def _foreign_keys(conn: asyncpg.Connection) -> Check:
     return Check(not violations, detail)
 
 
-async def _audit_chain(url: str, mark: Mark | None) -> Check:
+async def check_audit_chain(url: str, mark: Mark | None) -> Check:
+    """The audit service's verifier over the whole chain; the head must be the mark's."""
     result = await anchors.verify_chain(url)
     detail: dict[str, Any] = {"rows_checked": result.rows_checked, "head_id": result.head_id}
     ok = result.ok
@@ -255,7 +260,8 @@ async def _audit_chain(url: str, mark: Mark | None) -> Check:
     return Check(ok, detail)
 
 
-async def _anchors(conn: asyncpg.Connection, path: Path, mark: Mark | None) -> Check:
+async def check_anchors(conn: asyncpg.Connection, path: Path, mark: Mark | None) -> Check:
+    """The chain against every anchor recorded outside the database."""
     recorded = anchors.load(path)
     if not recorded:
         return Check(
@@ -276,7 +282,8 @@ async def _anchors(conn: asyncpg.Connection, path: Path, mark: Mark | None) -> C
     return Check(comparison.ok and comparison.checked > 0, detail)
 
 
-async def _outbox_audit(conn: asyncpg.Connection) -> Check:
+async def check_outbox_audit(conn: asyncpg.Connection) -> Check:
+    """Every outbox event marked delivered is in the audit log."""
     row = await conn.fetchrow(
         "SELECT count(*) FILTER (WHERE o.delivered_at IS NOT NULL) AS delivered,"
         " count(*) FILTER (WHERE o.delivered_at IS NULL) AS pending,"
@@ -323,19 +330,19 @@ async def verify_latest(
         await _wait_promoted(cluster.url())
         # pg_checksums reads a cleanly stopped cluster only.
         await asyncio.to_thread(cluster.stop)
-        report.checks["page_checksums"] = await asyncio.to_thread(_checksums, cluster)
+        report.checks["page_checksums"] = await asyncio.to_thread(check_page_checksums, cluster)
         await asyncio.to_thread(cluster.start, timeout=600)
         url = cluster.url(primary.dbname)
-        report.checks["indexes"] = await _amcheck(cluster, primary.dbname, primary.password)
+        report.checks["indexes"] = await check_indexes(cluster, primary.dbname, primary.password)
         conn = await asyncpg.connect(url)
         try:
-            report.checks["row_counts"] = await _row_counts(conn, mark)
-            report.checks["foreign_keys"] = await _foreign_keys(conn)
-            report.checks["audit_chain"] = await _audit_chain(url, mark)
-            report.checks["anchors"] = await _anchors(
+            report.checks["row_counts"] = await check_row_counts(conn, mark)
+            report.checks["foreign_keys"] = await check_foreign_keys(conn)
+            report.checks["audit_chain"] = await check_audit_chain(url, mark)
+            report.checks["anchors"] = await check_anchors(
                 conn, anchors_file or anchors.default_file(), mark
             )
-            report.checks["outbox_audit"] = await _outbox_audit(conn)
+            report.checks["outbox_audit"] = await check_outbox_audit(conn)
         finally:
             await conn.close()
     except MahavishnuError as exc:
