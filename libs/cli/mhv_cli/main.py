@@ -176,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "validate-config", help="check settings/*.yaml and the MHV_* environment"
     ).set_defaults(func=_validate_config)
-    from mhv_cli import anchors, backup_cli
+    from mhv_cli import anchors, backup_cli, credentials
 
     backup_cli.add_commands(sub)
     anchors.add_commands(sub)
+    credentials.add_commands(sub)
     return parser
 
 

@@ -18,6 +18,8 @@ What comes out, following Sloth's naming and the SRE Workbook's alerting chapter
   TaskCreationLatencyHigh and TaskAvailabilityLow.
 - ``platform_alerts.yml``: connection pool saturation, targets down or absent, audit chain
   breaks, outbox and inbox backlogs, and the always-firing Watchdog.
+- ``backup_alerts.yml``: backups too old, backup verification failing, WAL not reaching the
+  backup repository (limits in the spec's ``backups`` section).
 
 Windows of a day and longer are computed from the recorded 5-minute rates
 (``sum_over_time`` of errors over ``sum_over_time`` of events, weighted by traffic) rather than
@@ -184,6 +186,27 @@ class Slo(BaseModel):
         return (*RAW_WINDOWS, *derived, self.window)
 
 
+_DURATION = r"^[1-9][0-9]*[smhd]$"
+
+
+def duration_seconds(text: str) -> int:
+    """A duration of the spec (``26h``, ``8d``) in seconds."""
+    return int(text[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[text[-1]]
+
+
+class Backups(BaseModel):
+    """The backup alerts' limits (docs/dr/backups.md); the exporter is scraped as `job`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job: str = Field(pattern=r"^[a-z][a-z0-9-]*$")
+    owner: str
+    max_backup_age: str = Field(pattern=_DURATION)
+    max_verification_age: str = Field(pattern=_DURATION)
+    max_receiver_lag_bytes: int = Field(gt=0)
+    max_unarchived_segments: int = Field(ge=0)
+
+
 class Spec(BaseModel):
     """deploy/prometheus/slos.yaml."""
 
@@ -192,6 +215,7 @@ class Spec(BaseModel):
     version: Literal[1]
     runbook_base_url: str = Field(pattern=r"^https://.+/$")
     slos: list[Slo]
+    backups: Backups
 
     @field_validator("slos")
     @classmethod
@@ -521,11 +545,81 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
     return {"name": "mahavishnu-platform-alerts", "rules": rules}
 
 
+def backup_alerts(spec: Spec) -> dict[str, Any]:
+    """Alerts on the backups: too old, failing verification, WAL not reaching the repository.
+
+    The metrics come from the backup exporter (``mhv backup exporter``) on the backup host. A
+    metric that is absent (no backup ever, exporter gone) counts as the worst value: never
+    backed up, never verified (age: since the epoch), not streaming. Every alert carries the
+    exporter's job label.
+    """
+    b = spec.backups
+    job = f'job="{b.job}"'
+    backup_age = duration_seconds(b.max_backup_age)
+    verification_age = duration_seconds(b.max_verification_age)
+    rules = [
+        alert(
+            "BackupTooOld",
+            f"time() - max by (job) (mhv_backup_last_success_timestamp_seconds{{{job}}})"
+            f" > {backup_age}\nor\n"
+            f"absent(mhv_backup_last_success_timestamp_seconds{{{job}}}) * time()",
+            for_="15m",
+            severity="warning",
+            summary="No recent backup",
+            description=(
+                "The newest completed backup ended {{ $value | humanizeDuration }} ago (limit "
+                f"{b.max_backup_age}; decades: none was ever reported). Point-in-time recovery "
+                "and restores take longer the older it is, and full backups stop accruing. "
+                f"Owner: {b.owner}."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/backup-too-old.md"),
+        ),
+        alert(
+            "BackupVerificationFailed",
+            f"max by (job) (mhv_backup_verification_last_ok{{{job}}}) == 0\nor\n"
+            "time() - max by (job) (mhv_backup_verification_last_success_timestamp_seconds"
+            f"{{{job}}}) > {verification_age}\nor\n"
+            "absent(mhv_backup_verification_last_success_timestamp_seconds"
+            f"{{{job}}}) * time()",
+            for_="5m",
+            severity="warning",
+            summary="Backups are not proven restorable",
+            description=(
+                "The last backup verification failed, or none passed in the last "
+                f"{b.max_verification_age}: a restore might not work when it is needed. The "
+                "report is verification/last.json in the backup repository. "
+                f"Owner: {b.owner}."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/backup-verification-failed.md"),
+        ),
+        alert(
+            "WalArchivingFailing",
+            f"max by (job) (mhv_wal_receiver_streaming{{{job}}}) == 0\n"
+            f"or\nmax by (job) (mhv_wal_receiver_lag_bytes{{{job}}}) > {b.max_receiver_lag_bytes}\n"
+            f"or\nmax by (job) (mhv_wal_unarchived_segments{{{job}}}) > {b.max_unarchived_segments}\n"
+            f"or\nmax by (job) (mhv_wal_archive_errors{{{job}}}) > 0\n"
+            f"or\nabsent(mhv_wal_receiver_streaming{{{job}}})",
+            for_="5m",
+            severity="page",
+            summary="WAL is not reaching the backup repository",
+            description=(
+                "The WAL receiver is not streaming synchronously, is behind, or the repository "
+                "is not archiving what it received (value {{ $value }}). Commits wait for the "
+                "receiver: writes stall while it is down; and every point-in-time restore "
+                f"after this moment is at risk. Owner: {b.owner}."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/wal-archiving-failing.md"),
+        ),
+    ]
+    return {"name": "mahavishnu-backup-alerts", "rules": rules}
+
+
 def rule_files(spec: Spec) -> dict[str, dict[str, Any]]:
     """File name -> content of every rule file."""
     files = {f"slo_{slo.name}.yml": {"groups": [slo_group(spec, slo)]} for slo in spec.slos}
     files["slo_policy_alerts.yml"] = {"groups": [policy_alerts(spec)]}
     files["platform_alerts.yml"] = {"groups": [platform_alerts(spec)]}
+    files["backup_alerts.yml"] = {"groups": [backup_alerts(spec)]}
     return files
 
 

@@ -1,0 +1,188 @@
+"""Rotating credentials from the command line, as the security incident runbook does it."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from mhv_cli.credentials import rotated
+from mhv_cli.devstate import DevState, role_url
+from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
+from mhv_common.auth import TokenIssuer, TokenVerifier
+from mhv_common.errors import AuthenticationError
+from mhv_webhook._secrets import parse_secrets
+from tests.harness import Cluster, with_database
+
+
+def mhv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("mhv")), *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_signing_key_rotation_revokes_the_compromised_key(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    old_key, new_key = tmp_path / "admin-1.pem", tmp_path / "admin-2.pem"
+    for kid, path in (("admin-1", old_key), ("admin-2", new_key)):
+        made = mhv("keys", "generate", "--kid", kid, "--private-key", str(path))
+        assert made.returncode == 0, made.stderr
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        (tmp_path / f"{kid}.jwk").write_text(made.stdout)
+        assert json.loads(made.stdout)["kid"] == kid
+    assert (
+        mhv("keys", "jwks", "--file", str(jwks), "--add", str(tmp_path / "admin-1.jwk")).returncode
+        == 0
+    )
+    old_token = TokenIssuer.from_file(old_key, key_id="admin-1").issue(subject="u", roles=["admin"])
+    assert TokenVerifier(json.loads(jwks.read_text())).verify(old_token)
+
+    # The compromise: add the new key and remove the old one in one step.
+    done = mhv(
+        "keys",
+        "jwks",
+        "--file",
+        str(jwks),
+        "--add",
+        str(tmp_path / "admin-2.jwk"),
+        "--remove",
+        "admin-1",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{jwks}: admin-2"
+    verifier = TokenVerifier(json.loads(jwks.read_text()))
+    new_token = TokenIssuer.from_file(new_key, key_id="admin-2").issue(subject="u", roles=["admin"])
+    assert verifier.verify(new_token)
+    with pytest.raises(AuthenticationError):
+        verifier.verify(old_token)
+
+    # A key is never overwritten, and a JWKS is never left empty.
+    again = mhv("keys", "generate", "--kid", "admin-2", "--private-key", str(new_key))
+    assert again.returncode == 1
+    assert "is never overwritten" in again.stderr
+    empty = mhv("keys", "jwks", "--file", str(jwks), "--remove", "admin-2")
+    assert empty.returncode == 1
+    assert "[MHV-001]" in empty.stderr
+
+
+def test_webhook_secret_rotation_overlaps_then_retires_the_old_secret() -> None:
+    now = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+    current = "a" * 64 + ";id=k1"
+    value = rotated("github", current, overlap_hours=24, now=now)
+    entries = parse_secrets("github", value)
+    assert [e.label for e in entries] == ["k202605011200", "k1"]
+    assert entries[1].key == ("a" * 64).encode()
+    assert entries[1].expires_at == (now + dt.timedelta(hours=24)).timestamp()
+    assert entries[0].expires_at is None
+    # A leaked secret: no overlap, the old one is gone at once.
+    leaked = parse_secrets("github", rotated("github", current, overlap_hours=0, now=now))
+    assert [e.label for e in leaked] == ["k202605011200"]
+    # A Standard Webhooks source gets a signing key again.
+    generic = rotated("generic", "whsec_" + "A" * 44, overlap_hours=1, now=now)
+    assert generic.startswith("whsec_")
+    assert parse_secrets("generic", generic)[0].signing_key
+
+
+def test_rotate_webhook_secret_of_the_local_deployment(tmp_path: Path) -> None:
+    state = DevState(tmp_path)
+    before = state.secrets()["webhook_secrets"]["github"]
+    done = mhv("secrets", "rotate-webhook", "--source", "github", env={"MHV_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    after = state.secrets()["webhook_secrets"]["github"]
+    newest = done.stdout.splitlines()[-1]
+    assert after.startswith(newest + ";id=k")
+    assert f", {before};expires=" in after
+    assert [e.key for e in parse_secrets("github", after)] == [newest.encode(), before.encode()]
+    printed = mhv(
+        "secrets",
+        "rotate-webhook",
+        "--source",
+        "gitlab",
+        "--current",
+        "b" * 40,
+        "--overlap-hours",
+        "0",
+        env={"MHV_HOME": str(tmp_path)},
+    )
+    assert printed.returncode == 0
+    assert printed.stdout.startswith("MHV_WEBHOOK_SECRETS_GITLAB=")
+    assert "b" * 40 not in printed.stdout
+
+
+@pytest.fixture
+async def service_role(cluster: Cluster) -> AsyncIterator[tuple[str, RoleNames]]:
+    name = f"mhvcred_{secrets.token_hex(4)}"
+    roles = RoleNames(name)
+    conn = await asyncpg.connect(cluster.admin_url)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = with_database(cluster.admin_url, name)
+    await migrate_up(url, roles=roles, passwords={"task": "old-password-1"})
+    yield url, roles
+    conn = await asyncpg.connect(cluster.admin_url)
+    await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await conn.close()
+    await drop_roles(cluster.admin_url, roles=roles)
+
+
+def scram_matches(verifier: str, password: str) -> bool:
+    """Whether a PostgreSQL SCRAM-SHA-256 verifier (pg_authid.rolpassword) is `password`'s."""
+    method, rest = verifier.split("$", 1)
+    iterations, salt = rest.split("$", 1)[0].split(":")
+    stored_key = rest.split("$", 1)[1].split(":")[0]
+    assert method == "SCRAM-SHA-256"
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(salt), int(iterations)
+    )
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return hashlib.sha256(client_key).digest() == base64.b64decode(stored_key)
+
+
+async def test_database_password_rotation_ends_the_leaked_sessions(
+    service_role: tuple[str, RoleNames],
+) -> None:
+    url, roles = service_role
+    role = roles.for_slice("task")
+    admin = await asyncpg.connect(url)
+    try:
+        verifier = "SELECT rolpassword FROM pg_authid WHERE rolname = $1"
+        assert scram_matches(await admin.fetchval(verifier, role), "old-password-1")
+        leaked = role_url(url, role, "old-password-1")
+        intruder = await asyncpg.connect(leaked)
+        done = mhv(
+            "secrets",
+            "rotate-db-password",
+            "--slice",
+            "task",
+            env={"MHV_DATABASE_URL": url, "MHV_DB_ROLE_PREFIX": roles.prefix},
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"{role}: new password set, 1 session(s) ended" in done.stderr
+        password = done.stdout.strip().removeprefix("MHV_DB_PASSWORD_TASK=")
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await intruder.fetchval("SELECT 1")
+        stored = await admin.fetchval(verifier, role)
+        assert scram_matches(stored, password)
+        assert not scram_matches(stored, "old-password-1")
+        fresh = await asyncpg.connect(role_url(url, role, password))
+        assert await fresh.fetchval("SELECT current_user") == role
+        await fresh.close()
+    finally:
+        await admin.close()
