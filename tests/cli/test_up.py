@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
             "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(free_port()),
             "MHV_WEBHOOK_METRICS_PORT": str(free_port()),
             "MHV_WEBHOOK_HTTPS_PORT": str(free_port()),
+            "MHV_BACKUP_METRICS_PORT": str(free_port()),
         }
     )
     env.update(extra)
@@ -266,7 +268,24 @@ def test_up_without_database_starts_a_private_postgresql(
     stop_stray.append(up)
     up.wait_ready()
     assert "starting a private PostgreSQL" in up.output()
+    # `make run` backs its database up: every commit reaches the repository first.
+    home = tmp_path / "state" / "backup"
+    assert f"backups: WAL streams synchronously into {home}" in up.output()
     _check_running_system(up)
+    check = subprocess.run(
+        [sys.executable, "-m", "mhv_cli.main", "backup", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "ok     receive_wal_running" in check.stdout
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{env['MHV_BACKUP_METRICS_PORT']}/metrics", timeout=30
+    ) as answer:
+        assert "mhv_wal_receiver_streaming 1.0" in answer.read().decode()
     assert up.interrupt() == 0, up.output()[-3000:]
     assert "private PostgreSQL stopped" in up.output()
     # Nothing is left listening.

@@ -155,9 +155,33 @@ CONTRACT: tuple[Metric, ...] = (
 )
 
 
+# The backup exporter (`mhv backup exporter`, docs/dr/backups.md): its own scrape job on the
+# backup host, read by the backup alerts. Not on the service dashboards: the services' live
+# test has no backup host.
+BACKUP = "backup"
+BACKUP_METRICS: tuple[Metric, ...] = tuple(
+    Metric(name, "gauge", {}, (BACKUP,))
+    for name in (
+        "mhv_backup_completed",
+        "mhv_backup_last_success_timestamp_seconds",
+        "mhv_backup_last_size_bytes",
+        "mhv_backup_last_duration_seconds",
+        "mhv_backup_recovery_window_start_timestamp_seconds",
+        "mhv_backup_verification_last_run_timestamp_seconds",
+        "mhv_backup_verification_last_ok",
+        "mhv_backup_verification_last_success_timestamp_seconds",
+        "mhv_wal_receiver_streaming",
+        "mhv_wal_receiver_lag_bytes",
+        "mhv_wal_last_received_timestamp_seconds",
+        "mhv_wal_unarchived_segments",
+        "mhv_wal_archive_errors",
+    )
+)
+
+
 def series_names() -> set[str]:
-    """Every series name the services expose under the contract (besides `up`)."""
-    return set().union(*(m.series_names() for m in CONTRACT))
+    """Every series name the services and the backup exporter expose (besides `up`)."""
+    return set().union(*(m.series_names() for m in (*CONTRACT, *BACKUP_METRICS)))
 
 
 def _label_sets(metric: Metric, service: str) -> Iterator[dict[str, str]]:
@@ -183,7 +207,7 @@ class ContractExporter:
         """The metrics text after `scrapes` steps: counters grow, gauges stay plausible."""
         step = self.scrapes
         lines = []
-        for metric in CONTRACT:
+        for metric in (*CONTRACT, *BACKUP_METRICS):
             if self.service not in metric.services:
                 continue
             lines.append(f"# TYPE {metric.name} {metric.kind}")

@@ -1,7 +1,7 @@
 """The whole path on real processes: exporters -> Prometheus (rules) -> Alertmanager -> receiver.
 
 Three exporters serve the metric contract (tests/observability/contract.py) under the scrape
-job names of the services. A real Prometheus scrapes them every second and evaluates the
+job names of the services, a fourth the backup exporter's metrics. A real Prometheus scrapes them every second and evaluates the
 generated rules; every rule must evaluate without error, every recorded series and every
 dashboard panel query must return data, and the always-firing Watchdog must travel from
 Prometheus through a real Alertmanager to the heartbeat receiver.
@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mhv_tools.gen_dashboards import load_dashboards, panel_queries
+from mhv_tools import gen_rules
 from mhv_tools.gen_rules import JOBS
 from tests.observability.alertmanager import (
     Alertmanager,
@@ -24,7 +25,7 @@ from tests.observability.alertmanager import (
     load_config,
     render_local_config,
 )
-from tests.observability.contract import ContractExporter
+from tests.observability.contract import BACKUP, ContractExporter
 from tests.observability.prometheus import RULE_FILES, Prometheus, scrape_config
 from tests.observability.receivers import HttpSink, SmtpSink, TlsFiles
 from tests.observability.test_dashboards import recorded_names
@@ -37,9 +38,10 @@ def test_rules_and_panels_on_a_real_prometheus_and_the_watchdog_reaches_alertman
     secrets_dir.mkdir()
     tls = TlsFiles.create(tmp_path)
     with ExitStack() as stack:
+        jobs = {**JOBS, BACKUP: gen_rules.load_spec().backups.job}
         exporters = {
             job: stack.enter_context(ContractExporter(service).server())
-            for service, job in JOBS.items()
+            for service, job in jobs.items()
         }
         heartbeat = stack.enter_context(HttpSink())
         other = stack.enter_context(HttpSink())
@@ -72,7 +74,7 @@ def test_rules_and_panels_on_a_real_prometheus_and_the_watchdog_reaches_alertman
             alertmanagers=[f"127.0.0.1:{alertmanager.port}"],
         )
         prometheus = stack.enter_context(Prometheus(config, RULE_FILES, tmp_path / "prometheus"))
-        prometheus.wait_for_targets(set(JOBS.values()))
+        prometheus.wait_for_targets(set(jobs.values()))
 
         # Rates need two scrapes, and the SLO rules read their own 5m rates.
         recorded = recorded_names()

@@ -519,6 +519,8 @@ class Repository:
         The caller owns the process: stop it with `stop_receiver`.
         """
         self.require()
+        # A receiver left over by a process that died without stopping it holds the stream.
+        self.barman("receive-wal", "--stop", self.server, check=False)
         self.barman("receive-wal", "--create-slot", self.server, check=False)
         sink = open(log or self.home / "receive-wal.log", "ab")  # noqa: SIM115 - handed to the child
         try:

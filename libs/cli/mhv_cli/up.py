@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mhv_cli import devstate
+from mhv_cli.backup import PRIMARY_SETTINGS, Connection, Repository, barman_binary
 from mhv_cli.main import issuer, role_names
 from mhv_cli.migrate import migrate_up
 from mhv_common.auth import Role
@@ -197,14 +199,21 @@ async def run_up() -> int:
         )
     state = devstate.DevState(devstate.home())
     cluster = None
+    backups: Backups | None = None
     admin_url = os.environ.get("MHV_DATABASE_URL", "")
     if not admin_url:
         cluster = state.cluster()
+        repo = _backup_repository()
+        if repo is not None:
+            cluster.settings.update(PRIMARY_SETTINGS)
         _say(
             f"MHV_DATABASE_URL is unset: starting a private PostgreSQL on 127.0.0.1:"
             f"{cluster.port} (data in {cluster.root})"
         )
         await asyncio.to_thread(cluster.start)
+        if repo is not None:
+            # Before any write: every commit waits for this receiver.
+            backups = await Backups.start(repo, cluster.url("mahavishnu"))
         await _ensure_database(cluster.url("postgres"), "mahavishnu")
         admin_url = cluster.url("mahavishnu")
     _say(f"database: {redact_dsn(admin_url)}")
@@ -264,10 +273,17 @@ async def run_up() -> int:
         _print_ready(
             settings, task_settings, audit_settings, webhook_settings, token, ca_file=state.grpc_ca
         )
+        if backups is not None:
+            backups.print_ready()
         while not stop.is_set():
             if any(c.process is not None and c.process.returncode is not None for c in children):
                 _say("a service exited; stopping the others")
                 return 1
+            if backups is not None and not backups.alive():
+                _say("the WAL receiver exited (commits would wait for it); stopping")
+                return 1
+            if backups is not None:
+                backups.maintain_when_due()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
         _say("stopping")
@@ -286,9 +302,97 @@ async def run_up() -> int:
             except TimeoutError:
                 child.process.kill()
                 await child.process.wait()
+        if backups is not None:
+            await asyncio.to_thread(backups.stop)
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)
             _say("private PostgreSQL stopped")
+
+
+def _backup_repository() -> Repository | None:
+    """The private cluster's backup repository, unless ``MHV_BACKUP=off`` or Barman is missing."""
+    if os.environ.get("MHV_BACKUP", "on").lower() in ("off", "0", "false", "no"):
+        _say("backups off (MHV_BACKUP=off)")
+        return None
+    try:
+        barman_binary()
+    except ConfigurationError:
+        _say("backups off: Barman is not installed (make backup-tools)")
+        return None
+    return Repository()
+
+
+class Backups:
+    """The local repository's WAL receiver, exporter and periodic maintenance."""
+
+    MAINTENANCE_INTERVAL_SECONDS = 60.0
+
+    def __init__(
+        self,
+        repo: Repository,
+        receiver: subprocess.Popen[bytes],
+        exporter: subprocess.Popen[bytes],
+        port: int,
+    ) -> None:
+        self.repo = repo
+        self.receiver = receiver
+        self.exporter = exporter
+        self.port = port
+        self._maintaining: asyncio.Task[None] | None = None
+        self._next = time.monotonic() + self.MAINTENANCE_INTERVAL_SECONDS
+
+    @classmethod
+    async def start(cls, repo: Repository, url: str) -> Backups:
+        """Create the repository if needed, start the receiver and wait until it streams."""
+        await asyncio.to_thread(repo.init, Connection.from_url(url))
+        receiver = await asyncio.to_thread(repo.start_receiver)
+        try:
+            await asyncio.to_thread(repo.wait_streaming, timeout=120)
+        except BaseException:
+            Repository.stop_receiver(receiver)
+            raise
+        port = int(os.environ.get("MHV_BACKUP_METRICS_PORT", "9104"))
+        # Forked from the event loop's own thread: PR_SET_PDEATHSIG follows the forking thread.
+        exporter = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "mhv_cli.main", "backup", "exporter", "--port", str(port)],
+            env={**os.environ, "MHV_BACKUP_HOME": str(repo.home)},
+            stdout=subprocess.DEVNULL,
+            preexec_fn=_stop_with(os.getpid()),
+        )
+        _say(f"backups: WAL streams synchronously into {repo.home}")
+        return cls(repo, receiver, exporter, port)
+
+    def alive(self) -> bool:
+        """Whether the receiver still runs."""
+        return self.receiver.poll() is None
+
+    def maintain_when_due(self) -> None:
+        """Archive the streamed WAL and apply retention, once a minute, in the background."""
+        if time.monotonic() < self._next or (self._maintaining and not self._maintaining.done()):
+            return
+        self._next = time.monotonic() + self.MAINTENANCE_INTERVAL_SECONDS
+        self._maintaining = asyncio.ensure_future(asyncio.to_thread(self.repo.maintain))
+
+    def print_ready(self) -> None:
+        """What the operator can do with the repository."""
+        lines = [
+            f"Backups: every commit is in {_shown(self.repo.home)} before it is acknowledged.",
+            "  .venv/bin/mhv backup run        # a base backup now (then `list`, `info`)",
+            "  .venv/bin/mhv restore --destination /tmp/restored   # restore into a new folder",
+            f"  backup metrics http://127.0.0.1:{self.port}/metrics",
+            "",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def stop(self) -> None:
+        """Stop the exporter and the receiver (after the services: their last commits)."""
+        self.exporter.terminate()
+        try:
+            self.exporter.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.exporter.kill()
+            self.exporter.wait()
+        Repository.stop_receiver(self.receiver)
 
 
 def _reachable_host(bind_host: str) -> str:
