@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ import asyncpg
 from bench.dr.ledger import Ledger, start_load
 from bench.dr.site import DATABASE, Site, say, wait_until
 from mhv_cli import anchors
-from mhv_cli.backup import folder_bytes, run_backup
+from mhv_cli.backup import folder_bytes
 from mhv_cli.pgcluster import PrivateCluster, free_port
 from mhv_cli.verify import verify_latest
 from tests.seed import bulk_load
@@ -57,15 +58,9 @@ MIB = 2**20
 
 def _mhv(site: Site, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the `mhv` command as an operator would, on this site's repository."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
-    env.update(
-        MHV_BACKUP_HOME=str(site.repo.home),
-        MHV_BACKUP_SERVER=site.repo.server,
-        MHV_AUDIT_ANCHORS_FILE=str(site.anchors),
-    )
     result = subprocess.run(
         [str(Path(sys.executable).with_name("mhv")), *args],
-        env=env,
+        env=site.mhv_env(),
         capture_output=True,
         text=True,
         check=False,
@@ -360,15 +355,26 @@ async def drill(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         ledger = Ledger()
         stop = asyncio.Event()
         load = start_load(site, ledger, stop, clients=args.clients, senders=args.webhook_senders)
-        say("backup under load")
-        backup = await asyncio.to_thread(run_backup, site.repo, anchors_file=site.anchors)
+        say("backup under load (mhv backup run)")
+        done = await asyncio.to_thread(_mhv, site, "backup", "run")
         stop.set()
         await asyncio.gather(*load)
-        rate = backup.database_bytes / MIB / backup.seconds
+        figures = re.search(
+            r"backup (\S+): ([\d.]+) MiB of databases in ([\d.]+) s .* ([\d.]+) MiB stored",
+            done.stdout,
+        )
+        assert figures is not None, done.stdout
+        backup_id, size_mib, seconds = (
+            figures.group(1),
+            float(figures.group(2)),
+            float(figures.group(3)),
+        )
+        rate = size_mib / seconds
         result["backup"] = {
-            "seconds": round(backup.seconds, 2),
-            "database_bytes": backup.database_bytes,
-            "stored_bytes": backup.backup.size_bytes,
+            "backup_id": backup_id,
+            "seconds": seconds,
+            "database_bytes": int(size_mib * MIB),
+            "stored_bytes": int(float(figures.group(4)) * MIB),
             "mib_per_s": round(rate, 1),
             "disk_copy_mib_per_s": round(floor, 1),
             "ratio_to_disk_copy": round(rate / floor, 3) if floor else None,

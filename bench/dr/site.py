@@ -132,16 +132,39 @@ class Site:
         finally:
             await conn.close()
 
+    def mhv_env(self) -> dict[str, str]:
+        """The environment an operator of this site runs `mhv` with."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
+        env.update(
+            MHV_BACKUP_HOME=str(self.repo.home),
+            MHV_BACKUP_SERVER=self.repo.server,
+            MHV_AUDIT_ANCHORS_FILE=str(self.anchors),
+        )
+        return env
+
     async def start_receiver(self) -> None:
-        """Start the WAL receiver and wait until it is the synchronous standby."""
-        self.receiver = self.repo.start_receiver(log=self.root / "receive-wal.log")
-        await asyncio.to_thread(self.repo.wait_streaming, timeout=60)
+        """Start `mhv backup receive` and wait until the primary streams to it synchronously."""
+        with (self.root / "receive.log").open("ab") as log:
+            self.receiver = subprocess.Popen(
+                [str(Path(sys.executable).with_name("mhv")), "backup", "receive"],
+                env=self.mhv_env(),
+                stdout=log,
+                stderr=log,
+            )
+        await asyncio.to_thread(self.repo.wait_streaming, timeout=120)
 
     def stop_receiver(self) -> None:
-        """Stop the WAL receiver."""
-        if self.receiver is not None:
-            Repository.stop_receiver(self.receiver)
-            self.receiver = None
+        """Stop `mhv backup receive` (SIGTERM: it stops its pg_receivewal)."""
+        if self.receiver is None:
+            return
+        self.receiver.terminate()
+        try:
+            self.receiver.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.receiver.kill()
+            self.receiver.wait()
+            self.repo.barman("receive-wal", "--stop", self.repo.server, check=False)
+        self.receiver = None
 
     def kill_primary(self) -> None:
         """SIGKILL the postmaster, then delete its data folder: the primary's disk is gone."""

@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import json
+import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -179,3 +183,60 @@ async def test_corrupted_index_page_is_found_by_checksums_and_amcheck(tmp_path: 
         assert any("t_pkey" in line for line in found.detail["corruption"]), found.detail
     finally:
         await asyncio.to_thread(cluster.stop, mode="immediate")
+
+
+def _mhv(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("mhv")), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_mhv_audit_anchor_and_verify(seeded: str, tmp_path: Path) -> None:
+    anchors_file = tmp_path / "anchors.jsonl"
+    recorded = await asyncio.to_thread(
+        _mhv, "audit", "anchor", "--database-url", seeded, "--file", str(anchors_file)
+    )
+    assert recorded.returncode == 0, recorded.stderr
+    (anchor,) = anchors.load(anchors_file)
+    assert anchor.head_id == 4
+    assert recorded.stdout.strip().endswith(f"head 4 {anchor.head_hash}")
+    verified = await asyncio.to_thread(
+        _mhv, "audit", "verify", "--database-url", seeded, "--file", str(anchors_file)
+    )
+    assert verified.returncode == 0, verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["ok"] and report["rows_checked"] == 4 and report["anchors_checked"] == 1
+
+    # The last row's hash and the head rewritten: the anchor no longer matches.
+    conn = await asyncpg.connect(seeded)
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL session_replication_role = replica")
+            await conn.execute(
+                "UPDATE audit.task_audit_log SET hash = sha256(hash) WHERE id = 4;"
+                "UPDATE audit.chain_head SET last_hash = (SELECT hash FROM audit.task_audit_log"
+                " WHERE id = 4)"
+            )
+    finally:
+        await conn.close()
+    refused = await asyncio.to_thread(
+        _mhv, "audit", "verify", "--database-url", seeded, "--file", str(anchors_file)
+    )
+    assert refused.returncode == 1
+    assert "[MHV-400]" in refused.stderr
+    report = json.loads(refused.stdout)
+    assert [a["head_id"] for a in report["anchors_mismatched"]] == [4]
+    assert report["first_break"]["row_id"] == 4
+    # A broken chain gets no anchor: anchoring it would bless the tampering.
+    again = await asyncio.to_thread(
+        _mhv, "audit", "anchor", "--database-url", seeded, "--file", str(anchors_file)
+    )
+    assert again.returncode == 1
+    assert "[MHV-400]" in again.stderr and "no anchor recorded" in again.stderr
+    assert len(anchors.load(anchors_file)) == 1
