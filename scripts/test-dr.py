@@ -9,8 +9,12 @@ operator_error, audit_integrity. See bench/dr/drill.py and docs/runbooks/disaste
 the full drill's figures are in docs/dr/drill-results.md. Exits 1 when a check fails.
 """
 
+import os
 import sys
 from pathlib import Path
+
+# gRPC logs a line each time the drill starts a process while its channels are open.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # The drill drives the services with the test suite's harness (tests/harness.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

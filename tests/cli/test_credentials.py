@@ -11,7 +11,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -19,6 +19,7 @@ import pytest
 
 from mhv_cli.credentials import rotated
 from mhv_cli.devstate import DevState, role_url
+from mhv_cli.main import main
 from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
 from mhv_common.auth import TokenIssuer, TokenVerifier
 from mhv_common.errors import AuthenticationError
@@ -27,6 +28,7 @@ from tests.harness import Cluster, with_database
 
 
 def mhv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`mhv` as its own process, as an operator runs it."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
     return subprocess.run(
         [str(Path(sys.executable).with_name("mhv")), *args],
@@ -38,24 +40,45 @@ def mhv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def test_signing_key_rotation_revokes_the_compromised_key(tmp_path: Path) -> None:
+@pytest.fixture
+def cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`mhv` in this process: its whole command line code, without a process start."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        for name in [k for k in os.environ if k.startswith("MHV_")]:
+            monkeypatch.delenv(name)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
+def test_signing_key_rotation_revokes_the_compromised_key(
+    tmp_path: Path, cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     jwks = tmp_path / "jwks.json"
     old_key, new_key = tmp_path / "admin-1.pem", tmp_path / "admin-2.pem"
     for kid, path in (("admin-1", old_key), ("admin-2", new_key)):
-        made = mhv("keys", "generate", "--kid", kid, "--private-key", str(path))
+        made = cli("keys", "generate", "--kid", kid, "--private-key", str(path))
         assert made.returncode == 0, made.stderr
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         (tmp_path / f"{kid}.jwk").write_text(made.stdout)
         assert json.loads(made.stdout)["kid"] == kid
     assert (
-        mhv("keys", "jwks", "--file", str(jwks), "--add", str(tmp_path / "admin-1.jwk")).returncode
+        cli("keys", "jwks", "--file", str(jwks), "--add", str(tmp_path / "admin-1.jwk")).returncode
         == 0
     )
     old_token = TokenIssuer.from_file(old_key, key_id="admin-1").issue(subject="u", roles=["admin"])
     assert TokenVerifier(json.loads(jwks.read_text())).verify(old_token)
 
     # The compromise: add the new key and remove the old one in one step.
-    done = mhv(
+    done = cli(
         "keys",
         "jwks",
         "--file",
@@ -74,10 +97,10 @@ def test_signing_key_rotation_revokes_the_compromised_key(tmp_path: Path) -> Non
         verifier.verify(old_token)
 
     # A key is never overwritten, and a JWKS is never left empty.
-    again = mhv("keys", "generate", "--kid", "admin-2", "--private-key", str(new_key))
+    again = cli("keys", "generate", "--kid", "admin-2", "--private-key", str(new_key))
     assert again.returncode == 1
     assert "is never overwritten" in again.stderr
-    empty = mhv("keys", "jwks", "--file", str(jwks), "--remove", "admin-2")
+    empty = cli("keys", "jwks", "--file", str(jwks), "--remove", "admin-2")
     assert empty.returncode == 1
     assert "[MHV-001]" in empty.stderr
 
@@ -100,17 +123,19 @@ def test_webhook_secret_rotation_overlaps_then_retires_the_old_secret() -> None:
     assert parse_secrets("generic", generic)[0].signing_key
 
 
-def test_rotate_webhook_secret_of_the_local_deployment(tmp_path: Path) -> None:
+def test_rotate_webhook_secret_of_the_local_deployment(
+    tmp_path: Path, cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     state = DevState(tmp_path)
     before = state.secrets()["webhook_secrets"]["github"]
-    done = mhv("secrets", "rotate-webhook", "--source", "github", env={"MHV_HOME": str(tmp_path)})
+    done = cli("secrets", "rotate-webhook", "--source", "github", env={"MHV_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     after = state.secrets()["webhook_secrets"]["github"]
     newest = done.stdout.splitlines()[-1]
     assert after.startswith(newest + ";id=k")
     assert f", {before};expires=" in after
     assert [e.key for e in parse_secrets("github", after)] == [newest.encode(), before.encode()]
-    printed = mhv(
+    printed = cli(
         "secrets",
         "rotate-webhook",
         "--source",

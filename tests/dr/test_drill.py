@@ -15,12 +15,14 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mhv_cli.main import main
 from mhv_cli.pgcluster import free_port
 from tests.harness import ROOT, Cluster
 
@@ -72,18 +74,32 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Drill:
     return Drill(output, root / "site")
 
 
-def mhv(drill: Drill, *args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
-    env["MHV_BACKUP_HOME"] = str(home or drill.home)
-    env["MHV_BACKUP_SERVER"] = "mahavishnu"
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("mhv")), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+@dataclass
+class Ran:
+    """The outcome of one `mhv` command."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def mhv(
+    drill: Drill, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Ran]:
+    """Run `mhv` in this process (its whole command line code, without a process start)."""
+
+    def run(*args: str, home: Path | None = None) -> Ran:
+        for name in [k for k in os.environ if k.startswith("MHV_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("MHV_BACKUP_HOME", str(home or drill.home))
+        monkeypatch.setenv("MHV_BACKUP_SERVER", "mahavishnu")
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
 
 
 def test_primary_lost_under_load_loses_no_acknowledged_write(drill: Drill) -> None:
@@ -134,13 +150,13 @@ def test_backup_verification_passes_every_check(drill: Drill) -> None:
     assert report["restore_point"].startswith("mhv-mark-")
 
 
-def test_backup_list_and_info(drill: Drill) -> None:
-    listed = mhv(drill, "backup", "list", "--json")
+def test_backup_list_and_info(mhv: Callable[..., Ran]) -> None:
+    listed = mhv("backup", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     backups = json.loads(listed.stdout)
     assert [b["status"] for b in backups] == ["DONE"]
     assert backups[0]["keep"] == "standalone"
-    info = mhv(drill, "backup", "info", "latest", "--json")
+    info = mhv("backup", "info", "latest", "--json")
     assert info.returncode == 0, info.stderr
     facts = json.loads(info.stdout)
     window = facts["recovery_window"]
@@ -150,9 +166,9 @@ def test_backup_list_and_info(drill: Drill) -> None:
 
 
 def test_restore_to_a_mark_shows_progress_and_makes_a_side_cluster(
-    drill: Drill, tmp_path: Path
+    mhv: Callable[..., Ran], tmp_path: Path
 ) -> None:
-    backup = json.loads(mhv(drill, "backup", "list", "--json").stdout)[0]["backup_id"]
+    backup = json.loads(mhv("backup", "list", "--json").stdout)[0]["backup_id"]
     destination = tmp_path / "side"
     done = mhv(
         drill, "restore", "--destination", str(destination), "--target-name", f"mhv-mark-{backup}"
@@ -169,7 +185,7 @@ def test_restore_to_a_mark_shows_progress_and_makes_a_side_cluster(
     assert "synchronous_standby_names = ''" in config
 
 
-def _refusal(result: subprocess.CompletedProcess[str], code: str) -> str:
+def _refusal(result: Ran, code: str) -> str:
     assert result.returncode == 1, result.stdout + result.stderr
     first = result.stderr.splitlines()[0]
     assert first.startswith(f"error: [{code}] "), result.stderr
@@ -177,21 +193,21 @@ def _refusal(result: subprocess.CompletedProcess[str], code: str) -> str:
     return result.stderr
 
 
-def test_restore_never_writes_over_data(drill: Drill, tmp_path: Path) -> None:
+def test_restore_never_writes_over_data(mhv: Callable[..., Ran], tmp_path: Path) -> None:
     used = tmp_path / "used"
     used.mkdir()
     (used / "PG_VERSION").write_text("16\n")
     (used / "postmaster.pid").write_text(f"{os.getpid()}\n{used}\n")
-    text = _refusal(mhv(drill, "restore", "--destination", str(used)), "MHV-053")
+    text = _refusal(mhv("restore", "--destination", str(used)), "MHV-053")
     assert f"a PostgreSQL server (pid {os.getpid()}) runs on it" in text
     assert "never restore over a running cluster" in text
     (used / "postmaster.pid").unlink()
-    text = _refusal(mhv(drill, "restore", "--destination", str(used)), "MHV-053")
+    text = _refusal(mhv("restore", "--destination", str(used)), "MHV-053")
     assert "is not empty (PG_VERSION)" in text
     assert (used / "PG_VERSION").read_text() == "16\n"
 
 
-def test_restore_refuses_a_time_outside_the_window(drill: Drill, tmp_path: Path) -> None:
+def test_restore_refuses_a_time_outside_the_window(mhv: Callable[..., Ran], tmp_path: Path) -> None:
     destination = str(tmp_path / "new")
     text = _refusal(
         mhv(
@@ -207,22 +223,24 @@ def test_restore_refuses_a_time_outside_the_window(drill: Drill, tmp_path: Path)
     assert "is outside the recoverable window" in text
     assert "mhv backup info" in text
     text = _refusal(
-        mhv(drill, "restore", "--destination", destination, "--target-time", "2001-01-01T00:00"),
+        mhv("restore", "--destination", destination, "--target-time", "2001-01-01T00:00"),
         "MHV-052",
     )
     assert "has no UTC offset" in text
     assert not Path(destination).exists()
 
 
-def test_no_repository_is_a_clear_error(drill: Drill, tmp_path: Path) -> None:
-    text = _refusal(mhv(drill, "backup", "list", home=tmp_path / "nothing"), "MHV-050")
+def test_no_repository_is_a_clear_error(mhv: Callable[..., Ran], tmp_path: Path) -> None:
+    text = _refusal(mhv("backup", "list", home=tmp_path / "nothing"), "MHV-050")
     assert f"No backup repository in {tmp_path / 'nothing'}" in text
     assert "mhv backup init" in text
 
 
-def test_a_repository_refuses_another_cluster(drill: Drill, cluster: Cluster) -> None:
+def test_a_repository_refuses_another_cluster(
+    drill: Drill, mhv: Callable[..., Ran], cluster: Cluster
+) -> None:
     before = (drill.home / "barman.conf").read_text()
-    text = _refusal(mhv(drill, "backup", "init", "--database-url", cluster.admin_url), "MHV-051")
+    text = _refusal(mhv("backup", "init", "--database-url", cluster.admin_url), "MHV-051")
     assert "backs up the cluster with system identifier" in text
     # Nothing of the repository was rewritten.
     assert (drill.home / "barman.conf").read_text() == before

@@ -13,8 +13,6 @@ import datetime as dt
 import json
 import os
 import secrets
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import asyncpg
 import pytest
 
 from mhv_cli import anchors
+from mhv_cli.main import main
 from mhv_cli.marks import Mark, count_rows, tables
 from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
 from mhv_cli.pgcluster import PrivateCluster, contrib_bin_dir, free_port
@@ -185,58 +184,56 @@ async def test_corrupted_index_page_is_found_by_checksums_and_amcheck(tmp_path: 
         await asyncio.to_thread(cluster.stop, mode="immediate")
 
 
-def _mhv(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MHV_")}
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("mhv")), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-async def test_mhv_audit_anchor_and_verify(seeded: str, tmp_path: Path) -> None:
+def test_mhv_audit_anchor_and_verify(
+    seeded: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in [k for k in os.environ if k.startswith("MHV_")]:
+        monkeypatch.delenv(name)
     anchors_file = tmp_path / "anchors.jsonl"
-    recorded = await asyncio.to_thread(
-        _mhv, "audit", "anchor", "--database-url", seeded, "--file", str(anchors_file)
-    )
-    assert recorded.returncode == 0, recorded.stderr
+    target = ["--database-url", seeded, "--file", str(anchors_file)]
+
+    def mhv(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main([*args, *target])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = mhv("audit", "anchor")
+    assert code == 0, err
     (anchor,) = anchors.load(anchors_file)
     assert anchor.head_id == 4
-    assert recorded.stdout.strip().endswith(f"head 4 {anchor.head_hash}")
-    verified = await asyncio.to_thread(
-        _mhv, "audit", "verify", "--database-url", seeded, "--file", str(anchors_file)
-    )
-    assert verified.returncode == 0, verified.stderr
-    report = json.loads(verified.stdout)
+    assert out.strip().endswith(f"head 4 {anchor.head_hash}")
+    code, out, err = mhv("audit", "verify")
+    assert code == 0, err
+    report = json.loads(out)
     assert report["ok"] and report["rows_checked"] == 4 and report["anchors_checked"] == 1
 
-    # The last row's hash and the head rewritten: the anchor no longer matches.
-    conn = await asyncpg.connect(seeded)
-    try:
-        async with conn.transaction():
-            await conn.execute("SET LOCAL session_replication_role = replica")
-            await conn.execute(
-                "UPDATE audit.task_audit_log SET hash = sha256(hash) WHERE id = 4;"
-                "UPDATE audit.chain_head SET last_hash = (SELECT hash FROM audit.task_audit_log"
-                " WHERE id = 4)"
-            )
-    finally:
-        await conn.close()
-    refused = await asyncio.to_thread(
-        _mhv, "audit", "verify", "--database-url", seeded, "--file", str(anchors_file)
-    )
-    assert refused.returncode == 1
-    assert "[MHV-400]" in refused.stderr
-    report = json.loads(refused.stdout)
+    async def tamper() -> None:
+        # The last row's hash and the head rewritten: the anchor no longer matches.
+        conn = await asyncpg.connect(seeded)
+        try:
+            async with conn.transaction():
+                await conn.execute("SET LOCAL session_replication_role = replica")
+                await conn.execute(
+                    "UPDATE audit.task_audit_log SET hash = sha256(hash) WHERE id = 4;"
+                    "UPDATE audit.chain_head SET last_hash = (SELECT hash"
+                    " FROM audit.task_audit_log WHERE id = 4)"
+                )
+        finally:
+            await conn.close()
+
+    asyncio.run(tamper())
+    code, out, err = mhv("audit", "verify")
+    assert code == 1
+    assert "[MHV-400]" in err
+    report = json.loads(out)
     assert [a["head_id"] for a in report["anchors_mismatched"]] == [4]
     assert report["first_break"]["row_id"] == 4
     # A broken chain gets no anchor: anchoring it would bless the tampering.
-    again = await asyncio.to_thread(
-        _mhv, "audit", "anchor", "--database-url", seeded, "--file", str(anchors_file)
-    )
-    assert again.returncode == 1
-    assert "[MHV-400]" in again.stderr and "no anchor recorded" in again.stderr
+    code, out, err = mhv("audit", "anchor")
+    assert code == 1
+    assert "[MHV-400]" in err and "no anchor recorded" in err
     assert len(anchors.load(anchors_file)) == 1

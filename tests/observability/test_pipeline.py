@@ -1,10 +1,10 @@
 """The whole path on real processes: exporters -> Prometheus (rules) -> Alertmanager -> receiver.
 
 Three exporters serve the metric contract (tests/observability/contract.py) under the scrape
-job names of the services, a fourth the backup exporter's metrics. A real Prometheus scrapes them every second and evaluates the
-generated rules; every rule must evaluate without error, every recorded series and every
-dashboard panel query must return data, and the always-firing Watchdog must travel from
-Prometheus through a real Alertmanager to the heartbeat receiver.
+job names of the services, a fourth the backup exporter's metrics. A real Prometheus scrapes
+them every second and evaluates the generated rules; every rule must evaluate without error,
+every recorded series and every dashboard panel query must return data, and the always-firing
+Watchdog must travel from Prometheus through a real Alertmanager to the heartbeat receiver.
 
 The same `Prometheus` fixture and `panel_queries` serve the test against the running services,
 which drives real traffic instead of the exporters.
@@ -16,8 +16,8 @@ import secrets
 from contextlib import ExitStack
 from pathlib import Path
 
-from mhv_tools.gen_dashboards import load_dashboards, panel_queries
 from mhv_tools import gen_rules
+from mhv_tools.gen_dashboards import load_dashboards, panel_queries
 from mhv_tools.gen_rules import JOBS
 from tests.observability.alertmanager import (
     Alertmanager,

@@ -404,7 +404,8 @@ MUTATIONS = {
     ),
     "verification judged by its last success only": Mutation(
         "backup_alerts.yml",
-        'max by (job) (mhv_backup_verification_last_ok{job="mahavishnu-backup"}) == 0\n      or\n      ',
+        'max by (job) (mhv_backup_verification_last_ok{job="mahavishnu-backup"}) == 0'
+        "\n      or\n      ",
         "",
         "backup_alerts_test.yml",
         "BackupVerificationFailed: a failed verification fires after 5 minutes",

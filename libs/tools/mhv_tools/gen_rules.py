@@ -594,11 +594,17 @@ def backup_alerts(spec: Spec) -> dict[str, Any]:
         ),
         alert(
             "WalArchivingFailing",
-            f"max by (job) (mhv_wal_receiver_streaming{{{job}}}) == 0\n"
-            f"or\nmax by (job) (mhv_wal_receiver_lag_bytes{{{job}}}) > {b.max_receiver_lag_bytes}\n"
-            f"or\nmax by (job) (mhv_wal_unarchived_segments{{{job}}}) > {b.max_unarchived_segments}\n"
-            f"or\nmax by (job) (mhv_wal_archive_errors{{{job}}}) > 0\n"
-            f"or\nabsent(mhv_wal_receiver_streaming{{{job}}})",
+            "\nor\n".join(
+                [
+                    f"max by (job) (mhv_wal_receiver_streaming{{{job}}}) == 0",
+                    f"max by (job) (mhv_wal_receiver_lag_bytes{{{job}}})"
+                    f" > {b.max_receiver_lag_bytes}",
+                    f"max by (job) (mhv_wal_unarchived_segments{{{job}}})"
+                    f" > {b.max_unarchived_segments}",
+                    f"max by (job) (mhv_wal_archive_errors{{{job}}}) > 0",
+                    f"absent(mhv_wal_receiver_streaming{{{job}}})",
+                ]
+            ),
             for_="5m",
             severity="page",
             summary="WAL is not reaching the backup repository",
