@@ -13,7 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-# gRPC logs a line each time the drill starts a process while its channels are open.
+# The drill starts processes (services, mhv, PostgreSQL) while its own gRPC channels run; gRPC's
+# fork handlers would then run in the child between fork and exec, where they can deadlock on a
+# lock another thread held, and log a line for every process started.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # The drill drives the services with the test suite's harness (tests/harness.py).

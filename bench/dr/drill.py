@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -423,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--root", help="work in this (empty) folder and keep it")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the site stops its services, receiver and PostgreSQL.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="mhv-dr-"))
     root.mkdir(parents=True, exist_ok=True)
     try:

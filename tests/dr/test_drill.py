@@ -26,7 +26,8 @@ from mhv_cli.main import main
 from mhv_cli.pgcluster import free_port
 from tests.harness import ROOT, Cluster
 
-pytestmark = pytest.mark.slow
+# The drill runs once for the module (its fixture), longer than one test may take.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Drill:
 @pytest.fixture(scope="module")
 def drill(tmp_path_factory: pytest.TempPathFactory) -> Drill:
     root = tmp_path_factory.mktemp("dr")
-    result = subprocess.run(
+    process = subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "scripts" / "test-dr.py"),
@@ -63,11 +64,18 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Drill:
             "--root",
             str(root / "site"),
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
-        check=False,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=540)
+    finally:
+        if process.poll() is None:
+            # SIGTERM: the drill stops its services, receiver and PostgreSQL before it exits.
+            process.terminate()
+            process.communicate(timeout=60)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.stdout.strip(), result.stderr[-5000:]
     output = json.loads(result.stdout)
     assert result.returncode == (0 if output["ok"] else 1)
@@ -170,9 +178,7 @@ def test_restore_to_a_mark_shows_progress_and_makes_a_side_cluster(
 ) -> None:
     backup = json.loads(mhv("backup", "list", "--json").stdout)[0]["backup_id"]
     destination = tmp_path / "side"
-    done = mhv(
-        drill, "restore", "--destination", str(destination), "--target-name", f"mhv-mark-{backup}"
-    )
+    done = mhv("restore", "--destination", str(destination), "--target-name", f"mhv-mark-{backup}")
     assert done.returncode == 0, done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("restore:")]
     assert any("%" in line for line in progress), done.stderr
@@ -211,7 +217,6 @@ def test_restore_refuses_a_time_outside_the_window(mhv: Callable[..., Ran], tmp_
     destination = str(tmp_path / "new")
     text = _refusal(
         mhv(
-            drill,
             "restore",
             "--destination",
             destination,

@@ -825,19 +825,20 @@ def stream_lines(
     command: Sequence[str], *, env: dict[str, str], on_line: Callable[[str], None], timeout: float
 ) -> tuple[int, str]:
     """Run `command`, handing each output line to `on_line`; return (exit code, all output)."""
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert process.stdout is not None
     lines = []
     deadline = time.monotonic() + timeout
-    for line in process.stdout:
-        lines.append(line)
-        on_line(line.rstrip())
-        if time.monotonic() > deadline:
-            process.kill()
-            break
-    return process.wait(), "".join(lines)
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            on_line(line.rstrip())
+            if time.monotonic() > deadline:
+                process.kill()
+                break
+        code = process.wait()
+    return code, "".join(lines)
 
 
 __all__ = [

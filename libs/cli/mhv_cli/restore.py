@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ _PHASES = (
     "Doing PITR",
     "Target",
 )
+
+
+_ATTEMPTS = 3
+
+
+def _completed_meanwhile(output: str) -> bool:
+    return "No such file or directory" in output and "/streaming/" in output
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,17 +193,26 @@ def restore(
     def sample() -> tuple[int, str]:
         return folder_bytes(destination) + folder_bytes(repo.staging), ""
 
-    try:
-        with watch(progress, sample):
-            code, output = stream_lines(
-                repo.command(*args, repo.server, backup.backup_id, str(destination)),
-                env=repo.env(),
-                on_line=on_line,
-                timeout=6 * 3600,
-            )
-    finally:
-        repo._stop_gpg_agent()
-    if code != 0 or "ERROR" in output:
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            with watch(progress, sample):
+                code, output = stream_lines(
+                    repo.command(*args, repo.server, backup.backup_id, str(destination)),
+                    env=repo.env(),
+                    on_line=on_line,
+                    timeout=6 * 3600,
+                )
+        finally:
+            repo._stop_gpg_agent()
+        if code == 0:
+            break
+        if attempt < _ATTEMPTS and _completed_meanwhile(output):
+            # The receiver keeps streaming while a point-in-time restore copies its partial
+            # segment; one it completed (and renamed) between Barman's listing and its copy is
+            # gone by that name. The next listing has it under its final name.
+            progress.say("a WAL segment was completed while being copied: restoring again")
+            shutil.rmtree(destination, ignore_errors=True)
+            continue
         lines = [line for line in output.splitlines() if line.strip()]
         raise BackupFailedError(f"barman restore failed: {' / '.join(lines[-4:])}")
     _own(destination)
