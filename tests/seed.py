@@ -13,15 +13,53 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 
 import asyncpg
 
 from mhv_audit import ChainedEvent, NewEvent, canonical_json, link
 from mhv_audit._chain import to_micros
+from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
+from tests.harness import with_database
 
 SERVICE_SCHEMAS = ("task", "audit", "webhook")
+
+
+async def _admin(admin_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def scratch_database(
+    admin_url: str, prefix: str, *, seed: bool = False, passwords: dict[str, str] | None = None
+) -> AsyncIterator[tuple[str, RoleNames]]:
+    """A new database with its own roles, migrated (and seeded), dropped afterwards.
+
+    Yields its administrator URL and role names.
+    """
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    roles = RoleNames(name)
+    await _admin(admin_url, f'CREATE DATABASE "{name}"')
+    url = with_database(admin_url, name)
+    try:
+        await migrate_up(url, roles=roles, passwords=passwords)
+        if seed:
+            conn = await asyncpg.connect(url)
+            try:
+                await seed_every_table(conn)
+            finally:
+                await conn.close()
+        yield url, roles
+    finally:
+        await _admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await drop_roles(admin_url, roles=roles)
 
 
 def task_created(task_id: int, user_id: str, title: str, occurred: dt.datetime) -> NewEvent:

@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +19,12 @@ import pytest
 from mhv_cli.credentials import rotated
 from mhv_cli.devstate import DevState, role_url
 from mhv_cli.main import main
-from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
+from mhv_cli.migrate import RoleNames
 from mhv_common.auth import TokenIssuer, TokenVerifier
 from mhv_common.errors import AuthenticationError
 from mhv_webhook._secrets import parse_secrets
-from tests.harness import Cluster, with_database
+from tests.harness import Cluster
+from tests.seed import scratch_database
 
 
 def mhv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -153,18 +153,9 @@ def test_rotate_webhook_secret_of_the_local_deployment(
 
 @pytest.fixture
 async def service_role(cluster: Cluster) -> AsyncIterator[tuple[str, RoleNames]]:
-    name = f"mhvcred_{secrets.token_hex(4)}"
-    roles = RoleNames(name)
-    conn = await asyncpg.connect(cluster.admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = with_database(cluster.admin_url, name)
-    await migrate_up(url, roles=roles, passwords={"task": "old-password-1"})
-    yield url, roles
-    conn = await asyncpg.connect(cluster.admin_url)
-    await conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await conn.close()
-    await drop_roles(cluster.admin_url, roles=roles)
+    passwords = {"task": "old-password-1"}
+    async with scratch_database(cluster.admin_url, "mhvcred", passwords=passwords) as created:
+        yield created
 
 
 def scram_matches(verifier: str, password: str) -> bool:

@@ -27,14 +27,13 @@ from mhv_cli.migrate import (
     Migration,
     RoleNames,
     discover,
-    drop_roles,
     migrate_down,
     migrate_up,
     rows_lost,
 )
 from mhv_common.errors import MigrationWouldLoseDataError
 from tests.harness import Cluster, with_database
-from tests.seed import SERVICE_SCHEMAS, empty_tables, seed_every_table
+from tests.seed import SERVICE_SCHEMAS, empty_tables, scratch_database
 
 Snapshot = dict[str, dict[str, str]]
 
@@ -136,23 +135,15 @@ def steps_of(m: Migration) -> list[Migration]:
 
 @pytest.fixture(scope="module")
 async def seeded(cluster: Cluster) -> AsyncIterator[Seeded]:
-    template = f"mhvseed_{secrets.token_hex(4)}"
-    roles = RoleNames(template)
-    await _admin(cluster, f'CREATE DATABASE "{template}"')
-    url = with_database(cluster.admin_url, template)
-    try:
-        await migrate_up(url, roles=roles)
+    async with scratch_database(cluster.admin_url, "mhvseed", seed=True) as (url, roles):
         conn = await asyncpg.connect(url)
         try:
-            await seed_every_table(conn)
             empty = await empty_tables(conn)
         finally:
             await conn.close()
         assert not empty, f"tables with no seed rows (add some to tests/seed.py): {empty}"
+        template = url.rsplit("/", 1)[1]
         yield Seeded(cluster, template, roles, await snapshot(url))
-    finally:
-        await _admin(cluster, f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
-        await drop_roles(cluster.admin_url, roles=roles)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +22,6 @@ import pytest
 from mhv_cli import anchors
 from mhv_cli.main import main
 from mhv_cli.marks import Mark, count_rows, tables
-from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
 from mhv_cli.pgcluster import PrivateCluster, contrib_bin_dir, free_port
 from mhv_cli.verify import (
     check_anchors,
@@ -34,35 +32,14 @@ from mhv_cli.verify import (
     check_page_checksums,
     check_row_counts,
 )
-from tests.harness import Cluster, with_database
-from tests.seed import seed_every_table
-
-
-async def _admin(cluster: Cluster, sql: str) -> None:
-    conn = await asyncpg.connect(cluster.admin_url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+from tests.harness import Cluster
+from tests.seed import scratch_database
 
 
 @pytest.fixture
 async def seeded(cluster: Cluster) -> AsyncIterator[str]:
-    name = f"mhvverify_{secrets.token_hex(4)}"
-    roles = RoleNames(name)
-    await _admin(cluster, f'CREATE DATABASE "{name}"')
-    url = with_database(cluster.admin_url, name)
-    try:
-        await migrate_up(url, roles=roles)
-        conn = await asyncpg.connect(url)
-        try:
-            await seed_every_table(conn)
-        finally:
-            await conn.close()
+    async with scratch_database(cluster.admin_url, "mhvverify", seed=True) as (url, _roles):
         yield url
-    finally:
-        await _admin(cluster, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await drop_roles(cluster.admin_url, roles=roles)
 
 
 async def _mark(conn: asyncpg.Connection) -> Mark:

@@ -23,14 +23,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from mhv_audit import AuditLog, AuditStore, Verification
-from mhv_common.db import Database
 from mhv_common.errors import AuditChainBrokenError
+
+if TYPE_CHECKING:
+    from mhv_audit import Verification
 
 
 def default_file() -> Path:
@@ -97,6 +98,10 @@ async def verify_chain(url: str) -> Verification:
 
     `url` is an administrator's (or the audit role's) URL of the application database.
     """
+    # Imported here: every `mhv` command would otherwise load the audit service (and gRPC).
+    from mhv_audit import AuditLog, AuditStore
+    from mhv_common.db import Database
+
     db = Database(_audit_dsn(url), name="audit-verify", min_size=1, max_size=2)
     await db.open()
     try:
