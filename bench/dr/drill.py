@@ -391,8 +391,10 @@ async def drill(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         lost["restore_ratio_to_disk_copy"] = (
             round(lost["restore_mib_per_s"] / floor, 3) if floor else None
         )
+        say(f"primary_lost: {json.dumps(lost)}")
         say("scenario audit_integrity")
         audit = await audit_integrity(site, ledger, loss)
+        say(f"audit_integrity: {json.dumps(audit)}")
         say("scenario operator_error")
         mistake = await operator_error(site, root)
         say("done")
