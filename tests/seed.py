@@ -21,8 +21,8 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from mhv_audit import ChainedEvent, NewEvent, canonical_json, link
-from mhv_audit._chain import to_micros
 from mhv_cli.migrate import RoleNames, drop_roles, migrate_up
+from mhv_common.timestamps import to_micros
 from tests.harness import with_database
 
 SERVICE_SCHEMAS = ("task", "audit", "webhook")
@@ -194,6 +194,16 @@ async def seed_every_table(conn: asyncpg.Connection) -> None:
             now,
             now if index < 4 else None,
         )
+    if await conn.fetchval("SELECT to_regclass('task.task_embeddings') IS NOT NULL"):
+        # Semantic search's tables, where the server offers pgvector (the backlog fills itself
+        # from the tasks' insert trigger).
+        for task_id, _user in tasks[:2]:
+            await conn.execute(
+                "INSERT INTO task.task_embeddings (task_id, model, dimensions, embedding,"
+                " content_sha256) VALUES ($1, 'seed-model', 3, '[0.1,0.2,0.3]'::task.vector,"
+                " sha256('seed'::bytea))",
+                task_id,
+            )
     deliveries = [uuid.uuid4() for _ in range(4)]
     for index, delivery in enumerate(deliveries):
         await conn.execute(

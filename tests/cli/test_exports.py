@@ -5,7 +5,20 @@ from __future__ import annotations
 import mhv_cli
 from tests.exports import assert_module_surface
 
-EXPECTED = {"devstate", "entrypoint", "main", "migrate", "pgcluster", "up"}
+EXPECTED = {
+    "anchors",
+    "backup",
+    "credentials",
+    "devstate",
+    "entrypoint",
+    "main",
+    "marks",
+    "migrate",
+    "pgcluster",
+    "restore",
+    "up",
+    "verify",
+}
 
 
 def test_exports() -> None:

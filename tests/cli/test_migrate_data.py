@@ -27,6 +27,7 @@ from mhv_cli.migrate import (
     Migration,
     RoleNames,
     discover,
+    held_back,
     migrate_down,
     migrate_up,
     rows_lost,
@@ -124,12 +125,13 @@ def reverted_by(m: Migration) -> list[tuple[str, int]]:
     return [(m.slice, m.version - 1)]
 
 
-def steps_of(m: Migration) -> list[Migration]:
+def steps_of(m: Migration, applied: set[tuple[str, int]]) -> list[Migration]:
     runs = reverted_by(m)
     return [
         other
         for other in discover()
-        if any(other.slice == s and other.version > v for s, v in runs)
+        if (other.slice, other.version) in applied
+        and any(other.slice == s and other.version > v for s, v in runs)
     ]
 
 
@@ -162,12 +164,20 @@ def _label(m: Migration) -> str:
 async def test_down_keeps_what_it_claims_and_up_again_works(
     migration: Migration, seeded: Seeded, copy: str
 ) -> None:
-    steps = steps_of(migration)
-    losses = [loss for step in steps for loss in step.losses]
     conn = await asyncpg.connect(copy)
     try:
-        at_risk = {str(loss): await rows_lost(conn, loss) for loss in losses}
         history = await conn.fetch("SELECT * FROM mhv_meta.schema_migrations ORDER BY 1, 2")
+        applied = {(r["slice"], r["version"]) for r in history}
+        if (migration.slice, migration.version) not in applied:
+            # A migration needing an extension this server does not offer (pgvector on
+            # Debian's PostgreSQL) is held back, never half-applied; it is tested where the
+            # server offers it (MHV_TEST_PRIVATE_POSTGRES=1: the private build has pgvector).
+            assert migration.requires is not None
+            assert migration in await held_back(copy)
+            return
+        steps = steps_of(migration, applied)
+        losses = [loss for step in steps for loss in step.losses]
+        at_risk = {str(loss): await rows_lost(conn, loss) for loss in losses}
     finally:
         await conn.close()
     # Every declared loss selects seeded rows, so every refusal below is exercised.
@@ -233,7 +243,13 @@ def _mhv(url: str, roles: RoleNames, *args: str) -> subprocess.CompletedProcess[
 async def test_mhv_migrate_from_the_command_line(seeded: Seeded, copy: str) -> None:
     up = _mhv(copy, seeded.roles)
     assert up.returncode == 0, up.stderr
-    assert up.stdout.strip() == "database is up to date"
+    # Nothing to apply; migrations needing an extension this server lacks are listed as held
+    # back instead.
+    lines = up.stdout.splitlines()
+    assert lines == ["database is up to date"] or all(
+        line.startswith("held back ") for line in lines
+    )
+    assert not any(line.startswith("applied ") for line in lines)
 
     # Reverting the issue claims would drop an unfinished claim: refused, nothing reverted.
     refused = _mhv(copy, seeded.roles, "--down", "webhook", "--to", "2")
@@ -248,4 +264,6 @@ async def test_mhv_migrate_from_the_command_line(seeded: Seeded, copy: str) -> N
     assert allowed.stdout.splitlines() == ["reverted webhook/0003_issue_claims"]
     again = _mhv(copy, seeded.roles)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.splitlines() == ["applied webhook/0003_issue_claims"]
+    assert [x for x in again.stdout.splitlines() if not x.startswith("held back ")] == [
+        "applied webhook/0003_issue_claims"
+    ]

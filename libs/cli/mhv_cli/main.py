@@ -176,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "validate-config", help="check settings/*.yaml and the MHV_* environment"
     ).set_defaults(func=_validate_config)
-    from mhv_cli import anchors, backup_cli, credentials
+    from mhv_cli import _backup_commands, anchors, credentials
 
-    backup_cli.add_commands(sub)
+    _backup_commands.add_commands(sub)
     anchors.add_commands(sub)
     credentials.add_commands(sub)
     return parser

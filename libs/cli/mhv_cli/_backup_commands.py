@@ -166,7 +166,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _exporter(args: argparse.Namespace) -> int:
-    from mhv_cli.backup_metrics import serve
+    from mhv_cli._backup_metrics import serve
 
     return serve(_repo(args), host=args.host, port=args.port)
 

@@ -1,0 +1,1 @@
+ALTER FUNCTION enqueue_task_embedding() RESET search_path;
