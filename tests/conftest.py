@@ -15,6 +15,7 @@ from tests.harness import (
     Deployment,
     Keys,
     ServiceProcess,
+    ports_env,
     service_env,
     start_order_ports,
     webhook_env,
@@ -76,15 +77,7 @@ async def services(
     state.ensure_grpc_tls()
     ports = start_order_ports()
     common = {
-        "MHV_TASK_GRPC_PORT": str(ports["task_grpc"]),
-        "MHV_TASK_METRICS_PORT": str(ports["task_metrics"]),
-        "MHV_AUDIT_GRPC_PORT": str(ports["audit_grpc"]),
-        "MHV_AUDIT_METRICS_PORT": str(ports["audit_metrics"]),
-        "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(ports["webhook_grpc"]),
-        "MHV_WEBHOOK_METRICS_PORT": str(ports["webhook_metrics"]),
-        "MHV_WEBHOOK_HTTPS_PORT": str(ports["webhook_https"]),
-        "MHV_AUDIT_TARGET": f"127.0.0.1:{ports['audit_grpc']}",
-        "MHV_TASK_TARGET": f"127.0.0.1:{ports['task_grpc']}",
+        **ports_env(ports),
         **webhook_env(Path(tmp_path_factory.mktemp("webhook-state"))),
         "MHV_GRPC_TLS_CA_FILE": str(state.grpc_ca),
     }

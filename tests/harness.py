@@ -350,6 +350,21 @@ def start_order_ports() -> dict[str, int]:
     }
 
 
+def ports_env(ports: Mapping[str, int]) -> dict[str, str]:
+    """Settings putting one set of services on `ports` and pointing them at each other."""
+    return {
+        "MHV_TASK_GRPC_PORT": str(ports["task_grpc"]),
+        "MHV_TASK_METRICS_PORT": str(ports["task_metrics"]),
+        "MHV_AUDIT_GRPC_PORT": str(ports["audit_grpc"]),
+        "MHV_AUDIT_METRICS_PORT": str(ports["audit_metrics"]),
+        "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(ports["webhook_grpc"]),
+        "MHV_WEBHOOK_METRICS_PORT": str(ports["webhook_metrics"]),
+        "MHV_WEBHOOK_HTTPS_PORT": str(ports["webhook_https"]),
+        "MHV_AUDIT_TARGET": f"127.0.0.1:{ports['audit_grpc']}",
+        "MHV_TASK_TARGET": f"127.0.0.1:{ports['task_grpc']}",
+    }
+
+
 def rich_status(error: grpc.RpcError) -> status_pb2.Status:
     """The google.rpc.Status a Mahavishnu server attaches to every error."""
     for key, value in error.trailing_metadata() or ():

@@ -36,6 +36,7 @@ from tests.harness import (
     Keys,
     ServiceProcess,
     bearer,
+    ports_env,
     service_env,
     start_order_ports,
     webhook_env,
@@ -181,15 +182,7 @@ class Site:
     def _service_env(self) -> dict[str, str]:
         ports = self.ports
         common = {
-            "MHV_TASK_GRPC_PORT": str(ports["task_grpc"]),
-            "MHV_TASK_METRICS_PORT": str(ports["task_metrics"]),
-            "MHV_AUDIT_GRPC_PORT": str(ports["audit_grpc"]),
-            "MHV_AUDIT_METRICS_PORT": str(ports["audit_metrics"]),
-            "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(ports["webhook_grpc"]),
-            "MHV_WEBHOOK_METRICS_PORT": str(ports["webhook_metrics"]),
-            "MHV_WEBHOOK_HTTPS_PORT": str(ports["webhook_https"]),
-            "MHV_AUDIT_TARGET": f"127.0.0.1:{ports['audit_grpc']}",
-            "MHV_TASK_TARGET": f"127.0.0.1:{ports['task_grpc']}",
+            **ports_env(ports),
             "MHV_GRPC_TLS_CA_FILE": str(self.tls.grpc_ca),
             "MHV_WEBHOOK_WORKERS": "2",
             **webhook_env(self.root / "webhook"),
