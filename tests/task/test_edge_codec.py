@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from mahavishnu.task.v1 import task_pb2
 from mhv_common.errors import MahavishnuError
@@ -59,6 +59,24 @@ def test_enum_numbers_without_a_name_are_refused_by_the_models() -> None:
 def test_a_completion_without_a_gate_records_a_failed_empty_one() -> None:
     made = codec.complete_task(task_pb2.CompleteTaskRequest(id=3))
     assert made.quality_gate == QualityGate(passed=False, checks_run=0, checks=[])
+
+
+def test_a_gate_that_did_not_run_crosses_the_wire_both_ways() -> None:
+    made = codec.complete_task(
+        task_pb2.CompleteTaskRequest(id=3, quality_gate=task_pb2.QualityGateResult(not_run=True))
+    )
+    assert made.quality_gate == QualityGate(not_run=True)
+    message = codec.task_message(_task(quality_gate=made.quality_gate))
+    assert message.quality_gate == task_pb2.QualityGateResult(not_run=True)
+    assert message.HasField("quality_gate")
+
+
+def test_an_update_names_a_new_repository() -> None:
+    request = task_pb2.UpdateTaskRequest(
+        task=task_pb2.Task(id=3, repository="mahavishnu"),
+        update_mask=field_mask_pb2.FieldMask(paths=["repository"]),
+    )
+    assert codec.update_task(request).changes() == {"repository": "mahavishnu"}
 
 
 NOW = dt.datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)

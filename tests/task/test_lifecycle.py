@@ -106,6 +106,17 @@ def test_complete_records_the_gate_or_a_failed_empty_one() -> None:
     assert (bare.details["quality_gate_passed"], bare.details["checks_run"]) == (False, 0)
 
 
+def test_a_gate_that_did_not_run_is_recorded_as_not_run() -> None:
+    gate = {"passed": False, "checks_run": 0, "checks": [], "not_run": True}
+    done = plan(Action.COMPLETE, Status.IN_PROGRESS, before_block=None, now=NOW, quality_gate=gate)
+    assert done.changes["quality_gate"] == gate
+    # Neither a pass nor a failure: the audit details say that no gate ran.
+    assert done.details == {
+        "status": {"old": "in_progress", "new": "completed"},
+        "quality_gate": "not_run",
+    }
+
+
 def test_block_remembers_the_status_and_unblock_forgets_it() -> None:
     blocked = plan(Action.BLOCK, Status.IN_PROGRESS, before_block=None, now=NOW, reason="review")
     assert blocked.changes == {

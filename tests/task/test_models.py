@@ -128,7 +128,7 @@ def test_mask_problems_name_the_path() -> None:
     found = problems(TaskUpdateRequest, update(["title", "status", "id"], title="ok"))
     assert set(found) == {"update_mask.paths[1]", "update_mask.paths[2]"}
     assert (
-        "updatable: title, description, priority, deadline, metadata"
+        "updatable: title, description, priority, deadline, metadata, repository"
         in found["update_mask.paths[1]"]
     )
     assert problems(TaskUpdateRequest, update([])) == {
@@ -141,6 +141,17 @@ def test_named_fields_follow_the_create_rules() -> None:
     assert set(found) == {"task.title", "task.priority"}
     cleared = validate(TaskUpdateRequest, update(["priority", "deadline", "metadata"]))
     assert cleared.changes() == {"priority": "medium", "deadline": None, "metadata": {}}
+
+
+def test_an_update_moves_a_task_only_to_a_configured_repository() -> None:
+    moved = validate(TaskUpdateRequest, update(["repository"], repository="demo"), context=CATALOG)
+    assert moved.changes() == {"repository": "demo"}
+    elsewhere = update(["repository"], repository="elsewhere")
+    error = refusal(TaskUpdateRequest, elsewhere, context=CATALOG)
+    assert error.code == "MHV-200"
+    assert problems(TaskUpdateRequest, update(["repository"], repository=None)) == {
+        "task.repository": "must name a configured repository"
+    }
 
 
 def test_an_update_deadline_from_a_timestamp() -> None:
@@ -214,6 +225,24 @@ def test_a_quality_gate_counts_at_least_its_checks_and_cleans_their_text() -> No
         "checks": [{"name": "lint", "passed": True, "detail": "ok"}] * 3,
     }
     assert QualityGate.from_stored(made.quality_gate.stored()) == made.quality_gate
+
+
+def test_a_gate_that_did_not_run_says_so_and_nothing_else() -> None:
+    made = validate(TaskTransitionRequest, gate(passed=False, not_run=True))
+    assert made.quality_gate is not None
+    assert made.quality_gate.stored() == {
+        "passed": False,
+        "checks_run": 0,
+        "checks": [],
+        "not_run": True,
+    }
+    assert QualityGate.from_stored(made.quality_gate.stored()) == made.quality_gate
+    for invented in ({"passed": True}, {"passed": False, "checks_run": 1}):
+        found = problems(TaskTransitionRequest, gate(not_run=True, **invented))
+        assert found == {
+            "quality_gate": "a gate that did not run has no result: passed, checks_run and "
+            "checks must be empty"
+        }
 
 
 def test_quality_gate_problems_name_the_check() -> None:

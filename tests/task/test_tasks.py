@@ -207,6 +207,27 @@ async def test_update_mask_errors(tasks: task_pb2_grpc.TaskServiceStub, people: 
         assert field in violations(error)
 
 
+async def test_update_moves_a_task_to_another_configured_repository(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People
+) -> None:
+    task = await new_task(tasks, people.alice)
+    assert task.repository == "demo"
+
+    def move(to: str) -> task_pb2.UpdateTaskRequest:
+        return task_pb2.UpdateTaskRequest(
+            task=task_pb2.Task(id=task.id, repository=to),
+            update_mask=field_mask_pb2.FieldMask(paths=["repository"]),
+        )
+
+    moved = await tasks.UpdateTask(move("mahavishnu"), metadata=people.alice.md())
+    assert moved.repository == "mahavishnu"
+    error = await rpc_error(tasks.UpdateTask(move("elsewhere"), metadata=people.alice.md()))
+    assert mhv_code(error) == "MHV-200"
+    assert "task.repository" in violations(error)
+    again = await tasks.GetTask(task_pb2.GetTaskRequest(id=task.id), metadata=people.alice.md())
+    assert again.repository == "mahavishnu"
+
+
 async def test_concurrent_updates_with_the_same_etag_one_wins(
     tasks: task_pb2_grpc.TaskServiceStub, people: People, db: asyncpg.Connection
 ) -> None:

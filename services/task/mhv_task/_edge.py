@@ -68,7 +68,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.UpdateTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Change the fields named by the mask."""
-        return codec.task_message(await self._tasks.update(codec.update_task(request)))
+        update = codec.update_task(request, self._repositories)
+        return codec.task_message(await self._tasks.update(update))
 
     async def DeleteTask(
         self, request: task_pb2.DeleteTaskRequest, context: aio.ServicerContext

@@ -146,8 +146,13 @@ def search_tasks(request: task_pb2.SearchTasksRequest) -> FTSSearchQuery:
     )
 
 
-def update_task(request: task_pb2.UpdateTaskRequest) -> TaskUpdateRequest:
-    """UpdateTask: the task's fields and the mask naming those to change."""
+def update_task(
+    request: task_pb2.UpdateTaskRequest, repositories: RepositoryCatalog | None = None
+) -> TaskUpdateRequest:
+    """UpdateTask: the task's fields and the mask naming those to change.
+
+    A new repository is checked against `repositories` with the other fields.
+    """
     task = request.task
     deadline = (task.deadline.seconds, task.deadline.nanos) if task.HasField("deadline") else None
     return validate(
@@ -161,9 +166,11 @@ def update_task(request: task_pb2.UpdateTaskRequest) -> TaskUpdateRequest:
                 "priority": _priority(task.priority),
                 "deadline": deadline,
                 "metadata": _struct(task.metadata),
+                "repository": task.repository or None,
             },
             "update_mask": {"paths": list(request.update_mask.paths)},
         },
+        context=repositories,
     )
 
 
@@ -199,6 +206,7 @@ def complete_task(request: task_pb2.CompleteTaskRequest) -> TaskTransitionReques
             "quality_gate": {
                 "passed": gate.passed,
                 "checks_run": gate.checks_run,
+                "not_run": gate.not_run,
                 "checks": [
                     {"name": c.name, "passed": c.passed, "detail": c.detail} for c in gate.checks
                 ],
@@ -272,6 +280,7 @@ def task_message(task: Task) -> task_pb2.Task:
         result = message.quality_gate
         result.passed = gate.passed
         result.checks_run = gate.checks_run
+        result.not_run = gate.not_run
         for check in gate.checks:
             result.checks.add(name=check.name, passed=check.passed, detail=check.detail)
         result.SetInParent()

@@ -136,7 +136,7 @@ def plan(
         now: The time of the change, for ``started_at`` and ``completed_at``.
         reason: Why it is cancelled or blocked ("" for none).
         quality_gate: The quality-gate result a completion records (none: a failed, empty
-            gate).
+            gate; ``not_run``: no gate ran, and the audit details say so).
 
     Raises:
         MahavishnuError: The action is not allowed from `current` (FAILED_PRECONDITION).
@@ -150,10 +150,14 @@ def plan(
     elif action == Action.COMPLETE:
         gate = dict(quality_gate or NO_QUALITY_GATE)
         changes.update(completed_at=now, quality_gate=gate)
-        details.update(
-            quality_gate_passed=bool(gate.get("passed")),
-            checks_run=int(gate.get("checks_run", 0)),
-        )
+        if gate.get("not_run"):
+            # No gate ran: the record says so rather than showing a pass or a failure.
+            details["quality_gate"] = "not_run"
+        else:
+            details.update(
+                quality_gate_passed=bool(gate.get("passed")),
+                checks_run=int(gate.get("checks_run", 0)),
+            )
     elif action == Action.CANCEL:
         changes.update(cancel_reason=reason or None, status_before_block=None, blocked_reason=None)
         details["reason"] = reason

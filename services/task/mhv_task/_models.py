@@ -275,6 +275,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def configured_repository(value: str, info: ValidationInfo) -> str:
+    """`value`, when the validation context (a `RepositoryCatalog`, if given) configures it."""
+    catalog = info.context
+    if isinstance(catalog, RepositoryCatalog) and catalog.get(value) is None:
+        raise PydanticCustomError(
+            UNKNOWN_REPOSITORY, "{problem}", {"problem": unknown_repository(catalog, value)}
+        )
+    return value
+
+
 # --- task requests ------------------------------------------------------------------------------
 
 
@@ -298,12 +308,7 @@ class TaskCreateRequest(_Strict):
     @field_validator("repository")
     @classmethod
     def _configured(cls, value: str, info: ValidationInfo) -> str:
-        catalog = info.context
-        if isinstance(catalog, RepositoryCatalog) and catalog.get(value) is None:
-            raise PydanticCustomError(
-                UNKNOWN_REPOSITORY, "{problem}", {"problem": unknown_repository(catalog, value)}
-            )
-        return value
+        return configured_repository(value, info)
 
     @field_validator("request_id", mode="before")
     @classmethod
@@ -363,13 +368,25 @@ class FTSSearchQuery(_Strict):
 
 
 class TaskChanges(_Strict):
-    """The fields an UpdateTask may change; only those named in the mask are given."""
+    """The fields an UpdateTask may change; only those named in the mask are given.
+
+    A new ``repository`` moves the task there: like CreateTask's, it must be configured
+    (checked with the repository catalog as validation context, and by the domain).
+    """
 
     title: Title | None = None
     description: Description = None
     priority: PriorityOrMedium = "medium"
     deadline: Deadline = None
     metadata: Metadata = Field(default_factory=dict)
+    repository: RepositoryName | None = None
+
+    @field_validator("repository")
+    @classmethod
+    def _configured(cls, value: str | None, info: ValidationInfo) -> str:
+        if value is None:
+            raise ValueError("must name a configured repository")
+        return configured_repository(value, info)
 
 
 UPDATABLE_FIELDS = tuple(TaskChanges.model_fields)
@@ -439,12 +456,23 @@ class QualityCheck(_Strict):
 class QualityGate(_Strict):
     """A quality-gate result, as CompleteTask records it.
 
-    ``checks_run`` is at least the number of checks given.
+    ``checks_run`` is at least the number of checks given. ``not_run`` says that no gate ran
+    at all (a task completed elsewhere, e.g. by closing its issue): such a result has nothing
+    else to say, so it cannot pass or list checks.
     """
 
     passed: bool = False
     checks_run: int = 0
     checks: list[QualityCheck] = Field(default_factory=list)
+    not_run: bool = False
+
+    @model_validator(mode="after")
+    def _nothing_if_not_run(self) -> QualityGate:
+        if self.not_run and (self.passed or self.checks_run or self.checks):
+            raise ValueError(
+                "a gate that did not run has no result: passed, checks_run and checks must be empty"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -471,11 +499,14 @@ class QualityGate(_Strict):
 
     def stored(self) -> dict[str, Any]:
         """The result as the task's ``quality_gate`` column holds it."""
-        return {
+        stored: dict[str, Any] = {
             "passed": self.passed,
             "checks_run": self.checks_run,
             "checks": [c.model_dump() for c in self.checks],
         }
+        if self.not_run:
+            stored["not_run"] = True
+        return stored
 
     @classmethod
     def from_stored(cls, value: Mapping[str, Any]) -> QualityGate:
@@ -483,6 +514,7 @@ class QualityGate(_Strict):
         return cls.model_construct(
             passed=bool(value.get("passed")),
             checks_run=int(value.get("checks_run", 0)),
+            not_run=bool(value.get("not_run", False)),
             checks=[
                 QualityCheck.model_construct(
                     name=str(c.get("name", "")),

@@ -39,6 +39,7 @@ _SETTABLE: dict[str, str] = {
     "priority": "::task_priority",
     "deadline": "",
     "metadata": "::jsonb",
+    "repository": "",
     "status": "::task_status",
     "status_before_block": "::task_status",
     "assigned_to": "::uuid",

@@ -79,6 +79,13 @@ class Tasks:
         self._repos = repositories
         self._active = active
 
+    def _check_configured(self, name: str, *, field: str) -> None:
+        if self._repos.get(name) is None:
+            raise RepositoryNotFoundError(
+                f"Repository {name!r} is not configured.",
+                violations=[FieldViolation(field, unknown_repository(self._repos, name))],
+            )
+
     # --- create -------------------------------------------------------------------------
 
     async def create(self, request: TaskCreateRequest) -> Task:
@@ -90,12 +97,7 @@ class Tasks:
                 named no user to act for (MHV-003).
             UserNotFoundError, UserInactiveError: The author or assignee cannot take the task.
         """
-        name = request.repository
-        if self._repos.get(name) is None:
-            raise RepositoryNotFoundError(
-                f"Repository {name!r} is not configured.",
-                violations=[FieldViolation("repository", unknown_repository(self._repos, name))],
-            )
+        self._check_configured(request.repository, field="repository")
         actor = actor_for_change()
         key = fingerprint = None
         if request.request_id:
@@ -194,8 +196,14 @@ class Tasks:
     # --- changes ------------------------------------------------------------------------
 
     async def update(self, request: TaskUpdateRequest) -> Task:
-        """Change the fields the mask names; a change to nothing writes nothing."""
+        """Change the fields the mask names; a change to nothing writes nothing.
+
+        Raises:
+            RepositoryNotFoundError: A new repository is not configured (MHV-200).
+        """
         values = request.changes()
+        if "repository" in values:
+            self._check_configured(values["repository"], field="task.repository")
 
         def plan(task: Task, actor: Actor) -> tuple[dict[str, Any], OutboxEvent | None]:
             lifecycle.check(Action.UPDATE, task.status)

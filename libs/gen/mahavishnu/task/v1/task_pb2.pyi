@@ -53,14 +53,16 @@ class QualityCheck(_message.Message):
     def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class QualityGateResult(_message.Message):
-    __slots__ = ("passed", "checks_run", "checks")
+    __slots__ = ("passed", "checks_run", "checks", "not_run")
     PASSED_FIELD_NUMBER: _ClassVar[int]
     CHECKS_RUN_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    NOT_RUN_FIELD_NUMBER: _ClassVar[int]
     passed: bool
     checks_run: int
     checks: _containers.RepeatedCompositeFieldContainer[QualityCheck]
-    def __init__(self, passed: _Optional[bool] = ..., checks_run: _Optional[int] = ..., checks: _Optional[_Iterable[_Union[QualityCheck, _Mapping]]] = ...) -> None: ...
+    not_run: bool
+    def __init__(self, passed: _Optional[bool] = ..., checks_run: _Optional[int] = ..., checks: _Optional[_Iterable[_Union[QualityCheck, _Mapping]]] = ..., not_run: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("id", "title", "description", "repository", "priority", "status", "deadline", "created_by", "assigned_to", "metadata", "blocked_reason", "cancel_reason", "quality_gate", "create_time", "update_time", "start_time", "complete_time", "etag")
