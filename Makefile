@@ -11,8 +11,9 @@ help:
 	@echo "make run       start task, audit and webhook services (and a private PostgreSQL"
 	@echo "               when MHV_DATABASE_URL is unset); Ctrl-C stops everything"
 	@echo "make test      lint, type-check, buf lint, and the whole test suite"
-	@echo "make generate  regenerate protobuf code, error pages, alert rules, dashboards and the"
-	@echo "               Kubernetes manifests (deploy/kubernetes/base and rendered/)"
+	@echo "make generate  regenerate protobuf code, error pages, alert rules, dashboards, the"
+	@echo "               Kubernetes manifests (deploy/kubernetes/base and rendered/) and the"
+	@echo "               task events' JSON Schema (docs/webhooks/)"
 	@echo "make lock      re-resolve requirements.lock from pyproject.toml"
 	@echo "make image     build the container image (buildah, Debian 12 bases) and run it once"
 
@@ -54,6 +55,7 @@ generate: $(STAMP)
 	$(BIN)/python -m mhv_tools.gen_rules
 	$(BIN)/python -m mhv_tools.gen_dashboards
 	$(BIN)/python -m mhv_tools.gen_kubernetes
+	$(BIN)/python -m mhv_tools.gen_schemas
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

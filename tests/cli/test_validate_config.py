@@ -53,6 +53,33 @@ def test_broken_repos_file_reports_mhv001_and_line(
     assert "Traceback" not in result.stderr
 
 
+def test_a_repository_may_take_several_senders_names(tmp_path: Path) -> None:
+    path = tmp_path / "repos.yaml"
+    path.write_text(
+        "repositories:\n"
+        "  - name: demo\n"
+        "    github: [example/demo, example/demo-mirror]\n"
+        "    gitlab: [example/demo, mirrors/sub/demo]\n"
+    )
+    result = _run(MHV_REPOS_FILE=str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_senders_name_mapped_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    # The other cases of the rule: tests/common/test_config.py.
+    path = tmp_path / "repos.yaml"
+    path.write_text(
+        "repositories:\n  - name: a\n    github: o/x\n  - name: b\n    github: [o/y, O/X]\n"
+    )
+    result = _run(MHV_REPOS_FILE=str(path))
+    assert result.returncode != 0
+    assert "[MHV-001]" in result.stderr
+    assert (
+        "repos.yaml:5: repositories.1.github: 'O/X' is already mapped to repository 'a'"
+        in result.stderr
+    ), result.stderr
+
+
 def test_broken_environment_reports_the_variable() -> None:
     result = _run(MHV_TASK_GRPC_PORT="not-a-port")
     assert result.returncode != 0

@@ -35,11 +35,14 @@ def standard_signature(key: str, msg_id: str, timestamp: int | str, body: bytes)
     return "v1," + base64.b64encode(hmac.new(raw, signed, hashlib.sha256).digest()).decode()
 
 
-def standard_headers(key: str, body: bytes, *, msg_id: str, timestamp: int) -> dict[str, str]:
+def standard_headers(
+    key: str, body: bytes, *, msg_id: str, timestamp: int, prefix: str = "webhook"
+) -> dict[str, str]:
+    """Standard Webhooks headers (`prefix` "svix" for Svix's names of the same three)."""
     return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": standard_signature(key, msg_id, timestamp, body),
+        f"{prefix}-id": msg_id,
+        f"{prefix}-timestamp": str(timestamp),
+        f"{prefix}-signature": standard_signature(key, msg_id, timestamp, body),
         "Content-Type": "application/json",
     }
 

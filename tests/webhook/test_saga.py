@@ -331,10 +331,11 @@ async def test_other_events_are_stored_and_ignored(
         "ignored",
     )
     assert "not configured" in unknown["last_error"]
-    labeled = await wait_state(
-        system, await send_github(system, gateway, issue_event("labeled", unique())), "ignored"
+    pinned = await wait_state(
+        system, await send_github(system, gateway, issue_event("pinned", unique())), "ignored"
     )
-    assert labeled["task_id"] is None
+    assert pinned["task_id"] is None
+    assert "pinning changes where GitHub lists the issue" in pinned["last_error"]
 
 
 async def test_gitlab_issue_events(system: SagaSystem, gateway: GatewayProcess) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import socket
 import time
 import uuid
 from typing import Any
@@ -11,89 +13,123 @@ import httpx
 import pytest
 
 from mhv_common.config import Repository, RepositoryCatalog
-from mhv_webhook._changes import IgnoredEvent, IssueChange, Kind
+from mhv_webhook._changes import IgnoredEvent, Kind, TaskChange
 from mhv_webhook._scheme import Verified
-from mhv_webhook._scheme_gitlab import SCHEME
-from tests.webhook.conftest import EdgeServer, Secrets
+from mhv_webhook._scheme_gitlab import ACTIONS, SCHEME
+from tests.webhook.conftest import EdgeServer, Secrets, Tls
+from tests.webhook.fixtures import body as json_body
+from tests.webhook.fixtures import gitlab_issue, payload
 from tests.webhook.signing import gitlab_token_headers, standard_headers
 from tests.webhook.support import assert_error, rows_for
 
 REPOSITORIES = RepositoryCatalog(
-    (Repository(name="demo", github="example/demo", gitlab="example/demo"),)
+    (Repository(name="demo", github=("example/demo",), gitlab=("example/demo", "mirrors/demo")),)
 )
 
 
-def issue_hook(action: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "object_kind": "issue",
-        "user": {"username": "gitlab-user"},
-        "project": {"path_with_namespace": extra.pop("path", "example/demo")},
-        "object_attributes": {
-            "iid": 7,
-            "title": "From GitLab",
-            "description": "d",
-            "action": action,
-        },
-        **extra,
-    }
-
-
-def interpret(payload: dict[str, Any]) -> IssueChange | IgnoredEvent:
+def interpret(body: dict[str, Any]) -> TaskChange | IgnoredEvent:
     return SCHEME.interpret(
-        source="gitlab", event="Issue Hook", payload=payload, repositories=REPOSITORIES
+        source="gitlab", event="Issue Hook", payload=body, repositories=REPOSITORIES
     )
 
 
+def change_of(case: str) -> TaskChange:
+    change = interpret(payload(f"gitlab/issue.{case}"))
+    assert isinstance(change, TaskChange), change
+    return change
+
+
+def test_every_issue_action_has_a_defined_effect() -> None:
+    # GitLab Docs, "Work item events": object_attributes.action is open, close, reopen, update.
+    assert ACTIONS == {
+        "open": Kind.OPENED,
+        "reopen": Kind.OPENED,
+        "update": Kind.EDITED,
+        "close": Kind.CLOSED,
+    }
+    for case, kind in (("open", Kind.OPENED), ("reopen", Kind.OPENED), ("close", Kind.CLOSED)):
+        assert change_of(case).kind == kind
+
+
+def test_an_opened_issue_brings_its_text_labels_milestone_and_assignees() -> None:
+    assert change_of("open") == TaskChange(
+        kind=Kind.OPENED,
+        source="gitlab",
+        external_key="example/demo#23",
+        repository="demo",
+        actor="gitlab.alice",
+        title="Saving a draft loses the attachments",
+        description="Steps to reproduce:\n1. Attach a file\n2. Save as draft",
+        metadata={
+            "origin": {
+                "source": "gitlab",
+                "key": "example/demo#23",
+                "url": "https://gitlab.example.com/example/demo/-/issues/23",
+                "type": "Issue",
+            },
+            "labels": ["bug"],
+            "milestone": {"id": 4},
+        },
+        assignees=("gitlab.bob",),
+        happened_at=dt.datetime(2025, 6, 10, 10, 0, tzinfo=dt.UTC),
+    )
+
+
+def test_an_update_carries_the_whole_issue_whatever_changed() -> None:
+    title = change_of("update.title")
+    assert (title.kind, title.title) == (Kind.EDITED, "Saving a draft loses attachments over 1 MB")
+    assert change_of("update.labels").metadata["labels"] == ["bug", "ui"]
+    assert change_of("update.milestone").metadata["milestone"] == {"id": 4}
+    assert change_of("update.assignees").assignees == ("gitlab.bob",)
+    # No assignee left: GitLab leaves the list out, and changes.assignees says so.
+    assert change_of("update.unassigned").assignees == ()
+    # A change to a field tasks do not hold still re-states the issue (writing nothing new).
+    weight = change_of("update.weight")
+    assert (weight.kind, weight.metadata["labels"], weight.assignees) == (Kind.EDITED, [], ())
+
+
 @pytest.mark.parametrize(
-    ("action", "kind"),
+    ("case", "cancel_reason"),
     [
-        ("open", Kind.OPENED),
-        ("update", Kind.EDITED),
-        ("close", Kind.CLOSED),
-        ("reopen", Kind.REOPENED),
+        ("close", ""),
+        ("close.moved", "issue moved to another GitLab project (issue id 9104)"),
+        ("close.duplicate", "issue closed as a duplicate (of GitLab issue id 9011)"),
     ],
 )
-def test_issue_actions_become_task_changes(action: str, kind: Kind) -> None:
-    assert interpret(issue_hook(action)) == IssueChange(
-        kind=kind,
-        source="gitlab",
-        external_key="example/demo#7",
-        repository="demo",
-        actor="gitlab.gitlab-user",
-        title="From GitLab",
-        description="d",
+def test_closing_completes_the_task_unless_moved_or_a_duplicate(
+    case: str, cancel_reason: str
+) -> None:
+    change = change_of(case)
+    assert (change.kind, change.cancel_reason, change.quality_gate) == (
+        Kind.CLOSED,
+        cancel_reason,
+        None,
     )
+    assert change.happened_at == dt.datetime(2025, 6, 11, 9, 0, tzinfo=dt.UTC)
 
 
-def test_an_update_of_the_assignees_is_an_assignment() -> None:
-    assigned = interpret(
-        issue_hook(
-            "update",
-            changes={"assignees": {"previous": [], "current": [{"username": "dev one"}]}},
-        )
-    )
-    assert isinstance(assigned, IssueChange)
-    assert (assigned.kind, assigned.assignee) == (Kind.ASSIGNED, "gitlab.dev-one")
-    removed = {"assignees": {"previous": [{"username": "x"}], "current": []}}
-    unassigned = interpret(issue_hook("update", changes=removed))
-    assert isinstance(unassigned, IssueChange)
-    assert (unassigned.kind, unassigned.assignee) == (Kind.ASSIGNED, None)
+def test_any_listed_project_files_into_its_repository() -> None:
+    change = interpret(gitlab_issue("open", 5, project="mirrors/demo"))
+    assert isinstance(change, TaskChange)
+    assert (change.repository, change.external_key) == ("demo", "mirrors/demo#5")
 
 
 @pytest.mark.parametrize(
-    ("payload", "reason"),
+    ("body", "reason"),
     [
         ({"object_kind": "note"}, "GitLab 'note' events do not change tasks"),
-        (issue_hook("approved"), "GitLab issue action 'approved' does not change tasks"),
-        (issue_hook("open", path="someone/else"), "'someone/else' is not configured"),
+        ({"object_kind": "work_item"}, "work items other than issues do not change tasks"),
+        (
+            {**payload("gitlab/issue.open"), "object_attributes": {"action": "approved"}},
+            "GitLab issue action 'approved' has no defined task effect",
+        ),
+        (gitlab_issue("open", 1, project="someone/else"), "'someone/else' is not configured"),
         ({"object_kind": "issue", "project": {}}, "without attributes or project"),
-        ({**issue_hook("open"), "user": {}}, "without a user"),
+        ({**payload("gitlab/issue.open"), "user": {}}, "without a user"),
     ],
 )
-def test_what_changes_no_task_is_ignored_with_the_reason(
-    payload: dict[str, Any], reason: str
-) -> None:
-    change = interpret(payload)
+def test_what_changes_no_task_is_ignored_with_the_reason(body: dict[str, Any], reason: str) -> None:
+    change = interpret(body)
     assert isinstance(change, IgnoredEvent)
     assert reason in change.reason
 
@@ -191,3 +227,38 @@ def test_gitlab_signing_token(
         client.post("/webhooks/gitlab_signed", content=body, headers=mismatched), 400, "MHV-003"
     )
     assert rows_for(edge, "gitlab_signed", msg_id) == 1
+
+
+def test_an_issue_near_gitlabs_description_limit_is_accepted_up_to_its_cap(
+    client: httpx.Client, edge: EdgeServer, hook_secrets: Secrets, tls: Tls
+) -> None:
+    # GitLab allows descriptions of about a million characters; with the rest of the payload
+    # such an issue is well over 1 MiB, and under GitLab's own 25 MiB sending limit.
+    big = gitlab_issue("open", 100_000 + uuid.uuid4().int % 10**5)
+    big["object_attributes"]["description"] = "ü" * 1_000_000
+    body = json_body(big)
+    assert len(body) > 2 * 1024 * 1024
+    headers = gitlab_token_headers(hook_secrets.gitlab_token, event_uuid=str(uuid.uuid4()))
+    accepted = client.post("/webhooks/gitlab", content=body, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    # Beyond GitLab's 25 MiB cap: refused on the declared length, before the body is read.
+    token = hook_secrets.gitlab_token
+    head = (
+        "POST /webhooks/gitlab HTTP/1.1\r\nHost: localhost\r\n"
+        f"X-Gitlab-Token: {token}\r\nX-Gitlab-Event-UUID: {uuid.uuid4()}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {25 * 1024 * 1024 + 1}\r\n\r\n"
+    )
+    with (
+        socket.create_connection(("127.0.0.1", edge.port), timeout=30) as raw,
+        tls.client_context().wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
+        conn.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split(b" ")[1] == b"413", answer
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error_code"] == "MHV-305"

@@ -3,17 +3,28 @@ the scheme makes of its deliveries."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 import httpx
 import pytest
 
 from mhv_common.config import RepositoryCatalog
-from mhv_common.errors import ConfigurationError, WebhookSignatureInvalidError
+from mhv_common.errors import (
+    ConfigurationError,
+    WebhookSignatureInvalidError,
+    WebhookTimestampInvalidError,
+)
 from mhv_webhook._changes import IgnoredEvent
 from mhv_webhook._headers import HeaderView
 from mhv_webhook._scheme import FreshnessWindow, Verified
-from mhv_webhook._scheme_standard import MAX_SIGNATURES, SCHEME, verify_signature
+from mhv_webhook._scheme_standard import _PREFIXES as PREFIXES
+from mhv_webhook._scheme_standard import (
+    MAX_SIGNATURES,
+    SCHEME,
+    header_prefix,
+    verify_signature,
+)
 from mhv_webhook._secrets import parse_secrets
 from tests.webhook.conftest import OFFICIAL_SECRET, EdgeServer, Secrets
 from tests.webhook.signing import new_github_secret, standard_headers, standard_signature
@@ -82,7 +93,7 @@ def test_only_signing_keys_are_accepted_as_secrets() -> None:
         SCHEME.verifier(plain, window=FreshnessWindow(), variable="MHV_WEBHOOK_SECRETS_GENERIC")
 
 
-def test_the_event_is_the_payload_type_and_no_task_changes() -> None:
+def test_the_event_is_the_payload_type_and_other_types_change_no_task() -> None:
     verified = Verified("msg_1", "", ("0",), (("delivery_id", "msg_1"),))
     assert SCHEME.describe(verified, {"type": "issue.created"}) == ("issue.created", "")
     assert SCHEME.describe(verified, {"type": "bad\nname"}) == ("", "")
@@ -93,23 +104,70 @@ def test_the_event_is_the_payload_type_and_no_task_changes() -> None:
         payload={"type": "issue.created"},
         repositories=RepositoryCatalog(()),
     )
-    assert change == IgnoredEvent("no task mapping for standard events")
+    assert change == IgnoredEvent("'issue.created' is not a task event: no task mapping")
 
 
-def _vector_headers(signature: str, timestamp: int = VECTOR_TIMESTAMP) -> dict[str, str]:
+@pytest.mark.parametrize("prefix", ["webhook", "svix"])
+def test_svix_headers_are_the_same_scheme(prefix: str) -> None:
+    keys = parse_secrets("official", OFFICIAL_SECRET)
+    headers = _headers(
+        **{
+            f"{prefix}_id": VECTOR_ID,
+            f"{prefix}_timestamp": str(VECTOR_TIMESTAMP),
+            f"{prefix}_signature": VECTOR_SIGNATURE,
+        }
+    )
+    verifier = SCHEME.verifier(keys, window=FreshnessWindow(), variable="V")
+    verified = verifier.verify(headers, VECTOR_BODY, now=VECTOR_TIMESTAMP)
+    assert (verified.delivery_id, verified.dedup_keys) == (
+        VECTOR_ID,
+        (("delivery_id", VECTOR_ID),),
+    )
+
+
+def test_the_svix_set_is_read_first_when_complete_as_svix_libraries_do() -> None:
+    complete = {"svix_id": "a", "svix_timestamp": "1", "svix_signature": "v1,x"}
+    assert header_prefix(_headers(**complete), PREFIXES) == "svix"
+    both = {**complete, "webhook_id": "b", "webhook_timestamp": "2", "webhook_signature": "v1,y"}
+    assert header_prefix(_headers(**both), PREFIXES) == "svix"
+    partial_svix = {"svix_id": "a", **{k: v for k, v in both.items() if "webhook" in k}}
+    assert header_prefix(_headers(**partial_svix), PREFIXES) == "webhook"
+    # Only part of Svix's set, and none of the standard's: errors name Svix's headers.
+    assert header_prefix(_headers(svix_id="a", svix_signature="v1,x"), PREFIXES) == "svix"
+    assert header_prefix(_headers(), PREFIXES) == "webhook"
+    keys = parse_secrets("official", OFFICIAL_SECRET)
+    with pytest.raises(WebhookTimestampInvalidError, match="svix-timestamp header is missing"):
+        verify_signature(
+            _headers(svix_id=VECTOR_ID, svix_signature=VECTOR_SIGNATURE),
+            VECTOR_BODY,
+            keys,
+            now=VECTOR_TIMESTAMP,
+            window=FreshnessWindow(),
+            prefixes=PREFIXES,
+        )
+
+
+def _vector_headers(
+    signature: str, timestamp: int = VECTOR_TIMESTAMP, prefix: str = "webhook"
+) -> dict[str, str]:
     return {
-        "webhook-id": VECTOR_ID,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": signature,
+        f"{prefix}-id": VECTOR_ID,
+        f"{prefix}-timestamp": str(timestamp),
+        f"{prefix}-signature": signature,
         "content-type": "application/json",
     }
 
 
-def test_official_vectors_over_https(client: httpx.Client, edge: EdgeServer) -> None:
+@pytest.mark.parametrize("prefix", ["webhook", "svix"])
+def test_official_vectors_over_https(client: httpx.Client, edge: EdgeServer, prefix: str) -> None:
+    # The same message under Svix's header names is the same delivery: the first of the two
+    # runs stores it, the second gets 200 MHV-301 where the first got 202.
+    vector_headers = functools.partial(_vector_headers, prefix=prefix)
+    already = rows_for(edge, "official", VECTOR_ID) == 1
     edge.clock.pinned = VECTOR_TIMESTAMP
     # Invalid signature vector.
     bad = client.post(
-        "/webhooks/official", content=VECTOR_BODY, headers=_vector_headers(VECTOR_BAD_SIGNATURE)
+        "/webhooks/official", content=VECTOR_BODY, headers=vector_headers(VECTOR_BAD_SIGNATURE)
     )
     assert_error(bad, 401, "MHV-300")
     # Several signatures, other versions among them, one valid: accepted.
@@ -121,12 +179,15 @@ def test_official_vectors_over_https(client: httpx.Client, edge: EdgeServer) -> 
             "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=",
         ]
     )
-    first = client.post("/webhooks/official", content=VECTOR_BODY, headers=_vector_headers(multi))
-    assert first.status_code == 202, first.text
-    assert first.json()["delivery_id"] == VECTOR_ID
+    first = client.post("/webhooks/official", content=VECTOR_BODY, headers=vector_headers(multi))
+    if already:
+        assert_error(first, 200, "MHV-301")
+    else:
+        assert first.status_code == 202, first.text
+        assert first.json()["delivery_id"] == VECTOR_ID
     # The single valid signature verifies too; the id was already received: 200, MHV-301.
     again = client.post(
-        "/webhooks/official", content=VECTOR_BODY, headers=_vector_headers(VECTOR_SIGNATURE)
+        "/webhooks/official", content=VECTOR_BODY, headers=vector_headers(VECTOR_SIGNATURE)
     )
     assert_error(again, 200, "MHV-301")
     assert rows_for(edge, "official", VECTOR_ID) == 1
@@ -134,7 +195,7 @@ def test_official_vectors_over_https(client: httpx.Client, edge: EdgeServer) -> 
     edge.clock.pinned = VECTOR_TIMESTAMP + 301
     assert_error(
         client.post(
-            "/webhooks/official", content=VECTOR_BODY, headers=_vector_headers(VECTOR_SIGNATURE)
+            "/webhooks/official", content=VECTOR_BODY, headers=vector_headers(VECTOR_SIGNATURE)
         ),
         401,
         "MHV-304",
@@ -142,15 +203,15 @@ def test_official_vectors_over_https(client: httpx.Client, edge: EdgeServer) -> 
     edge.clock.pinned = VECTOR_TIMESTAMP - 31
     assert_error(
         client.post(
-            "/webhooks/official", content=VECTOR_BODY, headers=_vector_headers(VECTOR_SIGNATURE)
+            "/webhooks/official", content=VECTOR_BODY, headers=vector_headers(VECTOR_SIGNATURE)
         ),
         401,
         "MHV-304",
     )
     # Missing headers.
-    for missing in ("webhook-id", "webhook-timestamp", "webhook-signature"):
+    for missing in (f"{prefix}-id", f"{prefix}-timestamp", f"{prefix}-signature"):
         edge.clock.pinned = VECTOR_TIMESTAMP
-        headers = _vector_headers(VECTOR_SIGNATURE)
+        headers = vector_headers(VECTOR_SIGNATURE)
         del headers[missing]
         response = client.post("/webhooks/official", content=VECTOR_BODY, headers=headers)
         assert response.status_code == 401, (missing, response.text)
@@ -172,13 +233,21 @@ NOW = 1_800_000_000
         (31, False),
     ],
 )
+@pytest.mark.parametrize("prefix", ["webhook", "svix"])
 def test_window_edges(
-    client: httpx.Client, edge: EdgeServer, hook_secrets: Secrets, offset: int, accepted: bool
+    client: httpx.Client,
+    edge: EdgeServer,
+    hook_secrets: Secrets,
+    offset: int,
+    accepted: bool,
+    prefix: str,
 ) -> None:
     edge.clock.pinned = NOW
     msg_id = f"msg_edge_{uuid.uuid4().hex}"
     body = body_for("edge")
-    headers = standard_headers(hook_secrets.generic, body, msg_id=msg_id, timestamp=NOW + offset)
+    headers = standard_headers(
+        hook_secrets.generic, body, msg_id=msg_id, timestamp=NOW + offset, prefix=prefix
+    )
     response = client.post("/webhooks/generic", content=body, headers=headers)
     if accepted:
         assert response.status_code == 202, response.text

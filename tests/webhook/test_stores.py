@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -92,6 +93,7 @@ CALLS: dict[str, Call] = {
         action="a",
         headers={},
         body=b"{}",
+        content_type="application/json",
         traceparent=None,
         tracestate=None,
         timeout=TINY,
@@ -123,7 +125,16 @@ CALLS: dict[str, Call] = {
     ),
     "SagaStep.record": lambda s: _in_step(s, lambda step: step.record("started", timeout=TINY)),
     "SagaStep.claim_issue": lambda s: _in_step(
-        s, lambda step: step.claim_issue("stores", "none#1", replace=False, timeout=TINY)
+        s, lambda step: step.claim_issue("stores", "none#1", timeout=TINY)
+    ),
+    "SagaStep.lock_link": lambda s: _in_step(
+        s, lambda step: step.lock_link("stores", "none#1", timeout=TINY)
+    ),
+    "SagaStep.move_link": lambda s: _in_step(
+        s, lambda step: step.move_link("stores", "none#1", "none#2", timeout=TINY)
+    ),
+    "SagaStep.mark_state": lambda s: _in_step(
+        s, lambda step: step.mark_state("stores", "none#1", dt.datetime.now(dt.UTC), timeout=TINY)
     ),
     "SagaStep.link_task": lambda s: _in_step(
         s, lambda step: step.link_task("stores", "none#1", 1, timeout=TINY)

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -171,6 +179,20 @@ RepositoryName = Annotated[
 ]
 
 
+def _name_list(value: Any) -> Any:
+    # One name, or a list of them (mirrors, renamed repositories, forks filed together).
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else value
+
+
+# `owner/name` on GitHub; `group/[subgroup/...]name` (path_with_namespace) on GitLab.
+ExternalNames = Annotated[
+    tuple[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)+$")], ...],
+    BeforeValidator(_name_list),
+]
+
+
 class Repository(BaseModel):
     """A configured code repository tasks can belong to."""
 
@@ -178,8 +200,8 @@ class Repository(BaseModel):
 
     name: RepositoryName
     description: str = ""
-    github: str | None = Field(default=None, description="GitHub `owner/name` mapped here.")
-    gitlab: str | None = Field(default=None, description="GitLab `group/name` mapped here.")
+    github: ExternalNames = Field(default=(), description="GitHub `owner/name`s mapped here.")
+    gitlab: ExternalNames = Field(default=(), description="GitLab `group/name`s mapped here.")
 
 
 class RepositoriesFile(BaseModel):
@@ -213,11 +235,14 @@ class RepositoryCatalog:
     def by_external(
         self, *, github: str | None = None, gitlab: str | None = None
     ) -> Repository | None:
-        """Map a GitHub ``owner/name`` or GitLab ``group/name`` to a configured repository."""
+        """Map a GitHub ``owner/name`` or GitLab ``group/name`` to a configured repository.
+
+        Names compare without regard to case, as both senders treat them.
+        """
         for repo in self.repositories:
-            if github is not None and repo.github and repo.github.lower() == github.lower():
+            if github is not None and github.lower() in (n.lower() for n in repo.github):
                 return repo
-            if gitlab is not None and repo.gitlab and repo.gitlab.lower() == gitlab.lower():
+            if gitlab is not None and gitlab.lower() in (n.lower() for n in repo.gitlab):
                 return repo
         return None
 
@@ -231,8 +256,25 @@ class RepositoryCatalog:
 SourceName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
+# The largest body each kind of sender sends, by default the cap of its sources:
+#   github:   "Payloads are capped at 25 MB" (GitHub Docs, Webhook events and payloads,
+#             "Payload cap"); GitHub does not deliver larger payloads at all.
+#   gitlab:   GitLab refuses to send a webhook body over 25 MiB
+#             (WebHookService::REQUEST_BODY_SIZE_LIMIT = 25.megabytes, since GitLab 13.3,
+#             merge request gitlab-org/gitlab!38687); an issue description alone may be about
+#             1 MB (GitLab application limits), so 1 MiB was too small.
+#   standard: the Standard Webhooks specification sets no maximum and recommends payloads
+#             "usually smaller than 20kb" (spec, "Payload size"); 1 MiB is ample for the task
+#             events of docs/webhooks/task-events.md (at most about 40 KB).
+DEFAULT_BODY_CAPS: dict[str, int] = {
+    "github": 25 * 1024 * 1024,
+    "gitlab": 25 * 1024 * 1024,
+    "standard": 1024 * 1024,
+}
+
+
 class WebhookSource(BaseModel):
-    """A declared webhook sender."""
+    """A declared webhook sender; `body_cap_bytes` defaults to its scheme's maximum."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -240,6 +282,15 @@ class WebhookSource(BaseModel):
     scheme: Literal["github", "gitlab", "standard"]
     body_cap_bytes: int = Field(default=1024 * 1024, gt=0, le=64 * 1024 * 1024)
     rate_limit: str = "100/minute"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheme_cap(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("body_cap_bytes") is None:
+            cap = DEFAULT_BODY_CAPS.get(str(data.get("scheme")))
+            if cap is not None:
+                data = {**data, "body_cap_bytes": cap}
+        return data
 
 
 class WebhooksFile(BaseModel):
@@ -305,8 +356,27 @@ def load_yaml_model(path: Path, model: type[M]) -> M:
 
 
 def load_repositories(path: Path) -> RepositoryCatalog:
-    """Load settings/repos.yaml."""
-    return RepositoryCatalog(tuple(load_yaml_model(path, RepositoriesFile).repositories))
+    """Load settings/repos.yaml.
+
+    Raises:
+        ConfigurationError: As `load_yaml_model`, or a GitHub or GitLab name is mapped twice
+            (to two repositories, or twice to one): a delivery must file into one place.
+    """
+    repos = load_yaml_model(path, RepositoriesFile).repositories
+    seen: dict[tuple[str, str], str] = {}
+    for index, repo in enumerate(repos):
+        for sender in ("github", "gitlab"):
+            for external in getattr(repo, sender):
+                key = (sender, external.lower())
+                if key in seen:
+                    lines = _line_index(path.read_text(encoding="utf-8"))
+                    line = lines.get(("repositories", index, sender), 1)
+                    raise ConfigurationError(
+                        f"{path.name}:{line}: repositories.{index}.{sender}: {external!r} is "
+                        f"already mapped to repository {seen[key]!r}; map each name once."
+                    )
+                seen[key] = repo.name
+    return RepositoryCatalog(tuple(repos))
 
 
 def load_webhook_sources(path: Path) -> tuple[WebhookSource, ...]:

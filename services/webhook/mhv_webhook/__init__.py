@@ -7,14 +7,14 @@ Layers, top to bottom:
 - the domain: `_ingest` (receiving), `_saga` (processing, through `_taskclient`),
   `_deliveries` (operators' view) and `_jobs`; one module per sender scheme
   (`_scheme_github`, `_scheme_gitlab`, `_scheme_standard`, listed in `_schemes`, sharing
-  `_scheme`), the task changes they map onto (`_changes`), `_sources`, `_secrets` and
-  `_headers`;
+  `_scheme`), the task changes they map onto (`_changes`), the Standard Webhooks task
+  events (`_task_events`), `_sources`, `_secrets` and `_headers`;
 - the stores (SQL only): `_store_inbox` and `_store_saga`.
 
 `_metrics` holds every metric; `app` wires them into a running service.
 """
 
-from mhv_webhook._changes import IgnoredEvent, IssueChange, Kind
+from mhv_webhook._changes import IgnoredEvent, Kind, Missing, QualityGate, TaskChange
 from mhv_webhook._deliveries import Deliveries, DeliveryPage, ListRequest
 from mhv_webhook._edge_admin import WebhookAdminServicer
 from mhv_webhook._edge_http import WebhookEdge
@@ -24,17 +24,33 @@ from mhv_webhook._headers import HeaderView
 from mhv_webhook._ingest import Ingestor, Receipt
 from mhv_webhook._jobs import DedupPurger, DeliveryPurger, InboxGauges
 from mhv_webhook._saga import SagaWorker
-from mhv_webhook._scheme import FreshnessWindow, Scheme, Verified, Verifier, parse_payload
+from mhv_webhook._scheme import (
+    BodyFormat,
+    FreshnessWindow,
+    Scheme,
+    Verified,
+    Verifier,
+    decode_payload,
+)
 from mhv_webhook._schemes import SCHEMES, interpret
 from mhv_webhook._secrets import Secret, parse_secrets
 from mhv_webhook._sources import Source, build_sources
 from mhv_webhook._store_inbox import STATES, AcceptResult, DeliveryRow, Inbox, InboxStats
-from mhv_webhook._store_saga import Claimed, IssueBusy, LeaseLost, SagaRow, Sagas, SagaStep
+from mhv_webhook._store_saga import (
+    Claimed,
+    IssueBusy,
+    IssueLink,
+    LeaseLost,
+    SagaRow,
+    Sagas,
+    SagaStep,
+)
+from mhv_webhook._task_events import SCHEMA as TASK_EVENTS_SCHEMA
 from mhv_webhook._taskclient import (
     PermanentError,
-    QualityGate,
     TaskClient,
     TaskServiceError,
+    TaskSnapshot,
     TaskStatus,
     TransientError,
 )
@@ -42,7 +58,9 @@ from mhv_webhook._taskclient import (
 __all__ = [
     "SCHEMES",
     "STATES",
+    "TASK_EVENTS_SCHEMA",
     "AcceptResult",
+    "BodyFormat",
     "Claimed",
     "DedupPurger",
     "Deliveries",
@@ -59,10 +77,11 @@ __all__ = [
     "InboxStats",
     "Ingestor",
     "IssueBusy",
-    "IssueChange",
+    "IssueLink",
     "Kind",
     "LeaseLost",
     "ListRequest",
+    "Missing",
     "PermanentError",
     "QualityGate",
     "Receipt",
@@ -73,8 +92,10 @@ __all__ = [
     "Scheme",
     "Secret",
     "Source",
+    "TaskChange",
     "TaskClient",
     "TaskServiceError",
+    "TaskSnapshot",
     "TaskStatus",
     "TransientError",
     "Verified",
@@ -82,9 +103,9 @@ __all__ = [
     "WebhookAdminServicer",
     "WebhookEdge",
     "build_sources",
+    "decode_payload",
     "error_response",
     "interpret",
-    "parse_payload",
     "parse_secrets",
     "tls_context",
     "webhook_middleware",

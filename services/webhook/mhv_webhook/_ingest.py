@@ -7,10 +7,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from mhv_common.config import RepositoryCatalog
 from mhv_common.errors import RateLimitExceededError
 from mhv_webhook._headers import HeaderView
 from mhv_webhook._metrics import DUPLICATES, SECRET_MATCHES
-from mhv_webhook._scheme import Clock, parse_payload
+from mhv_webhook._scheme import Clock, body_format, decode_payload
 from mhv_webhook._sources import RATE_CLASS, Source
 from mhv_webhook._store_inbox import Inbox
 
@@ -44,12 +45,21 @@ class Ingestor:
 
     Args:
         inbox: The store.
+        repositories: What payloads may name as a repository (checked on arrival where a
+            scheme's schema asks for one).
         clock: Unix time now; injected so tests control the freshness window.
 
     """
 
-    def __init__(self, inbox: Inbox, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        inbox: Inbox,
+        *,
+        repositories: RepositoryCatalog | None = None,
+        clock: Clock = time.time,
+    ) -> None:
         self._inbox = inbox
+        self._repositories = repositories or RepositoryCatalog(())
         self._clock = clock
 
     def precheck(self, source: Source, headers: HeaderView) -> None:
@@ -80,7 +90,8 @@ class Ingestor:
             RateLimitExceededError: The source sent more verified deliveries than its budget
                 (MHV-006).
             WebhookTimestampInvalidError: Signed timestamp outside the window (MHV-304).
-            ValidationError: Headers or body malformed (MHV-003).
+            ValidationError: Headers or body malformed, a media type the sender does not use,
+                or a payload its scheme refuses (MHV-003).
             DatabaseConnectionError: The inbox is unreachable (MHV-002); nothing was stored.
 
         """
@@ -113,9 +124,12 @@ class Ingestor:
                     retry_after=decision.retry_after,
                 )
             charged = True
-        # Only now, with the bytes authenticated, is the body parsed.
-        payload = parse_payload(body)
+        # Only now, with the bytes authenticated, is the body decoded, by its media type.
+        fmt = body_format(headers, source.scheme.body_formats)
+        payload = decode_payload(body, fmt)
         event, action = source.scheme.describe(verified, payload)
+        # What the sender can still correct is refused now, while it is listening.
+        source.scheme.check(event=event, payload=payload, repositories=self._repositories)
         result = await self._inbox.accept(
             source=source.name,
             dedup_keys=verified.dedup_keys,
@@ -124,6 +138,7 @@ class Ingestor:
             action=action,
             headers=headers.pick(source.scheme.kept_headers),
             body=body,
+            content_type=fmt.value,
             traceparent=traceparent,
             tracestate=tracestate,
             timeout=timeout,

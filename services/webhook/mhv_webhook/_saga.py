@@ -8,10 +8,12 @@ committing. The steps:
 1. ``actor``: the user who made the change exists (created if missing);
 2. ``claim``: the issue's task is found, or this saga claims the right to create it (a
    committed claim, so that two deliveries about one issue never both create a task, and a
-   saga that dies after creating one finds it again);
+   saga that dies after creating one finds it again). An issue opened again after its task
+   ended gets a new task; a state change older than the last one applied is ignored;
 3. ``task``: the claimed task is created, with an idempotency key derived from the delivery,
    so a repeated step returns the same task, and the claim records it;
-4. ``change``: the change is applied (edit, close, assign; nothing more for opened/reopened);
+4. ``change``: the change is applied: the open task follows the change's fields (title,
+   description, metadata, assignee, repository), or is completed or cancelled;
 5. the delivery is marked completed.
 
 A worker that dies at any step boundary stops renewing its lease; another worker then resumes
@@ -33,6 +35,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -43,16 +46,25 @@ from mhv_common.errors import (
     InvalidTaskTransitionError,
     MahavishnuError,
     TaskAlreadyCompletedError,
+    TaskUpdateFailedError,
 )
-from mhv_webhook._changes import Change, IgnoredEvent, IssueChange, Kind
+from mhv_webhook._changes import (
+    Change,
+    IgnoredEvent,
+    Kind,
+    Missing,
+    TaskChange,
+    merged_metadata,
+    sender_time,
+)
 from mhv_webhook._metrics import SAGA_OUTCOMES
 from mhv_webhook._scheme import Scheme
 from mhv_webhook._schemes import interpret
 from mhv_webhook._store_saga import Claimed, IssueBusy, LeaseLost, Sagas, SagaStep
 from mhv_webhook._taskclient import (
     PermanentError,
-    QualityGate,
     TaskClient,
+    TaskSnapshot,
     TaskStatus,
     TransientError,
 )
@@ -64,8 +76,16 @@ STEPS = ("started", "actor", "claim", "task", "change", "done")
 # Answers that mean "the change no longer applies", which completes the saga: e.g. closing an
 # issue whose task was completed already.
 _ALREADY = (TaskAlreadyCompletedError, InvalidTaskTransitionError)
-# What completing a task for a closed issue records: the gateway itself runs no checks.
-_CLOSED_ISSUE_GATE = QualityGate(passed=True, checks_run=0)
+# Reads of a task before an update that someone else's change keeps making stale.
+_UPDATE_ATTEMPTS = 3
+
+
+class NothingToDo(Exception):
+    """The change has nothing to act on: the delivery ends ignored, with this reason."""
+
+
+class TaskNotYetCreated(Exception):
+    """The change addresses a task that an earlier event creates, not here yet: retry later."""
 
 
 def _after(step: str, done: str) -> bool:
@@ -173,6 +193,7 @@ class SagaWorker:
             source=claimed.source,
             event=claimed.event,
             body=claimed.body,
+            content_type=claimed.content_type,
             repositories=self._repos,
         )
         try:
@@ -181,13 +202,15 @@ class SagaWorker:
                 return
             await self._run(claimed, intent)
             await self._end(claimed, "completed", "completed")
+        except NothingToDo as exc:
+            await self._end(claimed, "ignored", "completed", str(exc))
         except LeaseLost:
             logger.warning(
                 "saga lease lost; another worker resumes it", extra={"delivery": str(claimed.id)}
             )
         except PermanentError as exc:
             await self._compensate(claimed, intent, exc)
-        except (TransientError, IssueBusy) as exc:
+        except (TransientError, IssueBusy, TaskNotYetCreated) as exc:
             await self._retry(claimed, str(exc))
         except MahavishnuError as exc:
             # Our own database or deadline (MHV-002, MHV-007): try again later.
@@ -199,7 +222,7 @@ class SagaWorker:
             claimed.id, worker=self._id, lease_seconds=self._lease, timeout=context.time_left()
         )
 
-    async def _run(self, claimed: Claimed, change: IssueChange) -> None:
+    async def _run(self, claimed: Claimed, change: TaskChange) -> None:
         with context.deadline_scope(self._lease / 2):
             async with self._step(claimed) as step:
                 actor = step.saga.user_id
@@ -212,20 +235,7 @@ class SagaWorker:
             async with self._step(claimed) as step:
                 if not _after(step.saga.step, "actor"):
                     # Committed before any task is created: see migrations/webhook/0003.
-                    task_id, create = await step.claim_issue(
-                        change.source,
-                        change.external_key,
-                        replace=change.kind == Kind.REOPENED,
-                        timeout=context.time_left(),
-                    )
-                    if task_id is not None and await self._client.task_status(task_id) is None:
-                        # The linked task was deleted: this issue needs a new one.
-                        task_id, create = await step.claim_issue(
-                            change.source,
-                            change.external_key,
-                            replace=True,
-                            timeout=context.time_left(),
-                        )
+                    task_id, create = await self._claim(step, change)
                     await step.record(
                         "claim", task_id=task_id, created_task=create, timeout=context.time_left()
                     )
@@ -237,12 +247,16 @@ class SagaWorker:
                     if step.saga.created_task:
                         # Repeating this (after a crash) returns the same task: the request id
                         # is this delivery's.
+                        assert change.repository is not None
                         task_id = await self._client.create_task(
                             request_id=claimed.idempotency_key,
-                            title=change.title.strip() or change.external_key,
-                            description=change.description,
+                            title=(change.title or "").strip() or change.external_key,
+                            description=change.description or "",
                             repository=change.repository,
                             actor=actor,
+                            metadata=merged_metadata({}, change.metadata),
+                            priority=change.priority,
+                            deadline=change.deadline,
                         )
                         await step.link_task(
                             change.source, change.external_key, task_id, timeout=context.time_left()
@@ -253,36 +267,102 @@ class SagaWorker:
             async with self._step(claimed) as step:
                 if not _after(step.saga.step, "task"):
                     assert step.saga.task_id is not None
-                    await self._apply(change, step.saga.task_id, actor)
+                    await self._apply(
+                        change, step.saga.task_id, actor, created=step.saga.created_task
+                    )
                     await step.record("change", timeout=context.time_left())
         self._failpoint("change")
 
-    async def _apply(self, change: IssueChange, task_id: int, actor: uuid.UUID) -> None:
+    async def _claim(self, step: SagaStep, change: TaskChange) -> tuple[int | None, bool]:
+        """The task the change applies to: (its id, False), or (None, True) to create one.
+
+        Raises:
+            IssueBusy: Another delivery's saga is creating the task (retry shortly).
+            NothingToDo: A late state change, or nothing to act on (ignored).
+            TaskNotYetCreated: The task's creating event has not been processed (retry).
+        """
+        key, left = change.external_key, context.time_left
+        if change.moved_from is not None:
+            # The thing moved: its task, if it had one, goes with it.
+            await step.move_link(change.source, change.moved_from, key, timeout=left())
+        link = await step.lock_link(change.source, key, timeout=left())
+        if link.being_created:
+            raise IssueBusy(f"delivery {link.delivery} is creating the task of {key}")
+        ordered = change.kind.changes_state and change.happened_at is not None
+        if ordered and link.state_at is not None:
+            assert change.happened_at is not None
+            if change.happened_at < link.state_at:
+                raise NothingToDo(
+                    f"{change.kind} of {key} at {change.happened_at.isoformat()} is older than "
+                    f"the state change applied already ({link.state_at.isoformat()})"
+                )
+        linked = link.task_id
+        task = await self._client.get_task(linked) if linked is not None else None
+        reopened = task is not None and task.status.closed and change.kind == Kind.OPENED
+        if task is None or reopened:
+            if not reopened and change.missing != Missing.CREATE:
+                if change.missing == Missing.WAIT and linked is None:
+                    raise TaskNotYetCreated(
+                        f"no task for {key} yet; the event that creates it may still come"
+                    )
+                gone = f"task {linked} of {key} was deleted" if linked else f"{key} has no task"
+                raise NothingToDo(f"{gone}: the {change.kind.value} event changes nothing")
+            # A new thing, or one whose task was deleted, or (re)opened after its task
+            # ended: completed and cancelled tasks are final, so it gets a new task.
+            await step.claim_issue(change.source, key, timeout=left())
+            linked = None
+        if ordered:
+            assert change.happened_at is not None
+            await step.mark_state(change.source, key, change.happened_at, timeout=left())
+        return linked, linked is None
+
+    async def _apply(
+        self, change: TaskChange, task_id: int, actor: uuid.UUID, *, created: bool
+    ) -> None:
+        ends = change.kind in (Kind.CLOSED, Kind.DELETED) or (
+            change.kind == Kind.TRANSFERRED and change.repository is None
+        )
         try:
-            if change.kind == Kind.EDITED:
-                await self._client.update_task(
-                    task_id,
-                    title=change.title.strip() or change.external_key,
-                    description=change.description,
-                    actor=actor,
-                )
-            elif change.kind == Kind.CLOSED:
-                await self._close(task_id, actor, not_planned=change.not_planned)
-            elif change.kind == Kind.ASSIGNED:
-                assignee = (
-                    await self._client.ensure_user(change.assignee) if change.assignee else None
-                )
-                await self._client.assign_task(task_id, assignee, actor=actor)
+            if ends:
+                await self._close(task_id, actor, change)
+            else:
+                await self._follow(change, task_id, actor, created=created)
         except PermanentError as exc:
             if not isinstance(exc.error, _ALREADY):
                 raise
 
-    async def _close(self, task_id: int, actor: uuid.UUID, *, not_planned: bool) -> None:
+    async def _follow(
+        self, change: TaskChange, task_id: int, actor: uuid.UUID, *, created: bool
+    ) -> None:
+        """Make the open task look as the change says (a closed task keeps its last state)."""
+        task: TaskSnapshot | None = None
+        for attempt in range(_UPDATE_ATTEMPTS):
+            task = await self._client.get_task(task_id)
+            if task is None or task.status.closed:
+                return
+            # A task this saga created got the change's fields when it was created.
+            changes = {} if created else _differences(change, task)
+            if not changes:
+                break
+            try:
+                await self._client.update_task(task_id, changes, etag=task.etag, actor=actor)
+                break
+            except PermanentError as exc:
+                # Someone changed the task since it was read: read it again.
+                last = attempt == _UPDATE_ATTEMPTS - 1
+                if last or not isinstance(exc.error, TaskUpdateFailedError):
+                    raise
+        if change.assignees is not None and task is not None:
+            # The task has one assignee: the first of the issue's.
+            first = change.assignees[0] if change.assignees else None
+            assignee = await self._client.ensure_user(first) if first else None
+            if assignee != task.assigned_to:
+                await self._client.assign_task(task_id, assignee, actor=actor)
+
+    async def _close(self, task_id: int, actor: uuid.UUID, change: TaskChange) -> None:
         """Drive the task to cancelled or completed from wherever it is (safe to repeat)."""
-        if not_planned:
-            await self._client.cancel_task(
-                task_id, reason="issue closed as not planned", actor=actor
-            )
+        if change.cancel_reason:
+            await self._client.cancel_task(task_id, reason=change.cancel_reason, actor=actor)
             return
         for _ in range(4):
             status = await self._client.task_status(task_id)
@@ -293,8 +373,9 @@ class SagaWorker:
             elif status == TaskStatus.PENDING:
                 await self._client.start_task(task_id, actor=actor)
             else:
+                # No gate ran unless the sender reports one: the record says "not run".
                 await self._client.complete_task(
-                    task_id, quality_gate=_CLOSED_ISSUE_GATE, actor=actor
+                    task_id, quality_gate=change.quality_gate, actor=actor
                 )
 
     async def _compensate(self, claimed: Claimed, intent: Change, error: PermanentError) -> None:
@@ -305,7 +386,7 @@ class SagaWorker:
         """
         reason = f"{error}"
         saga = await self._sagas.saga(claimed.id, timeout=context.time_left())
-        if isinstance(intent, IssueChange) and saga is not None and saga.created_task:
+        if isinstance(intent, TaskChange) and saga is not None and saga.created_task:
             try:
                 if saga.task_id is not None:
                     await self._client.cancel_task(
@@ -371,3 +452,26 @@ class SagaWorker:
             # Fault injection for the crash tests: die exactly at this step boundary, the way a
             # killed process would, with no cleanup.
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _differences(change: TaskChange, task: TaskSnapshot) -> dict[str, Any]:
+    """The fields to update for the task to look as the change says."""
+    wanted: dict[str, Any] = {
+        "title": (change.title or "").strip() or None,
+        "description": change.description,
+        "priority": change.priority,
+    }
+    # Only a move changes the repository: a task moved by hand stays where it was put.
+    if change.kind == Kind.TRANSFERRED or change.moved_from is not None:
+        wanted["repository"] = change.repository
+    changes = {
+        name: value
+        for name, value in wanted.items()
+        if value is not None and value != getattr(task, name)
+    }
+    if change.deadline is not None:
+        changes["deadline"] = sender_time(change.deadline)
+    metadata = merged_metadata(task.metadata, change.metadata)
+    if metadata != task.metadata:
+        changes["metadata"] = metadata
+    return changes

@@ -14,10 +14,12 @@ windows are tested at their edges.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +37,8 @@ Clock = Callable[[], float]
 # Sender ids and event names are short printable ASCII everywhere we know of.
 DELIVERY_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 EVENT = re.compile(r"^[\x20-\x7e]{1,200}$")
+# A form body from GitHub has one field; a few more are tolerated, thousands are not parsed.
+_MAX_FORM_FIELDS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +105,12 @@ class Scheme(Protocol):
     Attributes:
         name: The scheme's name in settings/webhooks.yaml (``scheme: github``).
         kept_headers: Non-secret headers stored with each delivery.
+        body_formats: The media types its senders send bodies in (JSON first).
     """
 
     name: str
     kept_headers: tuple[str, ...]
+    body_formats: tuple[BodyFormat, ...]
 
     def verifier(
         self, secrets: Sequence[Secret], *, window: FreshnessWindow, variable: str
@@ -122,6 +128,16 @@ class Scheme(Protocol):
 
     def describe(self, verified: Verified, payload: Mapping[str, Any]) -> tuple[str, str]:
         """(event, action) of a verified delivery, from its headers and parsed body."""
+
+    def check(
+        self, *, event: str, payload: Mapping[str, Any], repositories: RepositoryCatalog
+    ) -> None:
+        """Refuse, before the delivery is stored, a payload the sender must correct.
+
+        Raises:
+            ValidationError: The payload breaks the scheme's published schema (MHV-003,
+                with a field violation per problem).
+        """
 
     def interpret(
         self,
@@ -185,23 +201,77 @@ def body_digest(body: bytes) -> tuple[str, str]:
     return ("body_sha256", hashlib.sha256(body).hexdigest())
 
 
-def parse_payload(body: bytes) -> dict[str, Any]:
-    """Parse a verified body as a JSON object.
+class BodyFormat(enum.StrEnum):
+    """How a sender encodes its payload, by the media type of its ``Content-Type``."""
+
+    JSON = "application/json"
+    # GitHub, for a hook configured so: ``payload=<the JSON, percent-encoded>``.
+    FORM = "application/x-www-form-urlencoded"
+
+
+def body_format(headers: HeaderView, accepted: Sequence[BodyFormat]) -> BodyFormat:
+    """The format the request's ``Content-Type`` names (JSON when it names none).
 
     Raises:
-        ValidationError: Not UTF-8, not JSON, nested too deeply, or not an object.
+        ValidationError: A media type the scheme's senders do not send (MHV-003).
+    """
+    value = headers.get("content-type")
+    media = (value or "").partition(";")[0].strip().lower()
+    if not media:
+        return BodyFormat.JSON
+    for candidate in accepted:
+        if media == candidate.value:
+            return candidate
+    names = " or ".join(f.value for f in accepted)
+    raise ValidationError(
+        f"Content-Type {media!r} is not accepted here; send {names}.",
+        violations=[FieldViolation("content-type", f"must be {names}")],
+    )
+
+
+def decode_payload(body: bytes, fmt: BodyFormat) -> dict[str, Any]:
+    """Decode a verified body as a JSON object, from the format it was sent in.
+
+    Raises:
+        ValidationError: Not UTF-8, not JSON, nested too deeply, or not an object; a form
+            without exactly one ``payload`` field.
 
     """
+    text: str | bytes = body
+    if fmt is BodyFormat.FORM:
+        text = _form_payload(body)
     try:
-        payload = json.loads(body.decode("utf-8"))
+        payload = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ValidationError(
-            "The body is not a UTF-8 JSON document.",
+            "The payload is not a UTF-8 JSON document.",
             violations=[FieldViolation("body", "must be a JSON object in UTF-8")],
         ) from None
     if not isinstance(payload, dict):
         raise ValidationError(
-            "The body must be a JSON object.",
+            "The payload must be a JSON object.",
             violations=[FieldViolation("body", "must be a JSON object")],
         )
     return payload
+
+
+def _form_payload(body: bytes) -> str:
+    """The ``payload`` field of a form body (other fields, if any, are not ours to read)."""
+    try:
+        fields = urllib.parse.parse_qs(
+            body.decode("ascii"),
+            keep_blank_values=True,
+            strict_parsing=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=_MAX_FORM_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError):
+        fields = {}
+    found = fields.get("payload", [])
+    if len(found) != 1:
+        raise ValidationError(
+            "A form-encoded body must carry the JSON in exactly one `payload` field.",
+            violations=[FieldViolation("body", "must be payload=<JSON>, form-encoded")],
+        )
+    return found[0]

@@ -6,9 +6,8 @@ see `mhv_webhook._scheme_standard`). Plain secrets check the token, ``whsec_`` s
 signature; with both kinds configured both must pass. The delivery id is the signed
 ``webhook-id``, else ``Idempotency-Key``, else ``X-Gitlab-Event-UUID``.
 
-Task changes: issue events (``object_kind: issue``) with action open, update, close and
-reopen; an update that changes the assignees is an assignment. Everything else is stored and
-ignored.
+Task changes: issue events (``object_kind: issue``, ``Issue Hook`` and ``Confidential Issue
+Hook``), every action with a defined effect (`ACTIONS`); everything else is stored and ignored.
 """
 
 from __future__ import annotations
@@ -16,15 +15,32 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from mhv_common.config import RepositoryCatalog
 from mhv_common.errors import FieldViolation, ValidationError, WebhookSignatureInvalidError
-from mhv_webhook._changes import Change, IgnoredEvent, Kind, issue_change, login
+from mhv_webhook._changes import (
+    DESCRIPTION_LIMIT,
+    NAME_LIMIT,
+    TITLE_LIMIT,
+    Change,
+    IgnoredEvent,
+    Kind,
+    TaskChange,
+    cut,
+    login,
+    logins,
+    names,
+    sender_time,
+    username,
+    usernames,
+)
 from mhv_webhook._headers import HeaderView
 from mhv_webhook._scheme import (
     DELIVERY_ID,
     EVENT,
+    BodyFormat,
     FreshnessWindow,
     Verified,
     Verifier,
@@ -106,12 +122,17 @@ class GitLabVerifier:
         return Verified(delivery, event, tuple(labels), dedup)
 
 
-_ACTIONS = {
-    "open": Kind.OPENED,
-    "update": Kind.EDITED,
-    "close": Kind.CLOSED,
-    "reopen": Kind.REOPENED,
-}
+# What each Issue Hook ``object_attributes.action`` does to the issue's task
+# (docs/webhooks/processing.md). An update carries the whole issue: the task follows its
+# title, description, labels, milestone and assignees, whatever ``changes`` names.
+ACTIONS: Mapping[str, Kind] = MappingProxyType(
+    {
+        "open": Kind.OPENED,
+        "reopen": Kind.OPENED,
+        "update": Kind.EDITED,
+        "close": Kind.CLOSED,
+    }
+)
 
 
 class GitLab:
@@ -126,6 +147,7 @@ class GitLab:
         "x-gitlab-event-uuid",
         "idempotency-key",
     )
+    body_formats: tuple[BodyFormat, ...] = (BodyFormat.JSON,)
 
     def verifier(
         self, secrets: Sequence[Secret], *, window: FreshnessWindow, variable: str
@@ -139,6 +161,11 @@ class GitLab:
         action = printable(attributes.get("action")) if isinstance(attributes, dict) else ""
         return verified.event or printable(payload.get("object_kind")), action
 
+    def check(
+        self, *, event: str, payload: Mapping[str, Any], repositories: RepositoryCatalog
+    ) -> None:
+        """Nothing beyond a JSON object: GitLab's payloads are GitLab's to shape."""
+
     def interpret(
         self,
         *,
@@ -147,18 +174,20 @@ class GitLab:
         payload: Mapping[str, Any],
         repositories: RepositoryCatalog,
     ) -> Change:
-        """An issue event's change to the issue's task."""
-        if payload.get("object_kind") != "issue":
-            return IgnoredEvent(f"GitLab {payload.get('object_kind')!r} events do not change tasks")
+        """An issue event's change to the issue's task (confidential issues alike)."""
+        kind_of_object = payload.get("object_kind")
+        if kind_of_object == "work_item":
+            return IgnoredEvent("GitLab work items other than issues do not change tasks")
+        if kind_of_object != "issue":
+            return IgnoredEvent(f"GitLab {kind_of_object!r} events do not change tasks")
         attributes = payload.get("object_attributes")
         project = payload.get("project")
         if not isinstance(attributes, dict) or not isinstance(project, dict):
             return IgnoredEvent("GitLab issue event without attributes or project")
-        kind = _ACTIONS.get(str(attributes.get("action")))
+        action = attributes.get("action")
+        kind = ACTIONS.get(action) if isinstance(action, str) else None
         if kind is None:
-            return IgnoredEvent(
-                f"GitLab issue action {attributes.get('action')!r} does not change tasks"
-            )
+            return IgnoredEvent(f"GitLab issue action {action!r} has no defined task effect")
         path = project.get("path_with_namespace")
         iid = attributes.get("iid")
         if not isinstance(path, str) or not isinstance(iid, int):
@@ -169,24 +198,65 @@ class GitLab:
         actor = login(payload.get("user"))
         if not actor:
             return IgnoredEvent("GitLab issue event without a user")
-        assignee = ""
-        changes = payload.get("changes")
-        if kind == Kind.EDITED and isinstance(changes, dict) and "assignees" in changes:
-            # An update that changed the assignees is an assignment (to nobody when empty).
-            kind = Kind.ASSIGNED
-            assignees = changes["assignees"]
-            current = assignees.get("current") if isinstance(assignees, dict) else None
-            assignee = login(current[0] if isinstance(current, list) and current else None)
-        return issue_change(
-            kind,
+        key = f"{path}#{iid}"
+        return TaskChange(
+            kind=kind,
             source=source,
-            external_key=f"{path}#{iid}",
+            external_key=key,
             repository=configured.name,
-            actor=actor,
-            title=attributes.get("title"),
-            description=attributes.get("description"),
-            assignee=assignee,
+            actor=username(source, actor),
+            title=cut(attributes.get("title"), TITLE_LIMIT),
+            description=cut(attributes.get("description"), DESCRIPTION_LIMIT),
+            metadata=_metadata(source, key, payload, attributes),
+            assignees=usernames(source, _assignees(payload, attributes)),
+            cancel_reason=_closing_reason(attributes) if kind == Kind.CLOSED else "",
+            happened_at=sender_time(attributes.get("updated_at")),
         )
+
+
+def _assignees(payload: Mapping[str, Any], attributes: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The issue's assignees now, or None when the payload does not say."""
+    changes = payload.get("changes")
+    changed = changes.get("assignees") if isinstance(changes, dict) else None
+    if isinstance(changed, dict) and "current" in changed:
+        return logins(changed["current"])
+    if "assignees" in payload:
+        return logins(payload["assignees"])
+    # GitLab leaves the assignees list out when there is none.
+    return () if attributes.get("assignee_ids") == [] else None
+
+
+def _closing_reason(attributes: Mapping[str, Any]) -> str:
+    """Empty (complete the task), unless the issue was closed by a move or as a duplicate."""
+    moved_to = attributes.get("moved_to_id")
+    if isinstance(moved_to, int):
+        return f"issue moved to another GitLab project (issue id {moved_to})"
+    duplicate_of = attributes.get("duplicated_to_id")
+    if isinstance(duplicate_of, int):
+        return f"issue closed as a duplicate (of GitLab issue id {duplicate_of})"
+    return ""
+
+
+def _metadata(
+    source: str, key: str, payload: Mapping[str, Any], attributes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The task metadata an issue sets: where it comes from, labels, milestone."""
+    origin: dict[str, Any] = {"source": source, "key": key}
+    url = cut(attributes.get("url"), 500)
+    if url:
+        origin["url"] = url
+    issue_type = cut(attributes.get("type"), NAME_LIMIT)
+    if issue_type:
+        origin["type"] = issue_type
+    metadata: dict[str, Any] = {"origin": origin}
+    labels = names(payload.get("labels", attributes.get("labels")), "title")
+    if labels is not None:
+        metadata["labels"] = labels
+    if "milestone_id" in attributes:
+        # GitLab's issue events name the milestone by id only.
+        milestone = attributes["milestone_id"]
+        metadata["milestone"] = {"id": milestone} if isinstance(milestone, int) else None
+    return metadata
 
 
 SCHEME = GitLab()

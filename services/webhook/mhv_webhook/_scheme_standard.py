@@ -3,9 +3,13 @@
 The signature is HMAC-SHA256 with the ``whsec_`` key over ``{webhook-id}.{webhook-timestamp}.
 {body}``, sent as ``v1,<base64>`` entries separated by spaces in ``webhook-signature`` (several
 during a key rotation). The timestamp is held to a freshness window in the past and the future.
-GitLab's signing token follows the same rules (`mhv_webhook._scheme_gitlab` uses
-`verify_signature`). The scheme defines no task mapping yet: its deliveries are stored and
-ignored, with the reason.
+Svix sends the same three headers as ``svix-id``, ``svix-timestamp`` and ``svix-signature``;
+they are read as Svix's libraries read them (the ``svix-*`` set when complete, else
+``webhook-*``). GitLab's signing token follows the same rules (`mhv_webhook._scheme_gitlab`
+uses `verify_signature`, ``webhook-*`` only).
+
+Task changes: the task events of `mhv_webhook._task_events`, checked against their schema on
+arrival; deliveries of other types are stored and ignored, with the reason.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from mhv_common.errors import (
     WebhookSignatureInvalidError,
     WebhookTimestampInvalidError,
 )
-from mhv_webhook._changes import Change, IgnoredEvent
+from mhv_webhook import _task_events as task_events
+from mhv_webhook._changes import Change
 from mhv_webhook._headers import HeaderView
 from mhv_webhook._scheme import (
+    BodyFormat,
     FreshnessWindow,
     Verified,
     Verifier,
@@ -41,7 +47,13 @@ _UNIX_SECONDS = re.compile(r"^[0-9]{1,12}$")
 MAX_SIGNATURES = 16
 
 
-def check_freshness(timestamp: str | None, *, now: float, window: FreshnessWindow) -> int:
+def check_freshness(
+    timestamp: str | None,
+    *,
+    now: float,
+    window: FreshnessWindow,
+    header: str = "webhook-timestamp",
+) -> int:
     """Parse a signed Unix timestamp and check it lies within the window around `now`.
 
     Raises:
@@ -49,10 +61,10 @@ def check_freshness(timestamp: str | None, *, now: float, window: FreshnessWindo
 
     """
     if timestamp is None:
-        raise WebhookTimestampInvalidError("The webhook-timestamp header is missing.")
+        raise WebhookTimestampInvalidError(f"The {header} header is missing.")
     if not _UNIX_SECONDS.match(timestamp):
         raise WebhookTimestampInvalidError(
-            "The webhook-timestamp header is not a Unix time in whole seconds."
+            f"The {header} header is not a Unix time in whole seconds."
         )
     value = int(timestamp)
     if now - value > window.past_seconds:
@@ -84,26 +96,58 @@ def _signatures(header: str) -> list[bytes]:
     return found
 
 
+# The header names of Standard Webhooks, and the same three under Svix's own prefix.
+STANDARD_PREFIX = "webhook"
+SVIX_PREFIX = "svix"
+
+
+def header_prefix(headers: HeaderView, prefixes: Sequence[str]) -> str:
+    """Which header family a request uses, as Svix's libraries decide.
+
+    The first of `prefixes` whose id, timestamp and signature are all present; else the first
+    with any of the three (so errors name what the sender sent); else the last (the standard).
+    """
+    names = ("id", "timestamp", "signature")
+    for prefix in prefixes:
+        if all(headers.get(f"{prefix}-{n}") for n in names):
+            return prefix
+    for prefix in prefixes:
+        if any(headers.get(f"{prefix}-{n}") for n in names):
+            return prefix
+    return prefixes[-1]
+
+
 def precheck_signature(
-    headers: HeaderView, *, now: float, window: FreshnessWindow
+    headers: HeaderView,
+    *,
+    now: float,
+    window: FreshnessWindow,
+    prefixes: Sequence[str] = (STANDARD_PREFIX,),
 ) -> tuple[str, str, str]:
-    """The checks that need no body: (signature, timestamp, webhook-id).
+    """The checks that need no body: (signature, timestamp, message id).
+
+    Args:
+        headers: The request's headers.
+        now: Unix time now.
+        window: Accepted distance of the signed timestamp from `now`.
+        prefixes: Header families accepted, preferred first (``svix``, ``webhook``).
 
     Raises:
         WebhookTimestampInvalidError: Timestamp missing, malformed or outside the window.
         WebhookSignatureInvalidError: Id or signature missing.
 
     """
-    signature = headers.get("webhook-signature")
+    prefix = header_prefix(headers, prefixes)
+    signature = headers.get(f"{prefix}-signature")
     if not signature:
-        raise WebhookSignatureInvalidError("The webhook-signature header is missing.")
+        raise WebhookSignatureInvalidError(f"The {prefix}-signature header is missing.")
     # Stale or future-dated requests are refused before any HMAC is computed.
-    timestamp = headers.get("webhook-timestamp")
-    check_freshness(timestamp, now=now, window=window)
+    timestamp = headers.get(f"{prefix}-timestamp")
+    check_freshness(timestamp, now=now, window=window, header=f"{prefix}-timestamp")
     assert timestamp is not None
-    msg_id = headers.get("webhook-id")
+    msg_id = headers.get(f"{prefix}-id")
     if not msg_id:
-        raise WebhookSignatureInvalidError("The webhook-id header is missing.")
+        raise WebhookSignatureInvalidError(f"The {prefix}-id header is missing.")
     return signature, timestamp, msg_id
 
 
@@ -114,15 +158,18 @@ def verify_signature(
     *,
     now: float,
     window: FreshnessWindow,
+    prefixes: Sequence[str] = (STANDARD_PREFIX,),
 ) -> tuple[str, str]:
-    """Verify Standard Webhooks v1 headers; return (webhook-id, label of the matched secret).
+    """Verify Standard Webhooks v1 headers; return (message id, label of the matched secret).
 
     Raises:
         WebhookTimestampInvalidError: Timestamp missing, malformed or outside the window.
         WebhookSignatureInvalidError: Id or signature missing, or no signature matches.
 
     """
-    signature, timestamp, msg_id = precheck_signature(headers, now=now, window=window)
+    signature, timestamp, msg_id = precheck_signature(
+        headers, now=now, window=window, prefixes=prefixes
+    )
     given = _signatures(signature)
     signed = b".".join((msg_id.encode("utf-8"), timestamp.encode("ascii"), body))
     for secret in active_secrets(secrets, now):
@@ -134,6 +181,10 @@ def verify_signature(
         if matched:
             return msg_id, secret.label
     raise WebhookSignatureInvalidError()
+
+
+# Svix's own header names first, as Svix's libraries read them; then the standard ones.
+_PREFIXES = (SVIX_PREFIX, STANDARD_PREFIX)
 
 
 class StandardVerifier:
@@ -149,12 +200,14 @@ class StandardVerifier:
 
     def precheck(self, headers: HeaderView, *, now: float) -> None:
         """Signature, id and a fresh timestamp are there."""
-        precheck_signature(headers, now=now, window=self._window)
+        precheck_signature(headers, now=now, window=self._window, prefixes=_PREFIXES)
 
     def verify(self, headers: HeaderView, body: bytes, *, now: float) -> Verified:
         """Check timestamp and signature over ``{id}.{timestamp}.{body}``."""
-        msg_id, label = verify_signature(headers, body, self._secrets, now=now, window=self._window)
-        checked_delivery_id(msg_id, "webhook-id")
+        msg_id, label = verify_signature(
+            headers, body, self._secrets, now=now, window=self._window, prefixes=_PREFIXES
+        )
+        checked_delivery_id(msg_id, f"{header_prefix(headers, _PREFIXES)}-id")
         # id and timestamp are signed: a replay under a fresh id fails the signature, so the
         # id alone is the dedup key.
         return Verified(msg_id, "", (label,), (("delivery_id", msg_id),))
@@ -165,6 +218,7 @@ class StandardWebhooks:
 
     name = "standard"
     kept_headers: tuple[str, ...] = ("content-type", "user-agent")
+    body_formats: tuple[BodyFormat, ...] = (BodyFormat.JSON,)
 
     def verifier(
         self, secrets: Sequence[Secret], *, window: FreshnessWindow, variable: str
@@ -180,6 +234,12 @@ class StandardWebhooks:
         """Event from the payload's ``type``; Standard Webhooks has no separate action."""
         return printable(payload.get("type")), ""
 
+    def check(
+        self, *, event: str, payload: Mapping[str, Any], repositories: RepositoryCatalog
+    ) -> None:
+        """A task event must match its schema (other types are not task events)."""
+        task_events.check(payload, repositories)
+
     def interpret(
         self,
         *,
@@ -188,8 +248,8 @@ class StandardWebhooks:
         payload: Mapping[str, Any],
         repositories: RepositoryCatalog,
     ) -> Change:
-        """No task mapping is defined for Standard Webhooks events yet: stored and ignored."""
-        return IgnoredEvent(f"no task mapping for {self.name} events")
+        """A task event's change; any other type is stored and ignored."""
+        return task_events.interpret(source=source, payload=payload, repositories=repositories)
 
 
 SCHEME = StandardWebhooks()

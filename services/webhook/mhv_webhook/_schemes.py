@@ -6,15 +6,14 @@ and allow its name in `mhv_common.config.WebhookSource.scheme`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from types import MappingProxyType
 
 from mhv_common.config import RepositoryCatalog
-from mhv_common.errors import ConfigurationError
+from mhv_common.errors import ConfigurationError, ValidationError
 from mhv_webhook import _scheme_github, _scheme_gitlab, _scheme_standard
 from mhv_webhook._changes import Change, IgnoredEvent
-from mhv_webhook._scheme import Scheme
+from mhv_webhook._scheme import BodyFormat, Scheme, decode_payload
 
 SCHEMES: Mapping[str, Scheme] = MappingProxyType(
     {
@@ -42,6 +41,7 @@ def interpret(
     source: str,
     event: str,
     body: bytes,
+    content_type: str,
     repositories: RepositoryCatalog,
 ) -> Change:
     """The task change a stored delivery asks for, in its scheme's reading of its body.
@@ -51,14 +51,13 @@ def interpret(
         source: The source's name.
         event: The event name stored with the delivery.
         body: The stored body (verified when it was received).
+        content_type: The media type the body was sent as.
         repositories: Where issues' repositories are looked up.
     """
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return IgnoredEvent("body is not JSON")
-    if not isinstance(payload, dict):
-        return IgnoredEvent("body is not a JSON object")
+        payload = decode_payload(body, BodyFormat(content_type))
+    except (ValueError, ValidationError) as exc:
+        return IgnoredEvent(f"payload cannot be decoded: {exc}")
     if scheme is None:
         return IgnoredEvent(f"no task mapping for events of source {source!r}")
     return scheme.interpret(source=source, event=event, payload=payload, repositories=repositories)

@@ -29,8 +29,9 @@ WITH claimed AS (
     RETURNING key_kind
 ), enqueued AS (
     INSERT INTO deliveries
-        (id, source, delivery_id, event, action, headers, body, traceparent, tracestate)
-    SELECT $4, $1, $5, $6, $7, $8::jsonb, $9, $10, $11
+        (id, source, delivery_id, event, action, headers, body, content_type, traceparent,
+         tracestate)
+    SELECT $4, $1, $5, $6, $7, $8::jsonb, $9, $12, $10, $11
     WHERE (SELECT count(*) FROM claimed) = cardinality($2::text[])
     RETURNING id
 )
@@ -120,11 +121,15 @@ class Inbox:
         action: str,
         headers: Mapping[str, str],
         body: bytes,
+        content_type: str,
         traceparent: str | None,
         tracestate: str | None,
         timeout: float | None = None,
     ) -> AcceptResult:
-        """Claim the dedup keys and enqueue the delivery, atomically, in one statement."""
+        """Claim the dedup keys and enqueue the delivery, atomically, in one statement.
+
+        `content_type` is the media type the body was sent as, kept so the saga decodes it.
+        """
         new_id = uuid.uuid4()
         async with self._db.connection(timeout=timeout) as conn:
             row = await conn.fetchrow(
@@ -140,6 +145,7 @@ class Inbox:
                 body,
                 traceparent,
                 tracestate,
+                content_type,
                 timeout=timeout,
             )
         assert row is not None

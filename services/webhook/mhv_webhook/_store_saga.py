@@ -6,6 +6,7 @@ for a connection and to each statement.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,8 +30,8 @@ SET state = 'processing', leased_by = $1, leased_until = now() + make_interval(s
     attempts = d.attempts + 1, updated_at = now()
 FROM next
 WHERE d.id = next.id
-RETURNING d.id, d.source, d.event, d.action, d.body, d.traceparent, d.tracestate, d.attempts,
-          extract(epoch FROM now() - d.received_at)::float8 AS age_seconds
+RETURNING d.id, d.source, d.event, d.action, d.body, d.content_type, d.traceparent,
+          d.tracestate, d.attempts, extract(epoch FROM now() - d.received_at)::float8 AS age_seconds
 """
 
 
@@ -43,6 +44,7 @@ class Claimed:
     event: str
     action: str
     body: bytes
+    content_type: str
     traceparent: str | None
     tracestate: str | None
     attempts: int
@@ -64,6 +66,28 @@ class SagaRow:
     user_id: uuid.UUID | None
     idempotency_key: str
     created_task: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IssueLink:
+    """Which task stands for an issue, read under its row lock.
+
+    Attributes:
+        task_id: The issue's task, or None while a saga creates it.
+        delivery: The delivery whose saga last claimed the issue.
+        state_at: When the newest state change applied to the task happened, if known.
+        reader: The delivery whose saga read the link.
+    """
+
+    task_id: int | None
+    delivery: uuid.UUID
+    state_at: dt.datetime | None
+    reader: uuid.UUID
+
+    @property
+    def being_created(self) -> bool:
+        """Whether another delivery's saga is creating this issue's task right now."""
+        return self.task_id is None and self.delivery != self.reader
 
 
 class IssueBusy(Exception):
@@ -120,17 +144,14 @@ class SagaStep:
             timeout=timeout,
         )
 
-    async def claim_issue(
-        self, source: str, external_key: str, *, replace: bool, timeout: float | None = None
-    ) -> tuple[int | None, bool]:
-        """Find the issue's task, or claim the right to create it.
+    async def lock_link(
+        self, source: str, external_key: str, *, timeout: float | None = None
+    ) -> IssueLink:
+        """The issue's link, locked until this step commits.
 
-        Returns:
-            (task id, False) when the issue already has a task to use; (None, True) when this
-            saga now owns the issue's claim and must create the task.
-
-        Raises:
-            IssueBusy: Another delivery's claim is still being worked on.
+        An issue without a link gets one claimed by this delivery, with no task yet: rows that
+        do not exist cannot be locked, and two sagas of a new issue must not both find none.
+        A saga that then decides to create nothing raises, and the rollback removes it.
         """
         await self._conn.execute(
             "INSERT INTO issue_links (source, external_key, task_id, delivery)"
@@ -142,19 +163,19 @@ class SagaStep:
         )
         # The row lock serialises every saga touching this issue until we commit.
         row = await self._conn.fetchrow(
-            "SELECT task_id, delivery FROM issue_links WHERE source = $1 AND external_key = $2"
-            " FOR UPDATE",
+            "SELECT task_id, delivery, state_at FROM issue_links"
+            " WHERE source = $1 AND external_key = $2 FOR UPDATE",
             source,
             external_key,
             timeout=timeout,
         )
         assert row is not None
-        if row["task_id"] is None and row["delivery"] != self._delivery:
-            raise IssueBusy(f"delivery {row['delivery']} is creating this issue's task")
-        if row["task_id"] is not None and not replace:
-            return int(row["task_id"]), False
-        # Ours to create (a new issue, our own unfinished claim, a reopened issue, or an issue
-        # whose task was deleted).
+        return IssueLink(row["task_id"], row["delivery"], row["state_at"], self._delivery)
+
+    async def claim_issue(
+        self, source: str, external_key: str, *, timeout: float | None = None
+    ) -> None:
+        """Own the issue's (locked) link: this saga creates its task, replacing any other."""
         await self._conn.execute(
             "UPDATE issue_links SET task_id = NULL, delivery = $3, updated_at = now()"
             " WHERE source = $1 AND external_key = $2",
@@ -163,7 +184,59 @@ class SagaStep:
             self._delivery,
             timeout=timeout,
         )
-        return None, True
+
+    async def move_link(
+        self, source: str, old_key: str, new_key: str, *, timeout: float | None = None
+    ) -> bool:
+        """Rename the link of `old_key` to `new_key` (the issue moved), if only the old exists.
+
+        Both rows are locked in key order, so the two deliveries that report one transfer
+        (``transferred`` at the old place, ``opened`` at the new) never deadlock.
+
+        Returns:
+            Whether the link moved.
+        """
+        rows = await self._conn.fetch(
+            "SELECT external_key, task_id FROM issue_links WHERE source = $1"
+            " AND external_key = ANY($2::text[]) ORDER BY external_key FOR UPDATE",
+            source,
+            sorted({old_key, new_key}),
+            timeout=timeout,
+        )
+        found = {r["external_key"]: r["task_id"] for r in rows}
+        if found.get(old_key) is None or new_key in found:
+            return False
+        try:
+            await self._conn.execute(
+                "UPDATE issue_links SET external_key = $3, updated_at = now()"
+                " WHERE source = $1 AND external_key = $2",
+                source,
+                old_key,
+                new_key,
+                timeout=timeout,
+            )
+        except asyncpg.UniqueViolationError:
+            # Another saga linked the new key meanwhile: look again once it is done.
+            raise IssueBusy(f"another delivery is linking {new_key}") from None
+        return True
+
+    async def mark_state(
+        self,
+        source: str,
+        external_key: str,
+        happened_at: dt.datetime,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Remember when the newest state change applied to the issue happened."""
+        await self._conn.execute(
+            "UPDATE issue_links SET state_at = greatest(state_at, $3), updated_at = now()"
+            " WHERE source = $1 AND external_key = $2",
+            source,
+            external_key,
+            happened_at,
+            timeout=timeout,
+        )
 
     async def link_task(
         self, source: str, external_key: str, task_id: int, *, timeout: float | None = None
@@ -208,6 +281,7 @@ class Sagas:
             event=row["event"],
             action=row["action"],
             body=bytes(row["body"]),
+            content_type=row["content_type"],
             traceparent=row["traceparent"],
             tracestate=row["tracestate"],
             attempts=row["attempts"],

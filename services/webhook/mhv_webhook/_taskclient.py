@@ -2,21 +2,23 @@
 
 Every call carries the gateway's service token, the user it acts for (``x-mhv-on-behalf-of``),
 the remaining deadline, and the trace context of the delivery being processed. The methods
-take and return plain Python values (ids, `TaskStatus`, `QualityGate`); protobuf stays in this
-module. Failures come back as `TransientError` (retry later: the task service is down, slow or
-busy) or `PermanentError` (retrying the same request cannot help), each carrying the typed
-`MahavishnuError` the task service answered with, when it answered with one.
+take and return plain Python values (ids, `TaskStatus`, `TaskSnapshot`, `QualityGate`);
+protobuf stays in this module. Failures come back as `TransientError` (retry later: the task
+service is down, slow or busy) or `PermanentError` (retrying the same request cannot help),
+each carrying the typed `MahavishnuError` the task service answered with, when it answered
+with one.
 """
 
 from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import json_format
 from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
@@ -25,6 +27,7 @@ from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
 from mhv_common.edge import ON_BEHALF_OF_KEY, TRANSIENT_STATUSES
 from mhv_common.errors import MahavishnuError, from_rpc_error
+from mhv_webhook._changes import QualityGate
 
 T = TypeVar("T")
 
@@ -53,17 +56,42 @@ _STATUS = {
 }
 
 
+_PRIORITY = {
+    "low": task_pb2.PRIORITY_LOW,
+    "medium": task_pb2.PRIORITY_MEDIUM,
+    "high": task_pb2.PRIORITY_HIGH,
+    "critical": task_pb2.PRIORITY_CRITICAL,
+}
+_PRIORITY_NAME = {number: name for name, number in _PRIORITY.items()}
+# The fields `update_task` may change.
+UPDATABLE = ("title", "description", "priority", "deadline", "metadata", "repository")
+
+
 @dataclass(frozen=True, slots=True)
-class QualityGate:
-    """The quality-gate result recorded when a task is completed.
+class TaskSnapshot:
+    """A task as the task service reports it, with what the saga compares and sends back.
 
     Attributes:
-        passed: Whether the gate passed.
-        checks_run: How many checks ran.
+        id: The task id.
+        status: Where it is in its lifecycle.
+        title: Its title.
+        description: Its description ("" for none).
+        repository: Its repository.
+        priority: ``low``, ``medium``, ``high`` or ``critical``.
+        metadata: Its metadata, as plain JSON values.
+        assigned_to: Its assignee's user id, or None.
+        etag: The version read; an update sent with it fails if the task changed since.
     """
 
-    passed: bool
-    checks_run: int
+    id: int
+    status: TaskStatus
+    title: str
+    description: str
+    repository: str
+    priority: str
+    metadata: dict[str, Any]
+    assigned_to: uuid.UUID | None
+    etag: str
 
 
 class TaskServiceError(Exception):
@@ -199,16 +227,26 @@ class TaskClient:
         description: str,
         repository: str,
         actor: uuid.UUID,
+        metadata: Mapping[str, Any] | None = None,
+        priority: str | None = None,
+        deadline: str | None = None,
     ) -> int:
         """Create a task; retries with the same `request_id` return the same task."""
         request = task_pb2.CreateTaskRequest(
-            title=title, description=description, repository=repository, request_id=request_id
+            title=title,
+            description=description,
+            repository=repository,
+            request_id=request_id,
+            priority=_PRIORITY[priority] if priority else task_pb2.PRIORITY_UNSPECIFIED,
+            deadline=deadline or "",
         )
+        if metadata:
+            request.metadata.update(dict(metadata))
         task = await self._call(lambda: self._task_stub.CreateTask(request, **self._options(actor)))
         return int(task.id)
 
-    async def task_status(self, task_id: int) -> TaskStatus | None:
-        """The task's status, or None when the task was deleted."""
+    async def get_task(self, task_id: int) -> TaskSnapshot | None:
+        """The task as it is now, or None when it was deleted."""
         try:
             task = await self._task_stub.GetTask(
                 task_pb2.GetTaskRequest(id=task_id), **self._options()
@@ -220,16 +258,47 @@ class TaskClient:
         status = _STATUS.get(task.status)
         if status is None:
             raise PermanentError(f"task service answered with unknown task status {task.status}")
-        return status
+        return TaskSnapshot(
+            id=int(task.id),
+            status=status,
+            title=task.title,
+            description=task.description,
+            repository=task.repository,
+            priority=_PRIORITY_NAME.get(task.priority, "medium"),
+            metadata=json_format.MessageToDict(task.metadata),
+            assigned_to=uuid.UUID(task.assigned_to) if task.assigned_to else None,
+            etag=task.etag,
+        )
+
+    async def task_status(self, task_id: int) -> TaskStatus | None:
+        """The task's status, or None when the task was deleted."""
+        task = await self.get_task(task_id)
+        return None if task is None else task.status
 
     async def update_task(
-        self, task_id: int, *, title: str, description: str, actor: uuid.UUID
+        self, task_id: int, changes: Mapping[str, Any], *, etag: str, actor: uuid.UUID
     ) -> None:
-        """Replace the task's title and description."""
-        request = task_pb2.UpdateTaskRequest(
-            task=task_pb2.Task(id=task_id, title=title, description=description),
-            update_mask={"paths": ["title", "description"]},
-        )
+        """Change the named fields (`UPDATABLE`), if the task is still at version `etag`.
+
+        A deadline is an aware `datetime.datetime`; metadata a JSON object.
+
+        Raises:
+            PermanentError: Carrying `TaskUpdateFailedError` when the task changed since
+                `etag` was read (read it again and retry).
+        """
+        task = task_pb2.Task(id=task_id, etag=etag)
+        for name, value in changes.items():
+            if name not in UPDATABLE:
+                raise ValueError(f"{name!r} cannot be updated")
+            if name == "priority":
+                task.priority = _PRIORITY[value]
+            elif name == "deadline":
+                task.deadline.FromDatetime(value)
+            elif name == "metadata":
+                task.metadata.update(dict(value))
+            else:
+                setattr(task, name, value)
+        request = task_pb2.UpdateTaskRequest(task=task, update_mask={"paths": list(changes)})
         await self._call(lambda: self._task_stub.UpdateTask(request, **self._options(actor)))
 
     async def assign_task(
@@ -252,15 +321,20 @@ class TaskClient:
         await self._call(lambda: self._task_stub.UnblockTask(request, **self._options(actor)))
 
     async def complete_task(
-        self, task_id: int, *, quality_gate: QualityGate, actor: uuid.UUID
+        self, task_id: int, *, quality_gate: QualityGate | None, actor: uuid.UUID
     ) -> None:
-        """Complete an in-progress task, recording `quality_gate`."""
-        request = task_pb2.CompleteTaskRequest(
-            id=task_id,
-            quality_gate=task_pb2.QualityGateResult(
-                passed=quality_gate.passed, checks_run=quality_gate.checks_run
-            ),
-        )
+        """Complete an in-progress task, recording `quality_gate` (None: no gate ran)."""
+        gate = task_pb2.QualityGateResult(not_run=True)
+        if quality_gate is not None:
+            gate = task_pb2.QualityGateResult(
+                passed=quality_gate.passed,
+                checks_run=quality_gate.checks_run,
+                checks=[
+                    task_pb2.QualityCheck(name=name, passed=passed, detail=detail)
+                    for name, passed, detail in quality_gate.checks
+                ],
+            )
+        request = task_pb2.CompleteTaskRequest(id=task_id, quality_gate=gate)
         await self._call(lambda: self._task_stub.CompleteTask(request, **self._options(actor)))
 
     async def cancel_task(self, task_id: int, *, reason: str, actor: uuid.UUID) -> None:

@@ -86,9 +86,10 @@ def build(
     # release: one round trip per acknowledgement instead of two.
     db = Database.for_service(settings, dsn=settings.webhook_database_url, name="webhook")
     inbox = Inbox(db)
+    repositories = load_repositories(settings.repos_file)
     edge = WebhookEdge(
         sources,
-        Ingestor(inbox, clock=clock),
+        Ingestor(inbox, repositories=repositories, clock=clock),
         addresses=RateLimiter(
             settings.effective_rate_limits(),
             storage_uri=settings.rate_limit_storage_uri,
@@ -123,7 +124,6 @@ def build(
             peer(settings, settings.task_target, settings.task_tls_name),
             ServiceCredentials.from_settings(settings, service_name="webhook"),
         )
-        repositories = load_repositories(settings.repos_file)
         schemes = {name: source.scheme for name, source in sources.items()}
         saga_workers = [
             SagaWorker(
