@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format
 from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
@@ -27,6 +26,8 @@ from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
 from mhv_common.edge import ON_BEHALF_OF_KEY, TRANSIENT_STATUSES
 from mhv_common.errors import MahavishnuError, from_rpc_error
+from mhv_common.ids import uuid_or_none
+from mhv_common.structs import plain_struct
 from mhv_webhook._changes import QualityGate
 
 T = TypeVar("T")
@@ -265,8 +266,8 @@ class TaskClient:
             description=task.description,
             repository=task.repository,
             priority=_PRIORITY_NAME.get(task.priority, "medium"),
-            metadata=json_format.MessageToDict(task.metadata),
-            assigned_to=uuid.UUID(task.assigned_to) if task.assigned_to else None,
+            metadata=plain_struct(task.metadata),
+            assigned_to=uuid_or_none(task.assigned_to),
             etag=task.etag,
         )
 
