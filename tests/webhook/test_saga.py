@@ -541,3 +541,32 @@ async def test_gateway_killed_at_each_step_boundary(system: SagaSystem, step: st
     ids = await tasks_titled(system, title)
     assert len(ids) == 1, f"{len(ids)} tasks for one delivery"
     assert (await task(system, ids[0])).status == task_pb2.TASK_STATUS_COMPLETED
+
+
+async def test_a_poison_delivery_is_dead_lettered_and_frees_its_issue(system: SagaSystem) -> None:
+    # The milestone number is a JSON integer no protobuf Struct can hold: building the
+    # CreateTask request raises (OverflowError) after the saga has claimed the issue. The
+    # dead-letter horizon is left at its default (a day): a failure that repeats on every
+    # attempt is parked after the configured attempts all the same.
+    async with system.gateway(MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="3") as gateway:
+        number = unique()
+        poison = json.loads(issue_event("opened", number, title="Poison"))
+        poison["issue"]["milestone"] = {"title": "v1", "number": 10**400}
+        poisoned = await send_github(system, gateway, json.dumps(poison).encode())
+        dead = await wait_state(system, poisoned, "dead_letter", timeout=60)
+        assert dead["attempts"] == 3
+        assert dead["saga_state"] == "failed"
+        assert "OverflowError" in dead["last_error"]
+        # The claim on the issue went with it: the next delivery about it makes its task.
+        title = f"After the poison {uuid.uuid4().hex[:8]}"
+        edited = await wait_state(
+            system,
+            await send_github(system, gateway, issue_event("edited", number, title=title)),
+            "completed",
+            "dead_letter",
+            timeout=60,
+        )
+        assert edited["state"] == "completed", dict(edited)
+        assert await tasks_titled(system, title) == [edited["task_id"]]
+        # Parked means parked: the workers, busy meanwhile, made no further attempt.
+        assert (await delivery_state(system, poisoned))["attempts"] == 3

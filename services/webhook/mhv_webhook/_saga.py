@@ -20,7 +20,9 @@ A worker that dies at any step boundary stops renewing its lease; another worker
 from the last recorded step. A call that fails for a reason retrying can fix is retried with
 exponential backoff, then dead-lettered (WebhookAdminService.RetryDelivery re-queues it). A
 call that can never succeed ends the saga compensated: a task this saga created is cancelled,
-so nothing is left half-done.
+so nothing is left half-done. Any other exception in a step (payload content Python, protobuf
+or PostgreSQL cannot take, or a bug) takes the retry path too, and is dead-lettered after the
+configured attempts, releasing the issue claim it holds.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from opentelemetry import propagate, trace
 from mhv_common import context
 from mhv_common.config import RepositoryCatalog
 from mhv_common.errors import (
+    DatabaseConnectionError,
+    DeadlineExceededError,
     InvalidTaskTransitionError,
     MahavishnuError,
     TaskAlreadyCompletedError,
@@ -64,6 +68,7 @@ from mhv_webhook._store_saga import Claimed, IssueBusy, LeaseLost, Sagas, SagaSt
 from mhv_webhook._taskclient import (
     PermanentError,
     TaskClient,
+    TaskServiceError,
     TaskSnapshot,
     TaskStatus,
     TransientError,
@@ -86,6 +91,26 @@ class NothingToDo(Exception):
 
 class TaskNotYetCreated(Exception):
     """The change addresses a task that an earlier event creates, not here yet: retry later."""
+
+
+# Failures that mean "not now": the task service or our database is unreachable or slow,
+# another delivery is creating the issue's task, or the task's creating event is not here yet.
+_WAIT_AND_RETRY = (
+    TransientError,
+    IssueBusy,
+    TaskNotYetCreated,
+    DatabaseConnectionError,
+    DeadlineExceededError,
+)
+
+
+def _reason(exc: Exception) -> str:
+    """What a failed attempt records on the delivery (the store makes it storable)."""
+    if isinstance(exc, MahavishnuError):
+        return f"[{exc.code}] {exc.message}"
+    if isinstance(exc, (TaskServiceError, IssueBusy, TaskNotYetCreated)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _after(step: str, done: str) -> bool:
@@ -188,6 +213,27 @@ class SagaWorker:
             otel_context.detach(token)
 
     async def _process(self, claimed: Claimed) -> None:
+        try:
+            await self._advance(claimed)
+        except LeaseLost:
+            logger.warning(
+                "saga lease lost; another worker resumes it", extra={"delivery": str(claimed.id)}
+            )
+        except _WAIT_AND_RETRY as exc:
+            await self._retry(claimed, _reason(exc), outage=True)
+        except Exception as exc:
+            # Anything else, whatever raised it (a bug, or payload content that Python,
+            # protobuf or PostgreSQL cannot take), fails the same way on every attempt: it
+            # must not hold the worker, the lease or the issue's claim. It is retried like
+            # any failure, and dead-lettered after the configured attempts.
+            logger.warning(
+                "saga step raised",
+                exc_info=True,
+                extra={"delivery": str(claimed.id), "attempt": claimed.attempts},
+            )
+            await self._retry(claimed, _reason(exc), outage=False)
+
+    async def _advance(self, claimed: Claimed) -> None:
         intent = interpret(
             self._schemes.get(claimed.source),
             source=claimed.source,
@@ -204,17 +250,8 @@ class SagaWorker:
             await self._end(claimed, "completed", "completed")
         except NothingToDo as exc:
             await self._end(claimed, "ignored", "completed", str(exc))
-        except LeaseLost:
-            logger.warning(
-                "saga lease lost; another worker resumes it", extra={"delivery": str(claimed.id)}
-            )
         except PermanentError as exc:
             await self._compensate(claimed, intent, exc)
-        except (TransientError, IssueBusy, TaskNotYetCreated) as exc:
-            await self._retry(claimed, str(exc))
-        except MahavishnuError as exc:
-            # Our own database or deadline (MHV-002, MHV-007): try again later.
-            await self._retry(claimed, f"[{exc.code}] {exc.message}")
 
     def _step(self, claimed: Claimed) -> AbstractAsyncContextManager[SagaStep]:
         """A saga step's transaction, holding the saga row."""
@@ -403,7 +440,7 @@ class SagaWorker:
             except TransientError as exc:
                 # The undo itself must happen: retry the whole saga later, which fails
                 # the same way and compensates again.
-                await self._retry(claimed, f"{error}; compensation: {exc}")
+                await self._retry(claimed, f"{error}; compensation: {exc}", outage=True)
                 return
         logger.warning("saga compensated", extra={"delivery": str(claimed.id), "reason": reason})
         await self._end(claimed, "compensated", "compensated", reason)
@@ -420,10 +457,14 @@ class SagaWorker:
             SAGA_OUTCOMES.labels(state).inc()
             self._failpoint("done")
 
-    async def _retry(self, claimed: Claimed, error: str) -> None:
-        # Only failures that outlast both bounds dead-letter: a task service down for an
-        # hour delays its deliveries (retried at most every 5 minutes), it does not park them.
-        dead = claimed.attempts >= self._max_attempts and claimed.age_seconds >= self._dead_after
+    async def _retry(self, claimed: Claimed, error: str, *, outage: bool) -> None:
+        # A failure retrying can fix (`outage`) dead-letters only when it outlasts both
+        # bounds: a task service down for an hour delays its deliveries (retried at most
+        # every 5 minutes), it does not park them. Any other failure dead-letters after the
+        # configured attempts: repeating it longer cannot help.
+        dead = claimed.attempts >= self._max_attempts and (
+            not outage or claimed.age_seconds >= self._dead_after
+        )
         delay = min(self._retry_base * 2 ** (claimed.attempts - 1), 300.0)
         delay *= random.uniform(0.75, 1.25)  # noqa: S311 - jitter, not security
         await self._sagas.reschedule(

@@ -35,6 +35,20 @@ RETURNING d.id, d.source, d.event, d.action, d.body, d.content_type, d.tracepare
 """
 
 
+# How much of a failure's text a delivery keeps.
+ERROR_LIMIT = 500
+
+
+def storable(text: str) -> str:
+    """`text` as PostgreSQL text can hold it, cut to `ERROR_LIMIT` characters.
+
+    A reason may quote the payload: NUL and lone surrogates (which UTF-8 cannot encode) are
+    written as escapes, so that recording why a delivery failed cannot fail too.
+    """
+    text = text[:ERROR_LIMIT].replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A delivery a worker leased, with what its saga has done so far."""
@@ -392,7 +406,7 @@ class Sagas:
                 delivery,
                 worker,
                 state,
-                error[:500],
+                storable(error),
                 timeout=timeout,
             )
             if done is None:
@@ -424,13 +438,24 @@ class Sagas:
                 delivery,
                 worker,
                 "dead_letter" if dead else "pending",
-                error[:500],
+                storable(error),
                 float(delay_seconds),
                 timeout=timeout,
             )
             if done is not None and dead:
+                # A claim this saga holds on an issue whose task it has not created yet
+                # would make every later delivery about that issue wait for it: release it.
+                # A retry by an operator then claims the issue again (step back to "actor";
+                # the task request id is the delivery's, so a task created before the
+                # failure is found again, not made twice).
                 await conn.execute(
-                    "UPDATE saga_log SET state = 'failed', updated_at = now()"
+                    "DELETE FROM issue_links WHERE delivery = $1 AND task_id IS NULL",
+                    delivery,
+                    timeout=timeout,
+                )
+                await conn.execute(
+                    "UPDATE saga_log SET state = 'failed', updated_at = now(),"
+                    " step = CASE WHEN step = 'claim' THEN 'actor' ELSE step END"
                     " WHERE delivery_id = $1",
                     delivery,
                     timeout=timeout,
