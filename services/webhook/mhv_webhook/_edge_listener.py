@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import h11
 import uvicorn
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 # before it is closed.
 LINGER_SECONDS = 2.0
 BACKLOG = 2048
+MAX_INCOMPLETE_HEAD_BYTES = 16 * 1024
 
 
 class _GatewayTransport:
@@ -91,6 +93,57 @@ class _GatewayTransport:
         return getattr(self._inner, name)
 
 
+# A line of the request head that starts with a space or tab: obs-fold, a header value
+# continued on the next line (RFC 9112 section 5.2), which parsers disagree on.
+_FOLDED_LINE = re.compile(rb"\n[ \t]")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class _StrictConnection(h11.Connection):
+    """h11's server side, refusing request framing that another parser may read differently.
+
+    A proxy in front of the gateway and the gateway must agree where each request ends, or
+    a second request can hide in the first one's body (request smuggling). h11 already
+    refuses conflicting or malformed ``Content-Length`` values, transfer codings other than
+    ``chunked``, malformed chunk sizes and invalid header lines. It accepts, and resolves
+    its own way, three framings RFC 9112 lets a server refuse, and which are refused here
+    with 400 and the connection closed:
+
+    - ``Content-Length`` together with ``Transfer-Encoding`` (section 6.3: "ought to be
+      handled as an error");
+    - ``Transfer-Encoding`` in an HTTP/1.0 request (section 6.1: the framing is faulty);
+    - obs-fold, a header line continued on the next one (section 5.2).
+
+    Repeats of one ``Content-Length`` value (``5, 5``) are taken as that value, as section
+    8.6 of RFC 9110 allows: every reader finds the same length.
+    """
+
+    def next_event(self) -> Any:
+        if self.their_state is h11.IDLE:
+            # The head of the next request is at the start of what is still unread (after
+            # any empty lines, which are skipped), at most the incomplete-head bound long.
+            unread = self.trailing_data[0]
+            start = len(unread) - len(unread.lstrip(b"\r\n"))
+            end = _HEAD_END.search(unread, start)
+            if _FOLDED_LINE.search(unread, start, end.start() + 1 if end else len(unread)):
+                self._refuse("a header line is folded (obs-fold)")
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}
+            if b"transfer-encoding" in names:
+                if b"content-length" in names:
+                    self._refuse("both Content-Length and Transfer-Encoding")
+                if event.http_version != b"1.1":
+                    self._refuse("Transfer-Encoding in an HTTP/1.0 request")
+        return event
+
+    @staticmethod
+    def _refuse(why: str) -> NoReturn:
+        # What h11 raises for what it refuses itself: uvicorn answers it (`send_400_response`)
+        # and closes the connection, and no request reaches the application.
+        raise h11.RemoteProtocolError(f"ambiguous request framing: {why}", 400)
+
+
 class _GatewayH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol over a `_GatewayTransport`, with two guards uvicorn lacks.
 
@@ -106,6 +159,12 @@ class _GatewayH11Protocol(H11Protocol):
     head_timeout: float = 10.0
     per_address: int = 0
     open_per_address: dict[str, int] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The same bound on an incomplete request head as uvicorn's (h11's default).
+        limit = self.config.h11_max_incomplete_event_size or MAX_INCOMPLETE_HEAD_BYTES
+        self.conn = _StrictConnection(h11.SERVER, limit)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_GatewayTransport(transport, self))  # type: ignore[arg-type]
@@ -161,8 +220,13 @@ class _GatewayH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """Answer a request HTTP/1.1 itself cannot parse with the catalog's JSON body.
 
-        uvicorn would answer in plain text (and has logged the event already).
+        uvicorn would answer in plain text (and has logged the event already). A request
+        whose body turns out malformed after the answer has begun (an early 401) only has its
+        connection closed.
         """
+        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.close()
+            return
         error = ValidationError(
             "The request is not valid HTTP/1.1 (malformed or oversized request line or headers)."
         )
