@@ -60,9 +60,14 @@ async def test_unparseable_http_gets_the_json_400(
 def guarded_edge(
     deployment: Deployment, tls: Tls, hook_secrets: Secrets, tmp_path: Path
 ) -> Iterator[EdgeServer]:
-    """A gateway with tight connection guards: 3 per address, 0.5 s for a request head."""
+    """A gateway with tight connection guards: 3 per address, 0.5 s for a TLS handshake and
+    0.5 s for a request head."""
     settings = edge_settings(deployment, tls, tmp_path).model_copy(
-        update={"webhook_head_timeout_seconds": 0.5, "webhook_max_connections_per_address": 3}
+        update={
+            "webhook_tls_handshake_timeout_seconds": 0.5,
+            "webhook_head_timeout_seconds": 0.5,
+            "webhook_max_connections_per_address": 3,
+        }
     )
     server = EdgeServer(settings, hook_secrets.edge_environ(), deployment.role_url("webhook"))
     server.start()
@@ -98,17 +103,48 @@ async def test_silent_and_trickling_connections_are_closed(
     assert metric("webhook_connections_closed_total", reason="head_timeout") - before == 2
 
 
-async def test_one_address_cannot_hold_every_connection(guarded_edge: EdgeServer, tls: Tls) -> None:
-    held = [await _open(guarded_edge, tls) for _ in range(3)]
-    reader, writer = await _open(guarded_edge, tls)
-    # The fourth from the same address is closed at once (before the head timeout matters).
-    assert await _closed_by_server(reader)
+async def _refused(edge: EdgeServer, tls: Tls) -> bool:
+    """Whether a TLS connection is refused: its request is never answered."""
+    try:
+        reader, writer = await asyncio.wait_for(_open(edge, tls), 10)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(12), 10)
+    except (ConnectionError, ssl.SSLError):
+        return True
     writer.close()
-    assert metric("webhook_connections_closed_total", reason="per_address") >= 1
+    return not answer.startswith(b"HTTP/1.1 ")
+
+
+async def test_one_address_cannot_hold_every_connection(guarded_edge: EdgeServer, tls: Tls) -> None:
+    before = metric("webhook_connections_closed_total", reason="per_address")
+    held = [await _open(guarded_edge, tls) for _ in range(3)]
+    # The fourth from the same address is closed at once (before the head timeout matters).
+    assert await _refused(guarded_edge, tls)
+    assert metric("webhook_connections_closed_total", reason="per_address") - before == 1
     for _reader, held_writer in held:
         held_writer.close()
     await asyncio.sleep(0.2)
     # Once they are gone the address is served again.
+    async with httpx.AsyncClient(base_url=guarded_edge.url, verify=tls.client_context()) as c:
+        assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_connections_that_never_finish_a_handshake_count_and_are_closed(
+    guarded_edge: EdgeServer, tls: Tls
+) -> None:
+    before = metric("webhook_connections_closed_total", reason="tls_handshake_timeout")
+    refused = metric("webhook_connections_closed_total", reason="per_address")
+    # Three plain TCP connections that never send a ClientHello fill the address's cap...
+    silent = [await asyncio.open_connection("127.0.0.1", guarded_edge.port) for _ in range(3)]
+    assert await _refused(guarded_edge, tls)
+    assert metric("webhook_connections_closed_total", reason="per_address") - refused == 1
+    # ...until the handshake bound closes them.
+    for reader, _writer in silent:
+        assert await _closed_by_server(reader)
+    assert metric("webhook_connections_closed_total", reason="tls_handshake_timeout") - before == 3
+    for _reader, writer in silent:
+        writer.close()
     async with httpx.AsyncClient(base_url=guarded_edge.url, verify=tls.client_context()) as c:
         assert (await c.get("/healthz")).status_code == 200
 

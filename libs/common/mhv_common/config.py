@@ -160,6 +160,8 @@ class WebhookSettings(CommonSettings):
     webhook_max_concurrency: int = 1024
     # A connection must send a request head this soon, or is closed (slow or idle clients).
     webhook_head_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A connection must finish its TLS handshake this soon after it is accepted, or is closed.
+    webhook_tls_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
     # Open connections one client address may hold (0: no cap; use 0 behind a proxy).
     webhook_max_connections_per_address: int = Field(default=256, ge=0)
     webhook_saga_lease_seconds: float = 30.0

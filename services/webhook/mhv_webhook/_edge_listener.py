@@ -1,8 +1,9 @@
 """The HTTPS listener: uvicorn serving the edge over TLS 1.2+ on a socket bound at start-up.
 
 Checks of the connection itself belong here, below the middleware: uvicorn's HTTP/1.1
-protocol with the guards it lacks (a head timeout, connections per address, the JSON 400 for
-requests it cannot parse) and a transport that corks writes and lingers before closing.
+protocol with the guards it lacks (a TLS handshake timeout, a head timeout, connections per
+address counted from the accept, request framing that cannot be read two ways, the JSON 400
+for requests it cannot parse) and a transport that corks writes and lingers before closing.
 """
 
 from __future__ import annotations
@@ -145,51 +146,116 @@ class _StrictConnection(h11.Connection):
 
 
 class _GatewayH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol over a `_GatewayTransport`, with two guards uvicorn lacks.
+    """uvicorn's HTTP/1.1 protocol over TLS it sets up itself, with the guards uvicorn lacks.
 
-    - A request head must arrive within `head_timeout` of the connection opening, or of its
+    - Connections are counted from the moment they are accepted, before TLS: at most
+      `per_address` per client address (0: no cap), so one address cannot take every slot,
+      not even with connections that never finish a handshake. Behind a proxy every
+      connection comes from the proxy: set 0.
+    - The TLS handshake must finish within `handshake_timeout` of the accept (asyncio's own
+      bound is 60 s), or the connection is closed.
+    - A request head must then arrive within `head_timeout` of the handshake, or of its
       first byte after a response: a connection that sends nothing, or trickles its headers,
       is closed instead of holding one of the `limit_concurrency` slots for good.
-    - At most `per_address` connections per client address (0: no cap), so one address
-      cannot take every slot. Behind a proxy every connection comes from the proxy: set 0.
 
-    `serve` makes a subclass with the configured values; `open_per_address` is per process.
+    uvicorn is given no TLS context: each accepted connection is secured here with
+    `loop.start_tls`, and uvicorn's protocol starts on the secured transport (a
+    `_GatewayTransport`). `serve` makes a subclass with the configured values;
+    `open_per_address` and `handshakes` are per listener.
     """
 
+    tls: ssl.SSLContext
+    handshake_timeout: float = 10.0
     head_timeout: float = 10.0
     per_address: int = 0
     open_per_address: dict[str, int] = {}
+    handshakes: set[asyncio.Task[None]] = set()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # The same bound on an incomplete request head as uvicorn's (h11's default).
         limit = self.config.h11_max_incomplete_event_size or MAX_INCOMPLETE_HEAD_BYTES
         self.conn = _StrictConnection(h11.SERVER, limit)
+        self._address = ""
+        self._counted = False
+        self._secured = False
+        self._lost = False
+        self._early: list[bytes] = []
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_GatewayTransport(transport, self))  # type: ignore[arg-type]
-        self._address = self.client[0] if self.client else ""
+        """A TCP connection was accepted: count it, then secure it."""
+        peer = transport.get_extra_info("peername")
+        self._address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         counts = type(self).open_per_address
         counts[self._address] = counts.get(self._address, 0) + 1
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._counted = True
         if self.per_address and counts[self._address] > self.per_address:
             CONNECTIONS_REFUSED.labels("per_address").inc()
             transport.abort()
             return
-        self._arm_head_timer()
+        handshake = self.loop.create_task(self._secure(transport))
+        type(self).handshakes.add(handshake)
+        handshake.add_done_callback(type(self).handshakes.discard)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    async def _secure(self, raw: asyncio.Transport) -> None:
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                secured = await self.loop.start_tls(
+                    raw,
+                    self,
+                    self.tls,
+                    server_side=True,
+                    # asyncio's own bound, behind ours.
+                    ssl_handshake_timeout=self.handshake_timeout + 1.0,
+                )
+        except TimeoutError:
+            CONNECTIONS_REFUSED.labels("tls_handshake_timeout").inc()
+            self._handshake_failed(raw)
+            return
+        except (OSError, asyncio.CancelledError):
+            # Not TLS, a refused certificate, a reset, or the listener stopping.
+            self._handshake_failed(raw)
+            return
+        if self._lost or secured is None:
+            return
+        self._secured = True
+        super().connection_made(_GatewayTransport(secured, self))  # type: ignore[arg-type]
+        self._arm_head_timer()
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def _handshake_failed(self, raw: asyncio.Transport) -> None:
+        if not raw.is_closing():
+            raw.abort()
+        self._release()
+
+    def _release(self) -> None:
+        if not self._counted:
+            return
+        self._counted = False
         counts = type(self).open_per_address
         left = counts.get(self._address, 1) - 1
         if left > 0:
             counts[self._address] = left
         else:
             counts.pop(self._address, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         if self._head_timer is not None:
             self._head_timer.cancel()
-        super().connection_lost(exc)
+        if self._secured:
+            super().connection_lost(exc)
+        else:
+            self._lost = True
 
     def data_received(self, data: bytes) -> None:
+        if not self._secured:
+            # Sent right behind the handshake, delivered before `_secure` resumes.
+            self._early.append(bytes(data))
+            return
         # The first bytes of a further request on a kept-alive connection start its clock.
         if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_head_timer()
@@ -287,17 +353,21 @@ class HttpsListener:
         reuse_port: bool = False,
         max_concurrency: int = 1024,
         head_timeout_seconds: float = 10.0,
+        handshake_timeout_seconds: float = 10.0,
         max_connections_per_address: int = 0,
     ) -> None:
         self._reuse_port = reuse_port
         self._max_concurrency = max_concurrency
-        self._protocol = type(
+        self._protocol: type[_GatewayH11Protocol] = type(
             "GatewayH11Protocol",
             (_GatewayH11Protocol,),
             {
+                "tls": tls,
+                "handshake_timeout": handshake_timeout_seconds,
                 "head_timeout": head_timeout_seconds,
                 "per_address": max_connections_per_address,
                 "open_per_address": {},
+                "handshakes": set(),
             },
         )
         # Idle connections are kept longer than clients and proxies keep theirs (60 s is
@@ -307,7 +377,6 @@ class HttpsListener:
         self._app = app
         self._host = host
         self._port = port
-        self._tls = tls
         self._keep_alive = keep_alive_seconds
         self._socket: socket.socket | None = None
 
@@ -359,7 +428,8 @@ class HttpsListener:
             # Connections plus tasks in flight beyond this get 503 at once, so a flood of slow
             # senders cannot make the gateway buffer bodies without bound.
             limit_concurrency=self._max_concurrency,
-            ssl_context_factory=lambda _config, _default: self._tls,
+            # No TLS context: the protocol secures each connection itself (counted and
+            # bounded in time from the accept).
         )
         server = uvicorn.Server(config)
 
@@ -378,5 +448,10 @@ class HttpsListener:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             self._socket.close()
+            # Connections still in their handshake never became requests: drop them.
+            handshakes = list(self._protocol.handshakes)
+            for handshake in handshakes:
+                handshake.cancel()
+            await asyncio.gather(*handshakes, return_exceptions=True)
         if not stop.is_set():
             raise RuntimeError("the HTTPS listener stopped on its own")

@@ -54,10 +54,11 @@ BODY_BYTES = Counter(
 CONNECTIONS_REFUSED = Counter(
     "webhook_connections_closed_total",
     "HTTPS connections the gateway closed unserved: per_address (the client address holds its "
-    "maximum already) or head_timeout (no complete request head in time).",
+    "maximum already), tls_handshake_timeout (no TLS handshake in time) or head_timeout (no "
+    "complete request head in time).",
     ["reason"],
 )
-for _reason in ("per_address", "head_timeout"):
+for _reason in ("per_address", "tls_handshake_timeout", "head_timeout"):
     CONNECTIONS_REFUSED.labels(_reason)
 # Every process of the gateway samples the same inbox: the newest sample stands.
 INBOX_DEPTH = Gauge(

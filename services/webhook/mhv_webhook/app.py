@@ -106,6 +106,7 @@ def build(
         reuse_port=settings.reuse_port,
         max_concurrency=settings.webhook_max_concurrency,
         head_timeout_seconds=settings.webhook_head_timeout_seconds,
+        handshake_timeout_seconds=settings.webhook_tls_handshake_timeout_seconds,
         max_connections_per_address=settings.webhook_max_connections_per_address,
     )
 
