@@ -23,6 +23,8 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_cli.devstate import DevState
 from mhv_common.auth import Role
 from mhv_common.client import Peer, service_channel
+from mhv_common.config import CommonSettings
+from mhv_common.server import RunningService, ServiceDefinition
 from mhv_common.tls import channel_credentials, is_loopback
 from tests.conftest import Services
 from tests.harness import Deployment, Keys, bearer, grpc_channel, service_env
@@ -272,3 +274,41 @@ async def test_plaintext_elsewhere_only_when_allowed(deployment: Deployment, key
         if process.returncode is None:
             process.terminate()
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+
+
+async def test_a_connection_that_never_says_hello_is_closed(keys: Keys, tmp_path: Path) -> None:
+    # grpc core's own bound (GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS) is 120 s; the services set
+    # MHV_GRPC_HANDSHAKE_TIMEOUT_SECONDS (here 0.5 s).
+    state = DevState(tmp_path)
+    state.ensure_grpc_tls(("probe",))
+
+    def register(_server: aio.Server) -> list[str]:
+        return []
+
+    service = RunningService(
+        ServiceDefinition(
+            name="probe", grpc_port=0, metrics_port=None, register=register, policies={}
+        ),
+        CommonSettings(
+            auth_jwks_file=keys.jwks,
+            grpc_tls_cert_file=state.grpc_cert("probe"),
+            grpc_tls_key_file=state.grpc_key("probe"),
+            grpc_handshake_timeout_seconds=0.5,
+            shutdown_grace_seconds=0.5,
+        ),
+    )
+    await service.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.grpc_port)
+        try:
+            # Nothing is sent: grpc closes the connection once the bound has passed.
+            assert await asyncio.wait_for(reader.read(1), 30) == b""
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+        # A client that does shake hands is served as before.
+        async with grpc_channel(f"127.0.0.1:{service.grpc_port}", state.grpc_ca) as channel:
+            assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await service.stop()

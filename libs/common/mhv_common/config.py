@@ -73,6 +73,9 @@ class CommonSettings(BaseSettings):
     # its client connects again, looking the callee's DNS name up afresh: replicas added
     # since are then balanced onto. 0: connections last as long as the client keeps them.
     grpc_max_connection_age_seconds: float = Field(default=300.0, ge=0)
+    # A gRPC connection must finish its handshake (TLS, and the HTTP/2 preface and settings)
+    # this soon after it is accepted, or grpc closes it (grpc's own default: 120 s).
+    grpc_handshake_timeout_seconds: float = Field(default=10.0, gt=0)
 
     auth_jwks: str | None = None
     auth_jwks_file: Path | None = None

@@ -149,6 +149,9 @@ class RunningService:
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
+            # GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS: a connection that never completes its
+            # handshake (not even a ClientHello) is closed then, not after grpc's 120 s.
+            ("grpc.server_handshake_timeout_ms", int(s.grpc_handshake_timeout_seconds * 1000)),
         ]
         if s.grpc_max_connection_age_seconds > 0:
             # A connection past its age takes no new calls; those in flight may run to their
