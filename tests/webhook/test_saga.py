@@ -519,6 +519,16 @@ async def test_permanent_failure_is_compensated(
     assert (await task(system, task_id)).status == task_pb2.TASK_STATUS_CANCELLED
 
 
+async def killed_by_failpoint(gateway: GatewayProcess) -> None:
+    process = gateway.process.process
+    assert process is not None
+    deadline = time.monotonic() + 30
+    while process.poll() is None:
+        assert time.monotonic() < deadline, "the failpoint never fired"
+        await asyncio.sleep(0.02)
+    assert process.returncode == -9  # SIGKILL
+
+
 @pytest.mark.parametrize("step", ["actor", "claim", "task", "change", "done"])
 async def test_gateway_killed_at_each_step_boundary(system: SagaSystem, step: str) -> None:
     title = f"Crash after {step} {uuid.uuid4().hex[:8]}"
@@ -526,13 +536,7 @@ async def test_gateway_killed_at_each_step_boundary(system: SagaSystem, step: st
     async with system.gateway(MHV_WEBHOOK_WORKERS="1", MHV_WEBHOOK_SAGA_CRASH_AFTER=step) as doomed:
         # A close of an issue never seen before: every step has work to do.
         delivery = await send_github(system, doomed, issue_event("closed", number, title=title))
-        process = doomed.process.process
-        assert process is not None
-        deadline = time.monotonic() + 20
-        while process.poll() is None:
-            assert time.monotonic() < deadline, "the failpoint never fired"
-            await asyncio.sleep(0.02)
-        assert process.returncode == -9  # SIGKILL
+        await killed_by_failpoint(doomed)
     row = await delivery_state(system, delivery)
     if step == "done":
         assert row["state"] == "completed"
@@ -545,6 +549,20 @@ async def test_gateway_killed_at_each_step_boundary(system: SagaSystem, step: st
     ids = await tasks_titled(system, title)
     assert len(ids) == 1, f"{len(ids)} tasks for one delivery"
     assert (await task(system, ids[0])).status == task_pb2.TASK_STATUS_COMPLETED
+
+
+async def assert_issue_is_free(system: SagaSystem, gateway: GatewayProcess, number: int) -> None:
+    """A new delivery about issue `number` is not held up by an earlier one: it makes the task."""
+    title = f"Issue freed {uuid.uuid4().hex[:8]}"
+    edited = await wait_state(
+        system,
+        await send_github(system, gateway, issue_event("edited", number, title=title)),
+        "completed",
+        "dead_letter",
+        timeout=60,
+    )
+    assert edited["state"] == "completed", dict(edited)
+    assert await tasks_titled(system, title) == [edited["task_id"]]
 
 
 async def test_a_poison_delivery_is_dead_lettered_and_frees_its_issue(system: SagaSystem) -> None:
@@ -562,18 +580,35 @@ async def test_a_poison_delivery_is_dead_lettered_and_frees_its_issue(system: Sa
         assert dead["saga_state"] == "failed"
         assert "OverflowError" in dead["last_error"]
         # The claim on the issue went with it: the next delivery about it makes its task.
-        title = f"After the poison {uuid.uuid4().hex[:8]}"
-        edited = await wait_state(
-            system,
-            await send_github(system, gateway, issue_event("edited", number, title=title)),
-            "completed",
-            "dead_letter",
-            timeout=60,
-        )
-        assert edited["state"] == "completed", dict(edited)
-        assert await tasks_titled(system, title) == [edited["task_id"]]
+        await assert_issue_is_free(system, gateway, number)
         # Parked means parked: the workers, busy meanwhile, made no further attempt.
         assert (await delivery_state(system, poisoned))["attempts"] == 3
+
+
+async def test_a_delivery_that_stops_every_worker_is_parked_at_its_last_attempt(
+    system: SagaSystem,
+) -> None:
+    number = unique()
+    doomed = {
+        "MHV_WEBHOOK_WORKERS": "1",
+        "MHV_WEBHOOK_SAGA_CRASH_AFTER": "claim",
+        "MHV_WEBHOOK_SAGA_MAX_ATTEMPTS": "2",
+    }
+    # Two attempts, each ending with its worker killed after the issue was claimed.
+    async with system.gateway(**doomed) as first:
+        delivery = await send_github(system, first, issue_event("opened", number))
+        await killed_by_failpoint(first)
+    async with system.gateway(**doomed) as second:
+        await killed_by_failpoint(second)
+    assert (await delivery_state(system, delivery))["attempts"] == 2
+    # The next worker parks it instead of making a third attempt, and frees the issue.
+    async with system.gateway(MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="2") as gateway:
+        parked = await wait_state(system, delivery, "dead_letter", "completed", timeout=60)
+        assert parked["state"] == "dead_letter", dict(parked)
+        assert parked["attempts"] == 2
+        assert parked["saga_state"] == "failed"
+        assert "stopped or stalled" in parked["last_error"]
+        await assert_issue_is_free(system, gateway, number)
 
 
 # --- Any payload content ends the delivery -------------------------------------------------

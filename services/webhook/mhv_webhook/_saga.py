@@ -64,7 +64,14 @@ from mhv_webhook._changes import (
 from mhv_webhook._metrics import SAGA_OUTCOMES
 from mhv_webhook._scheme import Scheme
 from mhv_webhook._schemes import interpret
-from mhv_webhook._store_saga import Claimed, IssueBusy, LeaseLost, Sagas, SagaStep
+from mhv_webhook._store_saga import (
+    Abandoned,
+    Claimed,
+    IssueBusy,
+    LeaseLost,
+    Sagas,
+    SagaStep,
+)
 from mhv_webhook._taskclient import (
     PermanentError,
     TaskClient,
@@ -174,11 +181,21 @@ class SagaWorker:
         while not self._stop.is_set():
             try:
                 claimed = await self._sagas.claim(
-                    worker=self._id, lease_seconds=self._lease, timeout=context.time_left()
+                    worker=self._id,
+                    lease_seconds=self._lease,
+                    max_attempts=self._max_attempts,
+                    timeout=context.time_left(),
                 )
             except Exception as exc:  # the database is down: wait and try again
                 logger.warning("saga claim failed", extra={"error": type(exc).__name__})
                 claimed = None
+            if isinstance(claimed, Abandoned):
+                SAGA_OUTCOMES.labels("dead_letter").inc()
+                logger.warning(
+                    "saga abandoned at its last attempt; dead-lettered",
+                    extra={"delivery": str(claimed.id), "attempt": claimed.attempts},
+                )
+                continue
             if claimed is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self._poll)

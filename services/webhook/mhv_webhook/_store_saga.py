@@ -16,9 +16,14 @@ import asyncpg
 
 from mhv_common.db import Database
 
+# A delivery still 'processing' when its lease ran out was abandoned by its worker (killed, or
+# stalled past the lease). One that had its last allowed attempt so is parked instead of
+# being tried once more ($3: the maximum, 0 for none): attempts never exceed the maximum, and a
+# delivery that kills or stalls every worker taking it stops doing so.
 _CLAIM_SQL = """
 WITH next AS (
-    SELECT id FROM deliveries
+    SELECT id, (state = 'processing' AND $3::int > 0 AND attempts >= $3::int) AS spent
+    FROM deliveries
     WHERE state IN ('pending', 'processing') AND next_attempt_at <= now()
       AND (leased_until IS NULL OR leased_until < now())
     ORDER BY next_attempt_at
@@ -26,12 +31,19 @@ WITH next AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE deliveries d
-SET state = 'processing', leased_by = $1, leased_until = now() + make_interval(secs => $2),
-    attempts = d.attempts + 1, updated_at = now()
+SET state = CASE WHEN next.spent THEN 'dead_letter' ELSE 'processing' END,
+    leased_by = CASE WHEN next.spent THEN NULL ELSE $1 END,
+    leased_until = CASE WHEN next.spent THEN NULL ELSE now() + make_interval(secs => $2) END,
+    attempts = CASE WHEN next.spent THEN d.attempts ELSE d.attempts + 1 END,
+    last_error = CASE WHEN next.spent THEN format(
+        'attempt %s of %s ended without an outcome: the worker processing it stopped or'
+        ' stalled past its lease', d.attempts, $3::int) ELSE d.last_error END,
+    updated_at = now()
 FROM next
 WHERE d.id = next.id
 RETURNING d.id, d.source, d.event, d.action, d.body, d.content_type, d.traceparent,
-          d.tracestate, d.attempts, extract(epoch FROM now() - d.received_at)::float8 AS age_seconds
+          d.tracestate, d.attempts, next.spent,
+          extract(epoch FROM now() - d.received_at)::float8 AS age_seconds
 """
 
 
@@ -68,6 +80,14 @@ class Claimed:
     task_id: int | None
     user_id: uuid.UUID | None
     idempotency_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """A delivery found abandoned at its last allowed attempt, and dead-lettered on claim."""
+
+    id: uuid.UUID
+    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +294,28 @@ class Sagas:
         self._db = db
 
     async def claim(
-        self, *, worker: str, lease_seconds: float, timeout: float | None = None
-    ) -> Claimed | None:
-        """Lease the next due delivery (SKIP LOCKED: never wait for another worker)."""
+        self,
+        *,
+        worker: str,
+        lease_seconds: float,
+        max_attempts: int = 0,
+        timeout: float | None = None,
+    ) -> Claimed | Abandoned | None:
+        """Lease the next due delivery (SKIP LOCKED: never wait for another worker).
+
+        Returns:
+            The leased delivery; or `Abandoned`: the next was one whose worker stopped during
+            its attempt number `max_attempts` (0: no maximum), now dead-lettered; or None.
+        """
         async with self._db.transaction(timeout=timeout) as conn:
-            row = await conn.fetchrow(_CLAIM_SQL, worker, float(lease_seconds), timeout=timeout)
+            row = await conn.fetchrow(
+                _CLAIM_SQL, worker, float(lease_seconds), max_attempts, timeout=timeout
+            )
             if row is None:
                 return None
+            if row["spent"]:
+                await _dead_lettered(conn, row["id"], timeout=timeout)
+                return Abandoned(row["id"], row["attempts"])
             saga = await conn.fetchrow(
                 "INSERT INTO saga_log (delivery_id, idempotency_key) VALUES ($1, $2)"
                 " ON CONFLICT (delivery_id) DO UPDATE SET updated_at = now()"
@@ -443,20 +478,28 @@ class Sagas:
                 timeout=timeout,
             )
             if done is not None and dead:
-                # A claim this saga holds on an issue whose task it has not created yet
-                # would make every later delivery about that issue wait for it: release it.
-                # A retry by an operator then claims the issue again (step back to "actor";
-                # the task request id is the delivery's, so a task created before the
-                # failure is found again, not made twice).
-                await conn.execute(
-                    "DELETE FROM issue_links WHERE delivery = $1 AND task_id IS NULL",
-                    delivery,
-                    timeout=timeout,
-                )
-                await conn.execute(
-                    "UPDATE saga_log SET state = 'failed', updated_at = now(),"
-                    " step = CASE WHEN step = 'claim' THEN 'actor' ELSE step END"
-                    " WHERE delivery_id = $1",
-                    delivery,
-                    timeout=timeout,
-                )
+                await _dead_lettered(conn, delivery, timeout=timeout)
+
+
+async def _dead_lettered(
+    conn: asyncpg.Connection, delivery: uuid.UUID, *, timeout: float | None
+) -> None:
+    """The saga of a delivery just dead-lettered: failed, and its issue claim released.
+
+    A claim this saga holds on an issue whose task it has not created yet would make every
+    later delivery about that issue wait for it. A retry by an operator claims the issue
+    again (step back to "actor"; the task request id is the delivery's, so a task created
+    before the failure is found again, not made twice).
+    """
+    await conn.execute(
+        "DELETE FROM issue_links WHERE delivery = $1 AND task_id IS NULL",
+        delivery,
+        timeout=timeout,
+    )
+    await conn.execute(
+        "UPDATE saga_log SET state = 'failed', updated_at = now(),"
+        " step = CASE WHEN step = 'claim' THEN 'actor' ELSE step END"
+        " WHERE delivery_id = $1",
+        delivery,
+        timeout=timeout,
+    )
