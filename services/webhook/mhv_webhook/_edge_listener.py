@@ -194,6 +194,9 @@ class _GatewayH11Protocol(H11Protocol):
             CONNECTIONS_REFUSED.labels("per_address").inc()
             transport.abort()
             return
+        # Nothing is read until `loop.start_tls` has the connection: a ClientHello read
+        # before would be lost to the handshake.
+        transport.pause_reading()
         handshake = self.loop.create_task(self._secure(transport))
         type(self).handshakes.add(handshake)
         handshake.add_done_callback(type(self).handshakes.discard)
