@@ -898,7 +898,7 @@ async def admin_db(system: SagaSystem) -> AsyncIterator[asyncpg.Connection]:
 
 
 @settings(
-    max_examples=25,
+    max_examples=50,
     deadline=None,
     # A failing example is reported as drawn: shrinking would wait out the bound once per try.
     phases=(Phase.explicit, Phase.generate),
