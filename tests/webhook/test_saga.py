@@ -931,6 +931,15 @@ async def admin_db(system: SagaSystem) -> AsyncIterator[asyncpg.Connection]:
     standard_type="task.complete",
     standard={("data", "quality_gate", "checks", "0", "detail"): "\udfff"},
 ).via("values out of range")
+@example(
+    github_action="closed",
+    github={("issue", "updated_at"): "9999-12-31T23:59:59-14:00"},
+    form={("issue", "updated_at"): "0001-01-01T00:00:00+14:00"},
+    gitlab_action="close",
+    gitlab={("object_attributes", "updated_at"): "0001-01-01 00:00:00 UTC"},
+    standard_type="task.update",
+    standard={("data", "deadline"): "9999-12-31T23:59:59-14:00"},
+).via("dates at and beyond the ends of the calendar")
 async def test_any_payload_content_ends_the_delivery(
     system: SagaSystem,
     poison_gateway: GatewayProcess,
