@@ -44,6 +44,7 @@ from opentelemetry import propagate, trace
 
 from mhv_common import context
 from mhv_common.config import RepositoryCatalog
+from mhv_common.db import is_connection_error
 from mhv_common.errors import (
     DatabaseConnectionError,
     DeadlineExceededError,
@@ -109,6 +110,11 @@ _WAIT_AND_RETRY = (
     DatabaseConnectionError,
     DeadlineExceededError,
 )
+
+
+def _not_now(exc: Exception) -> bool:
+    """Whether `exc` says "not now" (retrying unchanged can succeed), not "never"."""
+    return isinstance(exc, (*_WAIT_AND_RETRY, TimeoutError)) or is_connection_error(exc)
 
 
 def _reason(exc: Exception) -> str:
@@ -236,9 +242,10 @@ class SagaWorker:
             logger.warning(
                 "saga lease lost; another worker resumes it", extra={"delivery": str(claimed.id)}
             )
-        except _WAIT_AND_RETRY as exc:
-            await self._retry(claimed, _reason(exc), outage=True)
         except Exception as exc:
+            if _not_now(exc):
+                await self._retry(claimed, _reason(exc), outage=True)
+                return
             # Anything else, whatever raised it (a bug, or payload content that Python,
             # protobuf or PostgreSQL cannot take), fails the same way on every attempt: it
             # must not hold the worker, the lease or the issue's claim. It is retried like
