@@ -209,6 +209,12 @@ RELAXED_LIMITS = json.dumps(
 )
 
 
+# Connections per service process. The suite shares its PostgreSQL (max_connections 100 by
+# default) with whatever else runs there, and a run has up to a dozen service processes alive
+# at once: each may hold this many. A test that needs more says so in its own settings.
+POOL_BUDGET = {"MHV_DB_POOL_MIN_SIZE": "1", "MHV_DB_POOL_MAX_SIZE": "4"}
+
+
 def grpc_channel(target: str, ca_file: Path | None = None) -> aio.Channel:
     """A plaintext channel, or a TLS one trusting only `ca_file`."""
     if ca_file is None:
@@ -317,6 +323,7 @@ def service_env(
     env["MHV_RATE_LIMITS"] = RELAXED_LIMITS
     env["MHV_DB_ROLE_PREFIX"] = deployment.roles.prefix
     env["MHV_SHUTDOWN_GRACE_SECONDS"] = "5"
+    env.update(POOL_BUDGET)
     env.update(extra or {})
     return env
 

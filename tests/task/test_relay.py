@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
+from tests import retrying
 from tests.harness import (
     Cluster,
     Deployment,
@@ -121,17 +123,17 @@ async def drive(
             nonlocal done
             while not queue.empty():
                 i = queue.get_nowait()
-                task = await stub.CreateTask(
-                    task_pb2.CreateTaskRequest(title=f"relay {i}", repository="demo"),
-                    metadata=metadata,
-                    timeout=10,
+                # A busy machine sheds some calls (UNAVAILABLE, RetryInfo): like any client,
+                # send them again after the advised delay. The request id makes a repeated
+                # creation return the first task.
+                create = task_pb2.CreateTaskRequest(
+                    title=f"relay {i}", repository="demo", request_id=str(uuid.uuid4())
                 )
-                await stub.StartTask(
-                    task_pb2.StartTaskRequest(id=task.id), metadata=metadata, timeout=10
-                )
-                await stub.CompleteTask(
-                    task_pb2.CompleteTaskRequest(id=task.id), metadata=metadata, timeout=10
-                )
+                task = await retrying.rpc(stub.CreateTask, create, metadata=metadata, timeout=10)
+                start = task_pb2.StartTaskRequest(id=task.id)
+                await retrying.rpc(stub.StartTask, start, metadata=metadata, timeout=10)
+                complete = task_pb2.CompleteTaskRequest(id=task.id)
+                await retrying.rpc(stub.CompleteTask, complete, metadata=metadata, timeout=10)
                 done += 3
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -208,7 +208,7 @@ def edge_settings(deployment: Deployment, tls: Tls, folder: Path) -> WebhookSett
         webhook_body_timeout_seconds=5,
         webhook_workers=0,
         db_pool_min_size=1,
-        db_pool_max_size=8,
+        db_pool_max_size=4,
         # Every test request comes from 127.0.0.1: the address budget must not interfere.
         rate_limits={"webhook_unverified": "100000/minute"},
     )

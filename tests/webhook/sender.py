@@ -3,7 +3,8 @@
     python -m tests.webhook.sender URL CA_FILE REQUEST_JSON COUNT CONCURRENCY
 
 REQUEST_JSON holds {"headers": {...}, "body_hex": "..."}; the output is one JSON list of
-status codes (0 for a transport failure).
+the final status codes (0 for a transport failure). Like a real sender, each request refused
+with 503 or 429 and a Retry-After is sent again after that delay (`tests.retrying.post`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 import httpx
+
+from tests import retrying
 
 
 async def _main(
@@ -31,7 +34,7 @@ async def _main(
         async def one() -> None:
             async with gate:
                 try:
-                    response = await client.post(url, content=body, headers=headers)
+                    response = await retrying.post(client, url, content=body, headers=headers)
                     statuses.append(response.status_code)
                 except httpx.HTTPError as exc:
                     print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
