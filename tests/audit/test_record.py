@@ -31,6 +31,7 @@ from tests.audit.support import (
 )
 from tests.conftest import Services
 from tests.harness import Keys, grpc_channel
+from tests.waiting import wait_until
 
 
 @pytest.fixture
@@ -262,6 +263,7 @@ async def test_details_are_redacted_before_storage_and_no_secret_reaches_a_log_l
     client: audit_pb2_grpc.AuditServiceStub, keys: Keys, services: Services
 ) -> None:
     task_id = random_task_id()
+    logged_before = len(services.audit.logs())
     details = {
         "title": "Rotate the keys",
         "description": "call me at 555-0100",
@@ -300,11 +302,15 @@ async def test_details_are_redacted_before_storage_and_no_secret_reaches_a_log_l
     }
     text = json.dumps(got)
     assert not any(secret in text for secret in SECRETS)
-    await asyncio.sleep(0.2)  # let the process flush its log lines
+
+    def both_calls_logged() -> bool:
+        # The log captured these calls (so the check below can fail)...
+        ours = services.audit.logs()[logged_before:]
+        return '"msg": "audit events recorded"' in ours and '"error_code": "MHV-003"' in ours
+
+    # (a call's lines are written after its answer)
+    await wait_until(both_calls_logged, what="both calls are logged")
     logs = services.audit.logs()
-    # The log did capture these calls (so the check below can fail)...
-    assert '"msg": "audit events recorded"' in logs
-    assert '"error_code": "MHV-003"' in logs
     # ...and none of the secrets.
     assert not [secret for secret in SECRETS if secret in logs]
 

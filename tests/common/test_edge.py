@@ -29,6 +29,7 @@ from mhv_common.errors import FieldViolation, MahavishnuError, ValidationError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import RunningService, ServiceDefinition
 from tests.harness import Deployment, Keys, bearer, detail, rich_status
+from tests.waiting import wait_until
 
 PROBE = "mhvtest.Probe"
 ANY_ROLE = frozenset({Role.ADMIN, Role.MEMBER, Role.VIEWER, Role.SERVICE, Role.AUDITOR})
@@ -40,6 +41,10 @@ class Probe:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # HoldConnection sets `holding` once it has its connection, and keeps it until the
+        # test sets `release`: the test decides how long a call is in flight, not a timer.
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
 
     async def echo(self, request: bytes, _ctx: Any) -> bytes:
         return request
@@ -64,7 +69,9 @@ class Probe:
 
     async def hold_connection(self, _request: bytes, _ctx: Any) -> bytes:
         async with self.db.connection() as conn:
-            await conn.execute("SELECT pg_sleep(1.5)")
+            await conn.execute("SELECT 1")
+            self.holding.set()
+            await self.release.wait()
         return b"done"
 
     async def use_connection(self, _request: bytes, _ctx: Any) -> bytes:
@@ -113,7 +120,7 @@ async def probe_table(deployment: Deployment) -> AsyncIterator[str]:
 
 async def _start(
     deployment: Deployment, keys: Keys, *, limits: dict[str, str] | None = None, pool: int = 4
-) -> tuple[RunningService, Database]:
+) -> tuple[RunningService, Probe]:
     settings = CommonSettings(
         auth_jwks_file=keys.jwks,
         rate_limits=limits or {"general": "100000/minute"},
@@ -136,14 +143,14 @@ async def _start(
         settings,
     )
     await running.start()
-    return running, db
+    return running, probe
 
 
 @pytest.fixture(scope="module")
 async def probe(
     deployment: Deployment, keys: Keys, probe_table: str
 ) -> AsyncIterator[RunningService]:
-    running, _db = await _start(deployment, keys)
+    running, _probe = await _start(deployment, keys)
     yield running
     await running.stop()
 
@@ -304,11 +311,11 @@ async def _probe_sleeps(deployment: Deployment) -> int:
 
 
 async def _eventually_zero_sleeps(deployment: Deployment) -> None:
-    for _ in range(40):
-        if await _probe_sleeps(deployment) == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the database is still running the abandoned statement")
+    async def none_left() -> bool:
+        return await _probe_sleeps(deployment) == 0
+
+    # Well within the statement's own 5 s: the cancellation, not its end, stopped it.
+    await wait_until(none_left, what="the abandoned statement is cancelled", timeout=3)
 
 
 async def test_client_deadline_shorter_than_db_call_rolls_back(
@@ -348,12 +355,11 @@ async def test_cancellation_mid_transaction_rolls_back(
 ) -> None:
     marker = uuid.uuid4().hex
     call = _method(channel, "SlowWrite")(marker.encode(), metadata=bearer(keys.token("admin")))
-    for _ in range(100):  # until the server is inside the transaction
-        if await _probe_sleeps(deployment):
-            break
-        await asyncio.sleep(0.02)
-    else:
-        raise AssertionError("the slow statement never started")
+
+    async def inside_the_transaction() -> bool:
+        return await _probe_sleeps(deployment) > 0
+
+    await wait_until(inside_the_transaction, what="the slow statement runs")
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -362,17 +368,18 @@ async def test_cancellation_mid_transaction_rolls_back(
 
 
 async def test_exhausted_pool_is_unavailable_mhv002(deployment: Deployment, keys: Keys) -> None:
-    running, _db = await _start(deployment, keys, pool=1)
+    running, probe = await _start(deployment, keys, pool=1)
     try:
         async with aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as ch:
             token = bearer(keys.token(Role.ADMIN))
             holder = asyncio.ensure_future(_method(ch, "HoldConnection")(b"", metadata=token))
-            await asyncio.sleep(0.3)
+            await wait_until(probe.holding.is_set, what="a call holds the only connection")
             error = await _call_error(_method(ch, "UseConnection")(b"", metadata=token))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert error.details().startswith("[MHV-002]")
             retry = detail(rich_status(error), error_details_pb2.RetryInfo)
             assert retry.retry_delay.ToNanoseconds() > 0
+            probe.release.set()
             assert await holder == b"done"
     finally:
         await running.stop()
@@ -426,15 +433,21 @@ async def test_health_and_reflection_need_no_token_and_are_not_limited(
 async def test_graceful_shutdown_flips_health_and_finishes_inflight(
     deployment: Deployment, keys: Keys
 ) -> None:
-    running, _db = await _start(deployment, keys)
+    running, probe = await _start(deployment, keys)
     async with aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as ch:
         token = bearer(keys.token(Role.ADMIN))
         inflight = asyncio.ensure_future(_method(ch, "HoldConnection")(b"", metadata=token))
-        await asyncio.sleep(0.2)
+        await wait_until(probe.holding.is_set, what="the call is in flight")
         stopping = asyncio.ensure_future(running.stop())
-        await asyncio.sleep(0.1)
-        status = await running.health.Check(health_pb2.HealthCheckRequest(), None)
-        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def not_serving() -> bool:
+            status = await running.health.Check(health_pb2.HealthCheckRequest(), None)
+            return bool(status.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await wait_until(not_serving, what="health says NOT_SERVING")
+        # Health turned first, while the call was still running; the call then finishes.
+        assert not inflight.done()
+        probe.release.set()
         assert await inflight == b"done"
         await stopping
 

@@ -34,6 +34,7 @@ from tests.harness import (
     service_env,
 )
 from tests.task.conftest import make_user
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -155,13 +156,14 @@ async def _counts(deployment: Deployment) -> tuple[int, int, int]:
 
 
 async def wait_all_delivered(deployment: Deployment, *, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    async def delivered() -> bool:
         events, pending, audited = await _counts(deployment)
-        if pending == 0 and audited == events:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"not delivered in time: {await _counts(deployment)}")
+        return pending == 0 and audited == events
+
+    try:
+        await wait_until(delivered, what="every event delivered", timeout=timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not delivered in time: {await _counts(deployment)}") from None
 
 
 async def assert_exactly_once_in_order(system: System) -> None:
@@ -205,17 +207,24 @@ async def test_audit_outage_under_load_loses_nothing_and_fails_no_rpc(system: Sy
     # While the audit service is down every task RPC still succeeds...
     committed = await drive(task.target, system.token(), tasks=60)
     assert committed == 180
-    # ...and the events wait in the outbox, visible in the metrics.
-    await asyncio.sleep(2.5)
-    assert await metric(task.metrics_port, "task_outbox_depth") >= 1
-    assert await metric(task.metrics_port, "task_outbox_lag_seconds") > 0
+
+    # ...and the events wait in the outbox, visible in the metrics (once they are refreshed).
+    async def backlog_shown() -> bool:
+        port = task.metrics_port
+        depth = await metric(port, "task_outbox_depth")
+        return depth >= 1 and await metric(port, "task_outbox_lag_seconds") > 0
+
+    await wait_until(backlog_shown, what="the outbox metrics show the backlog")
     _events, pending, _audited = await _counts(system.deployment)
     assert pending >= 1
     await system.audit.start()
     await wait_all_delivered(system.deployment)
     await assert_exactly_once_in_order(system)
-    await asyncio.sleep(2.5)
-    assert await metric(task.metrics_port, "task_outbox_depth") == 0
+
+    async def drained_shown() -> bool:
+        return await metric(task.metrics_port, "task_outbox_depth") == 0
+
+    await wait_until(drained_shown, what="the outbox depth metric returns to 0")
 
 
 async def test_sigkill_of_the_relaying_process_mid_batch(system: System) -> None:
@@ -229,10 +238,8 @@ async def test_sigkill_of_the_relaying_process_mid_batch(system: System) -> None
     await drive(doomed.target, system.token(), tasks=30)
     await system.audit.start()
     assert doomed.process is not None
-    deadline = time.monotonic() + 30
-    while doomed.process.poll() is None:
-        assert time.monotonic() < deadline, "the relay never sent a batch"
-        await asyncio.sleep(0.02)
+    process = doomed.process
+    await wait_until(lambda: process.poll() is not None, what="the relay sent a batch and died")
     assert doomed.process.returncode == -9
     _events, pending, audited = await _counts(system.deployment)
     assert audited > 0 and pending > 0, "nothing was caught between recording and marking"
