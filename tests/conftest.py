@@ -18,6 +18,7 @@ from tests.harness import (
     ports_env,
     service_env,
     start_order_ports,
+    stop_all,
     webhook_env,
 )
 
@@ -109,5 +110,4 @@ async def services(
     for process in (running.audit, running.task, running.webhook):
         await process.start()
     yield running
-    for process in (running.webhook, running.task, running.audit):
-        process.stop()
+    stop_all([running.webhook, running.task, running.audit])

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,15 @@ class Deployment:
     def env(self) -> dict[str, str]:
         """``MHV_<SLICE>_DATABASE_URL`` for the three services."""
         return database_urls(self.admin_url, self.roles, self.passwords)
+
+    async def fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        """Rows of one query, run as administrator on a connection of its own."""
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+        finally:
+            await conn.close()
 
     async def drop(self) -> None:
         """Drop the database (disconnecting everyone) and the roles."""
@@ -286,16 +295,50 @@ class ServiceProcess:
                 f"{self.module} failed to start:\n{self.log_path.read_text()[-3000:]}"
             ) from None
 
-    def stop(self, *, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+    @property
+    def drain_seconds(self) -> float:
+        """How long the process may take to exit after SIGTERM.
+
+        The door and calls in progress, then background workers, each get the shutdown grace
+        (`mhv_common.server`), the webhook's HTTPS listener one more before them; the rest is
+        the interpreter starting and ending on a busy machine.
+        """
+        grace = float(self.env.get("MHV_SHUTDOWN_GRACE_SECONDS", "10"))
+        return 3 * grace + 10
+
+    def stop(self, *, timeout: float | None = None) -> int:
+        """SIGTERM, and check the process drains and exits with status 0 in its drain time.
+
+        A process that had already ended (a test killed or crashed it on purpose) is not
+        checked: its status is returned as it is.
+
+        Args:
+            timeout: Seconds to wait for the exit; default `drain_seconds`.
+
+        Raises:
+            AssertionError: The process did not exit in time (it is then killed), or exited
+                with another status than 0.
+        """
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
+        limit = self.drain_seconds if timeout is None else timeout
         try:
-            return self.process.wait(timeout=timeout)
+            code = self.process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            self.process.wait()
+            raise AssertionError(
+                f"{self.module} did not exit within {limit:g} s of SIGTERM:\n{self._tail()}"
+            ) from None
+        if code != 0:
+            raise AssertionError(
+                f"{self.module} exited with status {code} after SIGTERM:\n{self._tail()}"
+            )
+        return code
+
+    def _tail(self) -> str:
+        return self.logs()[-3000:]
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up."""
@@ -306,6 +349,19 @@ class ServiceProcess:
     def logs(self) -> str:
         """Everything the process wrote so far."""
         return self.log_path.read_text(errors="replace")
+
+
+def stop_all(processes: Sequence[ServiceProcess]) -> None:
+    """Stop each process in turn (`ServiceProcess.stop`); then fail for any that did not
+    exit cleanly, so that one bad exit neither leaves the others running nor goes unseen."""
+    failures = []
+    for process in processes:
+        try:
+            process.stop()
+        except AssertionError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise AssertionError("\n\n".join(failures))
 
 
 def service_env(

@@ -201,5 +201,7 @@ async def private_audit(
     finally:
         if admin is not None:
             await admin.close()
-        await asyncio.to_thread(process.stop)
-        await deployment.drop()
+        try:
+            await asyncio.to_thread(process.stop)
+        finally:
+            await deployment.drop()

@@ -9,6 +9,7 @@ import mhv_common
 from tests.exports import assert_module_surface
 
 EXPECTED = {
+    "admission",
     "auth",
     "client",
     "config",

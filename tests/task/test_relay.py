@@ -32,6 +32,7 @@ from tests.harness import (
     grpc_channel,
     metric,
     service_env,
+    stop_all,
 )
 from tests.task.conftest import make_user
 from tests.waiting import wait_until
@@ -104,9 +105,10 @@ async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[
     running = System(deployment, keys, env, tmp_path, audit, user_id=user_id)
     await audit.start()
     yield running
-    for process in [*running.tasks, audit]:
-        process.stop()
-    await deployment.drop()
+    try:
+        stop_all([*running.tasks, audit])
+    finally:
+        await deployment.drop()
 
 
 async def drive(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -12,13 +13,20 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Awaitable
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2
 
-from tests.harness import ROOT, Deployment, Keys, scrape
+from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
+from mhv_common.auth import Role
+from tests.draining import assert_draining, health_status, locked, waiting_on_lock
+from tests.harness import ROOT, Deployment, Keys, bearer, rpc_error, scrape
+from tests.waiting import wait_until
 from tests.webhook.conftest import (
     GatewayProcess,
     Secrets,
@@ -27,6 +35,7 @@ from tests.webhook.conftest import (
     running_gateway,
 )
 from tests.webhook.signing import github_headers, standard_headers
+from tests.webhook.support import assert_error
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +269,73 @@ async def test_sigterm_stops_cleanly(process_env: dict[str, str], tls: Tls, tmp_
     # Nothing listens any more.
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", running.https_port), timeout=2).close()
+
+
+async def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones_retryably(
+    deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+) -> None:
+    env = {**gateway_env(deployment, keys, tls, hook_secrets, tmp_path)}
+    # Long enough that the drain never cuts the held request short, however busy the machine.
+    env["MHV_SHUTDOWN_GRACE_SECONDS"] = "20"
+    held, refused = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def delivery(client: httpx.AsyncClient, delivery_id: str) -> Awaitable[httpx.Response]:
+        body = json.dumps({"action": "opened", "n": delivery_id}).encode()
+        return client.post(
+            f"{running.url}/webhooks/github",
+            content=body,
+            headers=github_headers(hook_secrets.github, body, delivery=delivery_id),
+        )
+
+    admin_token = bearer(keys.token(Role.ADMIN))
+    async with running_gateway(env, tmp_path / "gw.log") as running:
+        process = running.process.process
+        assert process is not None
+        async with (
+            _client(tls) as client,
+            _client(tls) as late_client,
+            aio.insecure_channel(running.process.target) as channel,
+        ):
+            admin = webhook_pb2_grpc.WebhookAdminServiceStub(channel)
+            async with locked(deployment, "webhook.deliveries"):
+                in_flight = asyncio.ensure_future(delivery(client, held))
+                listing = asyncio.ensure_future(
+                    admin.ListDeliveries(
+                        webhook_pb2.ListDeliveriesRequest(), metadata=admin_token, timeout=60
+                    )
+                )
+
+                async def both_wait() -> bool:
+                    return await waiting_on_lock(deployment, "webhook", at_least=2)
+
+                await wait_until(both_wait, what="the request and the call wait on the lock")
+                process.send_signal(signal.SIGTERM)
+
+                async def not_serving() -> bool:
+                    status = await health_status(channel)
+                    return status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+                await wait_until(not_serving, what="health says NOT_SERVING")
+                # New work is refused at once, retryably, on both listeners...
+                answer = await delivery(late_client, refused)
+                body = assert_error(answer, 503, "MHV-016")
+                assert int(answer.headers["Retry-After"]) >= 1
+                assert body["retry_after_seconds"] > 0
+                assert_draining(
+                    await rpc_error(
+                        admin.ListDeliveries(
+                            webhook_pb2.ListDeliveriesRequest(), metadata=admin_token, timeout=30
+                        )
+                    )
+                )
+                # ...while what was in progress goes on.
+                assert not in_flight.done() and not listing.done()
+            assert (await in_flight).status_code == 202
+            await listing
+        code = await asyncio.to_thread(process.wait, running.process.drain_seconds)
+        assert code == 0, running.process.logs()[-3000:]
+    stored = await deployment.fetch(
+        "SELECT delivery_id FROM webhook.deliveries WHERE delivery_id = ANY($1::text[])",
+        [held, refused],
+    )
+    assert [r["delivery_id"] for r in stored] == [held]

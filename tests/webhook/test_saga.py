@@ -123,8 +123,10 @@ async def system(
         **SAGA_SETTINGS,
     )
     yield SagaSystem(deployment, keys, tls, hook_secrets, folder, task, env)
-    task.stop()
-    await deployment.drop()
+    try:
+        task.stop()
+    finally:
+        await deployment.drop()
 
 
 @pytest.fixture

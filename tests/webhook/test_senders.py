@@ -34,6 +34,7 @@ from tests.harness import (
     bearer,
     grpc_channel,
     service_env,
+    stop_all,
 )
 from tests.webhook.conftest import GatewayProcess, Secrets, Tls, gateway_env, running_gateway
 from tests.webhook.fixtures import body, form_body, github_issue, gitlab_issue, task_event
@@ -266,9 +267,10 @@ async def senders(
         async with running_gateway(gateway, folder / "gateway.log") as running:
             yield Senders(deployment, keys, tls, hook_secrets, task, running)
     finally:
-        task.stop()
-        audit.stop()
-        await deployment.drop()
+        try:
+            stop_all([task, audit])
+        finally:
+            await deployment.drop()
 
 
 def stamped(payload: dict[str, Any], second: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ edge            what the edges share: `classify` (any exception -> the caller's 
                 keys, which gRPC statuses are the service's fault and which are transient
 interceptors    the gRPC server interceptors, in their order, and `MethodPolicy`
 server          running a service: `run_service`, `ServiceDefinition`, health, graceful shutdown
+admission       a bound on requests in progress per listener (MHV-017), and refusal while draining
 probes          the plaintext health listener for probes that cannot speak TLS (MHV_HEALTH_PORT)
 processes       several processes of one service on one port, under a supervisor
 config          settings from the ``MHV_*`` environment and the files in settings/
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mhv_common import (
+        admission,
         auth,
         client,
         config,
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "admission",
     "auth",
     "client",
     "config",

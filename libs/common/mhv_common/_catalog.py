@@ -198,6 +198,33 @@ CATALOG: tuple[ErrorSpec, ...] = (
             "(or retry CreateTask with the same request_id) before sending it again.",
         ),
     ),
+    ErrorSpec(
+        "MHV-016",
+        "SERVER_DRAINING",
+        _S.UNAVAILABLE,
+        503,
+        "This server is shutting down and takes no new requests.",
+        (
+            "Retry after the delay given in RetryInfo / Retry-After: the request was not "
+            "started, and another replica (or this one, restarted) will take it.",
+            "Operators: clients should follow readiness (health NOT_SERVING) and stop sending "
+            "to a draining replica (docs/operations/shutdown-and-overload.md).",
+        ),
+        retryable=True,
+    ),
+    ErrorSpec(
+        "MHV-017",
+        "SERVER_OVERLOADED",
+        _S.UNAVAILABLE,
+        503,
+        "This server is at its limit of requests in progress and shed this one.",
+        (
+            "Retry after the delay given in RetryInfo / Retry-After: the request was not started.",
+            "Operators: add replicas or processes, or raise MHV_MAX_IN_FLIGHT if the machine "
+            "has room (the admission_in_flight metric; docs/operations/shutdown-and-overload.md).",
+        ),
+        retryable=True,
+    ),
     # --- Backups, restores and migrations (050-069): operators' commands, not RPCs ----------
     ErrorSpec(
         "MHV-050",

@@ -89,6 +89,9 @@ class CommonSettings(BaseSettings):
 
     default_deadline_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
+    # Requests each listener of a process admits at once; more are shed with MHV-017 at the
+    # door (mhv_common.admission). 0: no bound.
+    max_in_flight: int = Field(default=256, ge=0)
 
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10

@@ -225,6 +225,14 @@ class RequestCancelledError(MahavishnuError, code="MHV-012"):
     """MHV-012: The caller cancelled the request."""
 
 
+class ServerDrainingError(MahavishnuError, code="MHV-016"):
+    """MHV-016: This server is shutting down and takes no new requests."""
+
+
+class ServerOverloadedError(MahavishnuError, code="MHV-017"):
+    """MHV-017: This server is at its limit of requests in progress and shed this one."""
+
+
 class BackupNotFoundError(MahavishnuError, code="MHV-050"):
     """MHV-050: No backup repository is configured here, or it holds no completed backup."""
 
@@ -425,6 +433,8 @@ __all__ = [
     "RequestCancelledError",
     "RestoreDestinationInUseError",
     "RestoreTargetOutOfRangeError",
+    "ServerDrainingError",
+    "ServerOverloadedError",
     "ServiceUnavailableError",
     "TaskAlreadyCompletedError",
     "TaskBlockedError",

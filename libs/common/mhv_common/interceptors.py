@@ -1,7 +1,8 @@
 """The gRPC edge: one ordered list of server interceptors, first = outermost.
 
     OpenTelemetry span  ->  Edge (request context + error mapping, the catch-all)
-      ->  Telemetry (access log + metrics)  ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
+      ->  Telemetry (access log + metrics)  ->  Admission (shed or draining: MHV-017, MHV-016)
+      ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
 
 The Edge interceptor is the outermost of ours, so nothing a handler or an inner interceptor
 raises reaches the caller unmapped: a `MahavishnuError` becomes its ``google.rpc.Status``, any
@@ -27,6 +28,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import Counter, Histogram
 
 from mhv_common import context
+from mhv_common.admission import Admission
 from mhv_common.auth import Principal, Role, TokenVerifier
 from mhv_common.edge import ON_BEHALF_OF_KEY, REQUEST_ID_KEY, classify
 from mhv_common.errors import (
@@ -194,6 +196,25 @@ class TelemetryInterceptor(_Interceptor):
             )
 
 
+class AdmissionInterceptor(_Interceptor):
+    """Sheds a call before any work when the process is at its bound or draining.
+
+    It runs before authentication on purpose: refusing costs less than verifying a token, and
+    a refused call did nothing, so any caller may safely send it again.
+    """
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__()
+        self._admission = admission
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Run the call holding a place, or refuse it (MHV-016, MHV-017)."""
+        with self._admission.admit():
+            return await self._call(method, request, ctx)
+
+
 class DeadlineInterceptor(_Interceptor):
     """Applies min(caller deadline, the method's server maximum) to the whole call."""
 
@@ -296,6 +317,7 @@ def build_interceptors(
     verifier: TokenVerifier,
     limiter: RateLimiter,
     policies: Mapping[str, MethodPolicy],
+    admission: Admission,
     default_policy: MethodPolicy | None = None,
 ) -> list[aio.ServerInterceptor]:
     """The ordered interceptor list every service installs (first = outermost)."""
@@ -305,6 +327,7 @@ def build_interceptors(
         aio_server_interceptor(),
         EdgeInterceptor(),
         TelemetryInterceptor(),
+        AdmissionInterceptor(admission),
         DeadlineInterceptor(policies, default),
         AuthInterceptor(verifier, policies),
         RateLimitInterceptor(limiter, policies, default),

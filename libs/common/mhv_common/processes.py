@@ -264,8 +264,9 @@ class Supervisor:
         for process in live:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-        # A copy drains its calls and then its workers, each within the grace period.
-        limit = 2 * self._settings.shutdown_grace_seconds + 5
+        # A copy drains its HTTPS requests (the gateway), its calls, then its workers, each
+        # within the grace period (mhv_common.server).
+        limit = 3 * self._settings.shutdown_grace_seconds + 5
         waits = [asyncio.create_task(p.wait()) for p in live]
         if waits:
             _done, pending = await asyncio.wait(waits, timeout=limit)

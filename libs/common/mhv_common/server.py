@@ -2,10 +2,15 @@
 
 Shutdown runs in a fixed order so that no request or job is cut off half-way:
 
-1. health goes NOT_SERVING (load balancers stop sending new calls);
-2. the server stops accepting and gives in-flight calls `shutdown_grace_seconds` to finish;
+1. health goes NOT_SERVING (load balancers stop sending new calls), and the door closes: a new
+   call is refused with MHV-016 (UNAVAILABLE, RetryInfo), one the caller may send elsewhere
+   (`mhv_common.admission`);
+2. calls in progress get `shutdown_grace_seconds` to finish, then the server stops;
 3. background workers are asked to stop and drained;
 4. connection pools close.
+
+A service stopped this way exits with status 0; one that cannot drain in time still exits,
+with the calls left over cancelled.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from prometheus_client import disable_created_metrics, start_http_server
 
 from mhv_common import logs, processes, tracing
+from mhv_common.admission import Admission
 from mhv_common.auth import TokenVerifier
 from mhv_common.config import CommonSettings, load_settings
 from mhv_common.errors import MahavishnuError
@@ -123,6 +129,9 @@ class RunningService:
         self._stopped = asyncio.Event()
         self._limiter: RateLimiter | None = None
         self.interceptors: list[aio.ServerInterceptor] = []
+        self.admission = Admission(
+            service=definition.name, listener="grpc", max_in_flight=settings.max_in_flight
+        )
 
     async def start(self) -> None:
         """Run startup, bind the listeners and start workers; health turns SERVING."""
@@ -137,13 +146,15 @@ class RunningService:
             audience=s.auth_audience,
         )
         limiter = RateLimiter(
-            s.effective_rate_limits(), storage_uri=s.rate_limit_storage_uri, service=d.name
+            s.effective_rate_limits(),
+            storage_uri=s.rate_limit_storage_uri,
+            service=d.name,
         )
         self._limiter = limiter
         if d.startup is not None:
             await d.startup()
         self.interceptors = build_interceptors(
-            verifier=verifier, limiter=limiter, policies=d.policies
+            verifier=verifier, limiter=limiter, policies=d.policies, admission=self.admission
         )
         options: list[tuple[str, int]] = [
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
@@ -220,15 +231,25 @@ class RunningService:
             self.alive = False
             await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    async def drain(self) -> None:
+        """Health NOT_SERVING and refuse new calls (MHV-016); calls in progress go on."""
+        await self.health.enter_graceful_shutdown()
+        self.admission.drain()
+
     async def stop(self) -> None:
-        """Shut down in order: health, listener (with grace), workers, pools."""
+        """Shut down in order: health and door, calls in progress (with grace), workers, pools."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         grace = self.settings.shutdown_grace_seconds
-        await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await self.drain()
+        # The listener stays open while calls finish, so a late caller hears MHV-016 (retry
+        # elsewhere) rather than a refused connection.
+        await self.admission.idle(timeout=grace)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(max(grace - (loop.time() - began), 0.0))
         for worker in self.definition.workers:
             worker.stop()
         if self._worker_tasks:
@@ -294,7 +315,7 @@ async def serve_forever(definition: ServiceDefinition, settings: CommonSettings)
         stop.set()
     await stop_wait
     logger.info("shutdown requested")
-    await running.health.enter_graceful_shutdown()
+    await running.drain()
     stop_extras.set()
     if extra_tasks:
         await asyncio.gather(*extra_tasks, return_exceptions=True)

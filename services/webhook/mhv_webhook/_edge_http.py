@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mhv_common import context
+from mhv_common.admission import Admission
 from mhv_common.errors import (
     InternalError,
     ValidationError,
@@ -41,6 +42,7 @@ class WebhookEdge:
         sources: Declared sources by name.
         ingestor: The receiving domain.
         addresses: Request budget per client address, spent before anything is verified.
+        admission: The listener's door: requests in progress, and refusal while draining.
         ack_deadline_seconds: Budget for storing a delivery once its body is read.
         body_timeout_seconds: Longest time a sender may take to send its body.
 
@@ -52,6 +54,7 @@ class WebhookEdge:
         ingestor: Ingestor,
         *,
         addresses: RateLimiter,
+        admission: Admission,
         ack_deadline_seconds: float = 10.0,
         body_timeout_seconds: float = 30.0,
     ) -> None:
@@ -66,6 +69,7 @@ class WebhookEdge:
                         sources=sources,
                         ingestor=ingestor,
                         addresses=addresses,
+                        admission=admission,
                         body_timeout_seconds=body_timeout_seconds,
                         ack_deadline_seconds=ack_deadline_seconds,
                     ),

@@ -22,6 +22,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from mhv_common.admission import Admission
 from mhv_common.errors import ConfigurationError, ValidationError
 from mhv_common.tls import no_passphrase
 from mhv_webhook._metrics import CONNECTIONS_REFUSED
@@ -342,7 +343,9 @@ class HttpsListener:
     """Serves an ASGI app over TLS until the service's stop event is set.
 
     The socket is bound by `bind` during service start-up, so a port that cannot be had stops
-    the service before it reports healthy.
+    the service before it reports healthy. On stop, the listener drains before it closes: new
+    requests are answered 503 with Retry-After (`admission`, MHV-016) while those in progress
+    finish, for at most `drain_seconds`; then the socket closes.
     """
 
     def __init__(
@@ -358,7 +361,11 @@ class HttpsListener:
         head_timeout_seconds: float = 10.0,
         handshake_timeout_seconds: float = 10.0,
         max_connections_per_address: int = 0,
+        admission: Admission | None = None,
+        drain_seconds: float = 10.0,
     ) -> None:
+        self._admission = admission
+        self._drain_seconds = drain_seconds
         self._reuse_port = reuse_port
         self._max_concurrency = max_concurrency
         self._protocol: type[_GatewayH11Protocol] = type(
@@ -433,11 +440,17 @@ class HttpsListener:
             limit_concurrency=self._max_concurrency,
             # No TLS context: the protocol secures each connection itself (counted and
             # bounded in time from the accept).
+            # A request still running this long after the drain is cancelled: shutdown ends.
+            timeout_graceful_shutdown=max(1, round(self._drain_seconds)),
         )
         server = uvicorn.Server(config)
 
         async def request_exit() -> None:
             await stop.wait()
+            if self._admission is not None:
+                # New requests get 503 + Retry-After; those in progress finish first.
+                self._admission.drain()
+                await self._admission.idle(timeout=self._drain_seconds)
             server.should_exit = True
 
         watcher = asyncio.create_task(request_exit())

@@ -3,6 +3,7 @@
     Arrival (source, headers, request id)  ->  Tracing (server span)
       ->  RequestScope (request context, x-request-id)  ->  Telemetry (metrics, log line)
       ->  ErrorBody (the catch-all: any failure becomes the catalog's JSON body)
+      ->  Door (503 + Retry-After: shed, MHV-017, or draining, MHV-016)
       ->  AddressBudget (429)  ->  Authentication (404, 401 on headers alone)
       ->  BodyCap (413, body timeout)  ->  AckDeadline  ->  endpoint (`mhv_webhook._edge_http`)
 
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mhv_common import context
+from mhv_common.admission import Admission
 from mhv_common.edge import REQUEST_ID_KEY, classify
 from mhv_common.errors import (
     FieldViolation,
@@ -257,6 +259,23 @@ class ErrorBody:
             await error_response(error, headers=close)(scope, receive, send)
 
 
+class Door:
+    """Admission control (`mhv_common.admission`): a bounded number of requests in progress.
+
+    Over the bound, or once the gateway is shutting down, a request is answered 503 with
+    Retry-After before anything is read, verified or stored; the sender delivers it again.
+    """
+
+    def __init__(self, app: ASGIApp, *, admission: Admission) -> None:
+        self.app = app
+        self._admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request holding a place, or refuse it (MHV-016, MHV-017)."""
+        with self._admission.admit():
+            await self.app(scope, receive, send)
+
+
 class AddressBudget:
     """A request budget per client address, spent before anything is read or verified.
 
@@ -382,6 +401,7 @@ def webhook_middleware(
     sources: Mapping[str, Source],
     ingestor: Ingestor,
     addresses: RateLimiter,
+    admission: Admission,
     body_timeout_seconds: float,
     ack_deadline_seconds: float,
 ) -> list[Middleware]:
@@ -392,6 +412,7 @@ def webhook_middleware(
         Middleware(RequestScope),
         Middleware(Telemetry),
         Middleware(ErrorBody),
+        Middleware(Door, admission=admission),
         Middleware(AddressBudget, limiter=addresses),
         Middleware(Authentication, ingestor=ingestor),
         Middleware(BodyCap, timeout_seconds=body_timeout_seconds),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from grpc import aio
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
+from mhv_common.admission import Admission
 from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import (
     WebhookSettings,
@@ -87,6 +88,7 @@ def build(
     db = Database.for_service(settings, dsn=settings.webhook_database_url, name="webhook")
     inbox = Inbox(db)
     repositories = load_repositories(settings.repos_file)
+    door = Admission(service="webhook", listener="https", max_in_flight=settings.max_in_flight)
     edge = WebhookEdge(
         sources,
         Ingestor(inbox, repositories=repositories, clock=clock),
@@ -95,6 +97,7 @@ def build(
             storage_uri=settings.rate_limit_storage_uri,
             service="webhook-addresses",
         ),
+        admission=door,
         ack_deadline_seconds=settings.default_deadline_seconds,
         body_timeout_seconds=settings.webhook_body_timeout_seconds,
     )
@@ -108,6 +111,8 @@ def build(
         head_timeout_seconds=settings.webhook_head_timeout_seconds,
         handshake_timeout_seconds=settings.webhook_tls_handshake_timeout_seconds,
         max_connections_per_address=settings.webhook_max_connections_per_address,
+        admission=door,
+        drain_seconds=settings.shutdown_grace_seconds,
     )
 
     def register(server: aio.Server) -> Sequence[str]:
