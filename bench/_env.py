@@ -14,7 +14,15 @@ from pathlib import Path
 import asyncpg
 
 from mhv_cli.pgcluster import binary
-from tests.harness import Cluster, Deployment, Keys, ServiceProcess, service_env, start_order_ports
+from tests.harness import (
+    Cluster,
+    Deployment,
+    Keys,
+    ServiceProcess,
+    scrape,
+    service_env,
+    start_order_ports,
+)
 
 __all__ = [
     "Cluster",
@@ -24,6 +32,7 @@ __all__ = [
     "percentile",
     "pgbench",
     "pgvector_task_connection",
+    "scrape",
     "service_env",
     "start_order_ports",
     "summary",

@@ -24,8 +24,9 @@ from grpc_health.v1 import health_pb2
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common.auth import Role
+from tests import retrying
 from tests.draining import assert_draining, health_status, locked, waiting_on_lock
-from tests.harness import ROOT, Deployment, Keys, bearer, rpc_error, scrape
+from tests.harness import ROOT, Deployment, Keys, bearer, metric, rpc_error, scrape
 from tests.waiting import wait_until
 from tests.webhook.conftest import (
     GatewayProcess,
@@ -339,3 +340,44 @@ async def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones_retryabl
         [held, refused],
     )
     assert [r["delivery_id"] for r in stored] == [held]
+
+
+async def test_load_over_the_bound_is_shed_with_503_and_retry_after_then_served(
+    deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+) -> None:
+    bound = 2
+    env = gateway_env(deployment, keys, tls, hook_secrets, tmp_path, MHV_MAX_IN_FLIGHT=str(bound))
+    ids = [str(uuid.uuid4()) for _ in range(bound + 5 * bound)]
+    async with running_gateway(env, tmp_path / "gw.log") as running, _client(tls) as client:
+
+        def delivery(n: int) -> tuple[str, bytes, dict[str, str]]:
+            body = json.dumps({"action": "opened", "n": ids[n]}).encode()
+            headers = github_headers(hook_secrets.github, body, delivery=ids[n])
+            return f"{running.url}/webhooks/github", body, headers
+
+        def send(n: int) -> Awaitable[httpx.Response]:
+            url, body, headers = delivery(n)
+            return client.post(url, content=body, headers=headers)
+
+        async with locked(deployment, "webhook.deliveries"):
+            held = [asyncio.ensure_future(send(n)) for n in range(bound)]
+
+            async def bound_filled() -> bool:
+                labels = {"service": "webhook", "listener": "https"}
+                port = running.process.metrics_port
+                return await metric(port, "admission_in_flight", labels) >= bound
+
+            await wait_until(bound_filled, what="the bound is filled with requests in flight")
+            for answer in await asyncio.gather(*(send(n) for n in range(bound, len(ids)))):
+                assert_error(answer, 503, "MHV-017")
+                assert int(answer.headers["Retry-After"]) >= 1
+            assert not any(request.done() for request in held)
+        assert [(await request).status_code for request in held] == [202] * bound
+        # Recovered: a shed delivery sent again, as its sender would, is accepted.
+        url, body, headers = delivery(bound)
+        assert (await retrying.post(client, url, content=body, headers=headers)).status_code == 202
+    stored = await deployment.fetch(
+        "SELECT delivery_id FROM webhook.deliveries WHERE delivery_id = ANY($1::text[])", ids
+    )
+    # Held and resent deliveries stored once each; nothing of the shed ones.
+    assert sorted(r["delivery_id"] for r in stored) == sorted(ids[: bound + 1])

@@ -88,9 +88,8 @@ class Admission:
         """Whether new requests are refused because the process is stopping."""
         return self._draining
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold a place for the enclosed request.
+    def enter(self) -> None:
+        """Take a place for one request; `leave` gives it back.
 
         Raises:
             ServerDrainingError: The process is shutting down (MHV-016).
@@ -105,13 +104,27 @@ class Admission:
         self._in_flight += 1
         self._idle.clear()
         self._gauge.inc()
+
+    def leave(self) -> None:
+        """Give back the place `enter` took."""
+        self._in_flight -= 1
+        self._gauge.dec()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold a place for the enclosed request (`enter`, then `leave`).
+
+        Raises:
+            ServerDrainingError: The process is shutting down (MHV-016).
+            ServerOverloadedError: `max_in_flight` requests are in progress (MHV-017).
+        """
+        self.enter()
         try:
             yield
         finally:
-            self._in_flight -= 1
-            self._gauge.dec()
-            if self._in_flight == 0:
-                self._idle.set()
+            self.leave()
 
     def drain(self) -> None:
         """Refuse every new request from now on (MHV-016); admitted ones go on."""

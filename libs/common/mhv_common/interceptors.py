@@ -1,15 +1,18 @@
 """The gRPC edge: one ordered list of server interceptors, first = outermost.
 
-    OpenTelemetry span  ->  Edge (request context + error mapping, the catch-all)
-      ->  Telemetry (access log + metrics)  ->  Admission (shed or draining: MHV-017, MHV-016)
-      ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
+    Admission (shed or draining: MHV-017, MHV-016)  ->  OpenTelemetry span
+      ->  Edge (request context + error mapping, the catch-all)
+      ->  Telemetry (access log + metrics)  ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
 
-The Edge interceptor is the outermost of ours, so nothing a handler or an inner interceptor
-raises reaches the caller unmapped: a `MahavishnuError` becomes its ``google.rpc.Status``, any
-other exception becomes INTERNAL/MHV-008 with none of its text. Telemetry sits inside it and
-labels its log line and metrics with `classify`, the same function the Edge uses, so they record
-the code the caller receives. Health and reflection pass through untouched: they must answer
-without a token and are never rate limited.
+Admission is outermost so that shedding costs as little as possible when a process is flooded:
+a refused call gets no span, no log line, no token check, and an answer encoded once
+(`admission_rejections_total` counts it). The Edge interceptor is the outermost of the rest,
+so nothing a handler or an inner interceptor raises reaches the caller unmapped: a
+`MahavishnuError` becomes its ``google.rpc.Status``, any other exception becomes
+INTERNAL/MHV-008 with none of its text. Telemetry sits inside it and labels its log line and
+metrics with `classify`, the same function the Edge uses, so they record the code the caller
+receives. Health and reflection pass through untouched: they must answer without a token, are
+never rate limited and never shed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from mhv_common.errors import (
     InternalError,
     MahavishnuError,
     RequestCancelledError,
+    ServerDrainingError,
+    ServerOverloadedError,
 )
 from mhv_common.ratelimit import RateLimiter
 
@@ -199,20 +204,38 @@ class TelemetryInterceptor(_Interceptor):
 class AdmissionInterceptor(_Interceptor):
     """Sheds a call before any work when the process is at its bound or draining.
 
-    It runs before authentication on purpose: refusing costs less than verifying a token, and
-    a refused call did nothing, so any caller may safely send it again.
+    It runs before everything else on purpose: refusing must cost less than serving, or a flood
+    of refused calls starves the admitted ones of CPU. A refused call did nothing, so any
+    caller may safely send it again.
     """
 
     def __init__(self, admission: Admission) -> None:
         super().__init__()
         self._admission = admission
+        # The answers' status details, encoded once per error code.
+        self._answers: dict[str, tuple[str, tuple[tuple[str, bytes], ...]]] = {}
 
     async def intercept(
         self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
     ) -> Any:
         """Run the call holding a place, or refuse it (MHV-016, MHV-017)."""
-        with self._admission.admit():
+        try:
+            self._admission.enter()
+        except (ServerDrainingError, ServerOverloadedError) as refused:
+            message, trailers = self._answer(refused)
+            await ctx.abort(refused.grpc_status, message, trailing_metadata=trailers)
+        try:
             return await self._call(method, request, ctx)
+        finally:
+            self._admission.leave()
+
+    def _answer(self, error: MahavishnuError) -> tuple[str, tuple[tuple[str, bytes], ...]]:
+        answer = self._answers.get(error.code)
+        if answer is None:
+            status = error.to_rpc_status()
+            trailers = ((GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),)
+            answer = self._answers[error.code] = (status.message, trailers)
+        return answer
 
 
 class DeadlineInterceptor(_Interceptor):
@@ -324,10 +347,10 @@ def build_interceptors(
     default = default_policy or MethodPolicy()
     initialise_metrics(policies)
     return [
+        AdmissionInterceptor(admission),
         aio_server_interceptor(),
         EdgeInterceptor(),
         TelemetryInterceptor(),
-        AdmissionInterceptor(admission),
         DeadlineInterceptor(policies, default),
         AuthInterceptor(verifier, policies),
         RateLimitInterceptor(limiter, policies, default),
