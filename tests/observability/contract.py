@@ -70,6 +70,14 @@ CONTRACT: tuple[Metric, ...] = (
         ALL,
     ),
     Metric("database_size_bytes", "gauge", {"schema": ("{service}",)}, ALL),
+    Metric("rate_limit_storage_up", "gauge", {"service": ("{service}",)}, ALL),
+    Metric("admission_in_flight", "gauge", {"service": ("{service}",), "listener": ("grpc",)}, ALL),
+    Metric(
+        "admission_rejections_total",
+        "counter",
+        {"service": ("{service}",), "listener": ("grpc",), "reason": ("overloaded", "draining")},
+        ALL,
+    ),
     # Task service.
     Metric(
         "task_creation_total",
@@ -228,6 +236,8 @@ class ContractExporter:
             return float(2 + step % 3)
         if name == "database_size_bytes":
             return float(8_000_000 + 4096 * step)
+        if name == "rate_limit_storage_up":
+            return 1.0
         return float(step % 5)
 
     @staticmethod

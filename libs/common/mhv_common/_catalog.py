@@ -225,6 +225,20 @@ CATALOG: tuple[ErrorSpec, ...] = (
         ),
         retryable=True,
     ),
+    ErrorSpec(
+        "MHV-018",
+        "RATE_LIMIT_STORAGE_UNAVAILABLE",
+        _S.UNAVAILABLE,
+        503,
+        "The shared rate-limit storage is unreachable; this operation waits for it.",
+        (
+            "Retry after the delay given in RetryInfo / Retry-After.",
+            "Operators: the RateLimitStorageDown alert names the service; bring Redis back "
+            "(docs/operations/shutdown-and-overload.md), or remove the class from "
+            "MHV_RATE_LIMIT_FAIL_CLOSED to count it per process meanwhile.",
+        ),
+        retryable=True,
+    ),
     # --- Backups, restores and migrations (050-069): operators' commands, not RPCs ----------
     ErrorSpec(
         "MHV-050",

@@ -86,6 +86,9 @@ class CommonSettings(BaseSettings):
 
     rate_limit_storage_uri: str = "memory://"
     rate_limits: dict[str, str] = Field(default_factory=dict)
+    # Method classes refused (MHV-018) while a shared storage (Redis) is unreachable; every
+    # other class is counted in each process meanwhile (mhv_common.ratelimit).
+    rate_limit_fail_closed: list[str] = Field(default_factory=list)
 
     default_deadline_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0

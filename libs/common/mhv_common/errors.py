@@ -233,6 +233,10 @@ class ServerOverloadedError(MahavishnuError, code="MHV-017"):
     """MHV-017: This server is at its limit of requests in progress and shed this one."""
 
 
+class RateLimitStorageUnavailableError(MahavishnuError, code="MHV-018"):
+    """MHV-018: The shared rate-limit storage is unreachable; this operation waits for it."""
+
+
 class BackupNotFoundError(MahavishnuError, code="MHV-050"):
     """MHV-050: No backup repository is configured here, or it holds no completed backup."""
 
@@ -428,6 +432,7 @@ __all__ = [
     "MigrationWouldLoseDataError",
     "NotImplementedRpcError",
     "RateLimitExceededError",
+    "RateLimitStorageUnavailableError",
     "RepositoryNotConfiguredError",
     "RepositoryNotFoundError",
     "RequestCancelledError",

@@ -149,6 +149,7 @@ class RunningService:
             s.effective_rate_limits(),
             storage_uri=s.rate_limit_storage_uri,
             service=d.name,
+            fail_closed=s.rate_limit_fail_closed,
         )
         self._limiter = limiter
         if d.startup is not None:

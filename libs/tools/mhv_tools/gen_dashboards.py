@@ -498,6 +498,38 @@ def operational_health_dashboard() -> dashboard.Dashboard:
         )
         .with_panel(
             series_panel(
+                "Admission: requests in progress and shed",
+                "Requests each service holds in progress (all listeners and processes), and "
+                "requests shed at the door per second: overloaded (MHV-017) or draining "
+                "(MHV-016).",
+                [
+                    Query(
+                        f"sum by (job) (admission_in_flight{{{OUR_JOBS}}})",
+                        "{{job}} in progress",
+                    ),
+                    Query(
+                        "sum by (job, reason) (rate(admission_rejections_total"
+                        f"{{{OUR_JOBS}}}[{RATE}]))\nor on (job)\n{ZERO_PER_JOB}",
+                        "{{job}} shed {{reason}}",
+                    ),
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Rate-limit storage (Redis) reachable",
+                "1 while every process of the service reaches the shared rate-limit storage, 0 "
+                "while one does not (limits counted per process meanwhile; RateLimitStorageDown).",
+                [
+                    Query(
+                        f"min by (job) (rate_limit_storage_up{{{OUR_JOBS}}})",
+                        "{{job}}",
+                    )
+                ],
+            )
+        )
+        .with_panel(
+            series_panel(
                 "Webhook deliveries by outcome",
                 "What the gateway did with each delivery, per source: accepted, duplicate, "
                 "refused (signature, timestamp, size, rate) or error.",

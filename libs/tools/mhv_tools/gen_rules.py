@@ -531,6 +531,20 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
             runbook_url=spec.runbook_url("docs/runbooks/webhook-inbox-backlog.md"),
         ),
         alert(
+            "RateLimitStorageDown",
+            "min by (job) (rate_limit_storage_up"
+            f'{{job=~"{JOBS["task"]}|{JOBS["audit"]}|{JOBS["webhook"]}"}}) == 0',
+            for_="2m",
+            severity="warning",
+            summary="A service cannot reach the shared rate-limit storage (Redis)",
+            description=(
+                "{{ $labels.job }} has had no answer from Redis for 2 minutes: its rate limits "
+                "are counted per process (each replica allows the full budget) and classes in "
+                "MHV_RATE_LIMIT_FAIL_CLOSED are refused with MHV-018."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/rate-limit-storage-down.md"),
+        ),
+        alert(
             "Watchdog",
             "vector(1)",
             severity="none",

@@ -84,6 +84,7 @@ def build_sources(
                 {RATE_CLASS: override or entry.rate_limit},
                 storage_uri=settings.rate_limit_storage_uri,
                 service="webhook",
+                fail_closed=settings.rate_limit_fail_closed,
             ),
         )
     return sources

@@ -96,6 +96,7 @@ def build(
             settings.effective_rate_limits(),
             storage_uri=settings.rate_limit_storage_uri,
             service="webhook-addresses",
+            fail_closed=settings.rate_limit_fail_closed,
         ),
         admission=door,
         ack_deadline_seconds=settings.default_deadline_seconds,
