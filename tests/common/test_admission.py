@@ -26,7 +26,16 @@ from mhv_common.errors import ServerDrainingError, ServerOverloadedError
 from tests import retrying
 from tests.audit.support import as_role, event, random_task_id, stub
 from tests.draining import assert_shed, locked, private_service
-from tests.harness import Deployment, Keys, ServiceProcess, bearer, metric, rpc_error
+from tests.harness import (
+    Deployment,
+    Keys,
+    ServiceProcess,
+    bearer,
+    metric,
+    rpc_error,
+    sample,
+    scrape,
+)
 from tests.task.conftest import make_user
 from tests.waiting import wait_until
 
@@ -64,12 +73,25 @@ async def overload(
     await asyncio.gather(*held)
     # Recovered: a shed call sent again after its delay goes through.
     await retrying.rpc(send, BOUND)
-    rejected = await metric(
-        process.metrics_port,
+    samples = await scrape(process.metrics_port)
+    rejected = sample(
+        samples,
         "admission_rejections_total",
         {"service": service, "listener": "grpc", "reason": "overloaded"},
     )
     assert rejected >= OVER
+    # Shed calls count against availability like any other UNAVAILABLE answer.
+    unavailable = sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "grpc_server_handled_total" and ("grpc_code", "UNAVAILABLE") in labels
+    )
+    mhv017 = sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "mhv_errors_total" and ("error_code", "MHV-017") in labels
+    )
+    assert unavailable >= OVER and mhv017 >= OVER
 
 
 async def test_task_service_sheds_load_over_its_bound_and_recovers(

@@ -5,8 +5,9 @@
       ->  Telemetry (access log + metrics)  ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
 
 Admission is outermost so that shedding costs as little as possible when a process is flooded:
-a refused call gets no span, no log line, no token check, and an answer encoded once
-(`admission_rejections_total` counts it). The Edge interceptor is the outermost of the rest,
+a refused call gets no span, no log line, no token check, and an answer encoded once; it is
+counted (`admission_rejections_total`, and as UNAVAILABLE in `grpc_server_handled_total`, so
+availability SLOs see shedding). The Edge interceptor is the outermost of the rest,
 so nothing a handler or an inner interceptor raises reaches the caller unmapped: a
 `MahavishnuError` becomes its ``google.rpc.Status``, any other exception becomes
 INTERNAL/MHV-008 with none of its text. Telemetry sits inside it and labels its log line and
@@ -222,6 +223,9 @@ class AdmissionInterceptor(_Interceptor):
         try:
             self._admission.enter()
         except (ServerDrainingError, ServerOverloadedError) as refused:
+            service, rpc = split_method(name)
+            GRPC_HANDLED.labels(service, rpc, refused.grpc_status.name).inc()
+            GRPC_ERRORS.labels(service, rpc, refused.code).inc()
             message, trailers = self._answer(refused)
             await ctx.abort(refused.grpc_status, message, trailing_metadata=trailers)
         try:
