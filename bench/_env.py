@@ -7,20 +7,20 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
 
 from mhv_cli.pgcluster import binary
+from tests import harness
 from tests.harness import (
     Cluster,
     Deployment,
     Keys,
     ServiceProcess,
     scrape,
-    service_env,
     start_order_ports,
 )
 
@@ -37,6 +37,18 @@ __all__ = [
     "start_order_ports",
     "summary",
 ]
+
+
+# Benchmarks measure services as deployed: the default pool, not the test suite's small one
+# (tests.harness.POOL_BUDGET). A benchmark that sizes the pool itself says so in `extra`.
+PRODUCTION_POOL = {"MHV_DB_POOL_MIN_SIZE": "2", "MHV_DB_POOL_MAX_SIZE": "10"}
+
+
+def service_env(
+    deployment: Deployment, keys: Keys, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """`tests.harness.service_env` with the production pool size unless `extra` sets one."""
+    return harness.service_env(deployment, keys, {**PRODUCTION_POOL, **(extra or {})})
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -39,6 +39,7 @@ import asyncpg
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench._env import service_env
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_audit import (
     GENESIS_HASH,
@@ -56,7 +57,7 @@ from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
 from mhv_common.db import Database
 from mhv_common.timestamps import from_micros
-from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer, service_env
+from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer
 
 EVENT_TYPES = ["task_created", "task_updated", "task_assigned", "task_started", "task_completed"]
 LIST_SQL = (

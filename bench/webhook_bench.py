@@ -191,9 +191,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _run(args: argparse.Namespace) -> None:
+    from bench._env import service_env
     from mhv_cli.devstate import DevState
     from mhv_cli.pgcluster import free_port
-    from tests.harness import Cluster, Deployment, Keys, service_env, wait_healthy
+    from tests.harness import Cluster, Deployment, Keys, wait_healthy
 
     folder = Path(tempfile.mkdtemp(prefix="mhv-bench-"))
     cluster = await Cluster.find()
