@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -15,7 +16,7 @@ from tests.conftest import Services
 from tests.harness import Keys, bearer, grpc_channel
 
 ALLOWED = {
-    "RecordEvents": {Role.SERVICE},
+    "RecordEvents": {Role.SERVICE},  # and an administrator, for credential events only (below)
     "ListAuditEvents": {Role.ADMIN, Role.AUDITOR},
     "VerifyAuditChain": {Role.ADMIN, Role.AUDITOR},
 }
@@ -28,7 +29,8 @@ async def client(services: Services) -> AsyncIterator[audit_pb2_grpc.AuditServic
 
 
 def test_every_rpc_has_a_policy_matching_this_table() -> None:
-    assert {name.rsplit("/", 1)[1]: set(p.roles) for name, p in POLICIES.items()} == ALLOWED
+    gates = {name.rsplit("/", 1)[1]: set(p.roles) for name, p in POLICIES.items()}
+    assert gates == {**ALLOWED, "RecordEvents": {Role.SERVICE, Role.ADMIN}}
     assert all(name.startswith(f"/{SERVICE}/") for name in POLICIES)
 
 
@@ -71,7 +73,7 @@ async def test_role_gate(
 async def test_other_services_may_not_write_audit_history(
     client: audit_pb2_grpc.AuditServiceStub, keys: Keys
 ) -> None:
-    # The service role alone is not enough: only the task service's relay writes.
+    # The service role alone is not enough: only the task service's relay writes task events.
     task_id = random_task_id()
     for subject in ("service:webhook", "service:anything"):
         error = await rpc_error(
@@ -83,3 +85,65 @@ async def test_other_services_may_not_write_audit_history(
         )
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert await list_all(client, keys, task_id=task_id) == []
+
+
+def _subject_event(kind: str, event_type: str, actor: str) -> audit_pb2.EventRecord:
+    record = event(0, event_type, user_id=actor)
+    record.subject_kind = kind
+    record.subject_id = str(uuid.uuid4())
+    return record
+
+
+@pytest.mark.parametrize(
+    ("writer", "kind", "event_type", "allowed"),
+    [
+        ("service:task", "user", "user_created", True),
+        ("service:task", "delivery", "delivery_retried", False),
+        ("service:task", "credential", "jwks_published", False),
+        ("service:webhook", "delivery", "delivery_retried", True),
+        ("service:webhook", "user", "user_deleted", False),
+        ("service:webhook", "credential", "db_password_rotated", False),
+        ("admin", "credential", "webhook_secret_rotated", True),
+        ("admin", "user", "user_created", False),
+        ("admin", "delivery", "delivery_retried", False),
+        ("auditor", "credential", "webhook_secret_rotated", False),
+    ],
+)
+async def test_each_writer_records_only_its_own_subjects(
+    client: audit_pb2_grpc.AuditServiceStub,
+    keys: Keys,
+    writer: str,
+    kind: str,
+    event_type: str,
+    allowed: bool,
+) -> None:
+    actor = str(uuid.uuid4())
+    if writer.startswith("service:"):
+        metadata = bearer(keys.token(Role.SERVICE, subject=writer))
+    else:
+        metadata = bearer(keys.token(Role(writer), subject=actor))
+    record = _subject_event(kind, event_type, actor)
+    request = audit_pb2.RecordEventsRequest(events=[record])
+    if allowed:
+        await client.RecordEvents(request, metadata=metadata, timeout=30)
+    else:
+        error = await rpc_error(client.RecordEvents(request, metadata=metadata, timeout=30))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    found = await list_all(client, keys, subject_kind=kind, subject_id=record.subject_id)
+    assert [(e.event_type, e.user_id) for e in found] == ([(event_type, actor)] if allowed else [])
+
+
+async def test_an_administrator_records_only_their_own_actions(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys
+) -> None:
+    someone_else = str(uuid.uuid4())
+    record = _subject_event("credential", "signing_key_generated", someone_else)
+    error = await rpc_error(
+        client.RecordEvents(
+            audit_pb2.RecordEventsRequest(events=[record]),
+            metadata=bearer(keys.token(Role.ADMIN, subject=str(uuid.uuid4()))),
+            timeout=30,
+        )
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await list_all(client, keys, subject_id=record.subject_id) == []

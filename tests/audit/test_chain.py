@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from typing import Any
@@ -180,18 +181,27 @@ def _stored(rows: list[Any]) -> list[tuple[Any, ...]]:
             r.event.trace_id,
             r.prev_hash,
             r.hash,
+            r.event.subject_kind,
+            r.event.subject_id,
             True,  # the jsonb column equals the hashed text
         )
         for r in rows
     ]
 
 
-def _chain(count: int) -> list[tuple[Any, ...]]:
+def _chain(count: int, *, users_every: int = 0) -> list[tuple[Any, ...]]:
+    """`count` chained rows; with `users_every`, every such row is about a user, not a task."""
+
+    def is_user(n: int) -> bool:
+        return bool(users_every) and n % users_every == 0
+
     events = [
         NewEvent(
             event_id=f"00000000-0000-4000-8000-{n:012d}",
-            task_id=1 + n % 3,
-            event_type="task_updated",
+            task_id=0 if is_user(n) else 1 + n % 3,
+            subject_kind="user" if is_user(n) else "task",
+            subject_id=f"7c0d1b2a-3c4d-4e6f-9a57-{n:012d}" if is_user(n) else "",
+            event_type="user_deactivated" if is_user(n) else "task_updated",
             user_id="5f1d7c2e-8a3b-4e6f-9c0d-1b2a3c4d5e6f",
             details=canonical_json(json.dumps({"n": n, "changes": {"title": ["a", f"b{n}"]}})),
             occur_us=1_700_000_000_000_000 + n,
@@ -215,7 +225,7 @@ def test_scanner_accepts_a_linked_chain_across_chunks() -> None:
     assert scanner.rows_checked == 10
     assert scanner.last is not None and StoredRow.of(scanner.last).id == 10
     for row in rows:
-        assert row_hash(StoredRow.of(row)) == row[-2]
+        assert row_hash(StoredRow.of(row)) == row[11]
 
 
 @pytest.mark.parametrize(
@@ -234,6 +244,77 @@ def test_scanner_stops_at_the_first_row_out_of_place(change: Any, bad_index: int
     scanner = ChainScanner(expected_id=1, expected_prev=GENESIS_HASH, head_id=10)
     assert scanner.feed(rows) == bad_index
     assert scanner.rows_checked == bad_index
+
+
+def _with(row: tuple[Any, ...], **columns: Any) -> tuple[Any, ...]:
+    fields = StoredRow.__dataclass_fields__
+    values = dict(zip(fields, row, strict=True))
+    values.update(columns)
+    return tuple(values.values())
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"subject_id": "7c0d1b2a-3c4d-4e6f-9a57-999999999999"},
+        {"subject_kind": "delivery"},
+        {"subject_kind": "task", "subject_id": "", "task_id": 1},
+    ],
+    ids=["subject-id-changed", "subject-kind-changed", "made-a-task-row"],
+)
+def test_the_hash_covers_a_rows_subject(columns: dict[str, Any]) -> None:
+    rows = _chain(10, users_every=3)
+    assert ChainScanner(expected_id=1, expected_prev=GENESIS_HASH, head_id=10).feed(rows) is None
+    rows[3] = _with(rows[3], **columns)
+    scanner = ChainScanner(expected_id=1, expected_prev=GENESIS_HASH, head_id=10)
+    assert scanner.feed(rows) == 3
+
+
+def test_a_task_row_encodes_without_subject_members() -> None:
+    """Rows stored before subjects existed keep their hashes: no members for a task row."""
+    (task_row,) = link([GOLDEN_EVENT], head_id=0, head_hash=GENESIS_HASH, created_us=1)
+    user_event = dataclasses.replace(
+        GOLDEN_EVENT,
+        task_id=0,
+        event_type="user_created",
+        subject_kind="user",
+        subject_id="7c0d1b2a-3c4d-4e6f-9a57-3d7c1e2f4a10",
+    )
+    (user_row,) = link([user_event], head_id=0, head_hash=GENESIS_HASH, created_us=1)
+    stored = StoredRow.of(_stored([user_row])[0])
+    encoded = encode_record(
+        row_id=1,
+        created_us=1,
+        details=user_event.details,
+        event_id=user_event.event_id,
+        event_type=user_event.event_type,
+        occur_us=user_event.occur_us,
+        prev_hash=GENESIS_HASH,
+        request_id=user_event.request_id,
+        task_id=0,
+        trace_id=user_event.trace_id,
+        user_id=user_event.user_id,
+        subject_kind="user",
+        subject_id=user_event.subject_id,
+    ).decode()
+    assert (
+        '"request_id":"req-7f3a","subject_id":"7c0d1b2a-3c4d-4e6f-9a57-3d7c1e2f4a10",'
+        '"subject_kind":"user","task_id":"0",'
+    ) in encoded
+    assert row_hash(stored) == user_row.hash != task_row.hash
+    assert b"subject" not in encode_record(
+        row_id=1,
+        created_us=1,
+        details=GOLDEN_EVENT.details,
+        event_id=GOLDEN_EVENT.event_id,
+        event_type=GOLDEN_EVENT.event_type,
+        occur_us=GOLDEN_EVENT.occur_us,
+        prev_hash=GENESIS_HASH,
+        request_id=GOLDEN_EVENT.request_id,
+        task_id=GOLDEN_EVENT.task_id,
+        trace_id=GOLDEN_EVENT.trace_id,
+        user_id=GOLDEN_EVENT.user_id,
+    )
 
 
 def test_scanner_refuses_a_row_whose_jsonb_differs_from_its_hashed_text() -> None:

@@ -6,9 +6,11 @@ import mhv_audit
 
 EXPECTED = {
     "ENCODING_VERSION",
+    "EVENT_SUBJECTS",
     "EVENT_TYPES",
     "GENESIS_HASH",
     "MAX_BATCH_EVENTS",
+    "SUBJECT_KINDS",
     "AuditLog",
     "AuditServicer",
     "AuditStore",
@@ -45,6 +47,7 @@ def test_exports() -> None:
 
 
 def test_the_plan_event_types() -> None:
+    """The plan's task events, and the other operations audited since (each with its subject)."""
     assert {
         "task_created",
         "task_updated",
@@ -55,4 +58,16 @@ def test_the_plan_event_types() -> None:
         "task_cancelled",
         "task_blocked",
         "task_unblocked",
-    } == mhv_audit.EVENT_TYPES
+    } == {t for t, kind in mhv_audit.EVENT_SUBJECTS.items() if kind == "task"}
+    assert {
+        "user_created": "user",
+        "user_deactivated": "user",
+        "user_deleted": "user",
+        "delivery_retried": "delivery",
+        "signing_key_generated": "credential",
+        "jwks_published": "credential",
+        "webhook_secret_rotated": "credential",
+        "db_password_rotated": "credential",
+    }.items() <= mhv_audit.EVENT_SUBJECTS.items()
+    assert frozenset(mhv_audit.EVENT_SUBJECTS) == mhv_audit.EVENT_TYPES
+    assert {"task", "user", "delivery", "credential"} == mhv_audit.SUBJECT_KINDS

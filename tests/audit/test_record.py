@@ -330,3 +330,52 @@ async def test_an_event_id_in_another_letter_case_is_the_same_event(
     assert (again.recorded, again.duplicates) == (0, 1)
     (stored,) = await list_all(client, keys, task_id=task_id)
     assert stored.event_id == event_id
+
+
+def _about(kind: str, subject_id: str, event_type: str, task_id: int = 0) -> audit_pb2.EventRecord:
+    record = event(task_id, event_type)
+    record.subject_kind = kind
+    record.subject_id = subject_id
+    return record
+
+
+async def test_events_about_users_are_stored_with_their_subject_and_chained(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys
+) -> None:
+    task_id = random_task_id()
+    user = str(uuid.uuid4())
+    batch = [event(task_id), _about("user", user, "user_created"), event(task_id)]
+    await record(client, keys, batch)
+    (stored,) = await list_all(client, keys, subject_kind="user", subject_id=user)
+    assert (stored.subject_kind, stored.subject_id, stored.task_id) == ("user", user, 0)
+    assert stored.event_type == "user_created"
+    for found in await list_all(client, keys, task_id=task_id):
+        assert (found.subject_kind, found.subject_id) == ("task", "")
+    assert (await verify(client, keys)).ok
+
+
+async def test_an_event_must_name_its_subject_as_its_type_says(
+    client: audit_pb2_grpc.AuditServiceStub, keys: Keys
+) -> None:
+    user = str(uuid.uuid4())
+    batch = [
+        _about("user", user, "user_created", task_id=7),  # a user event names no task
+        _about("user", "", "user_deleted"),  # nor leaves its user out
+        _about("task", user, "task_updated", task_id=random_task_id()),  # a task has no id here
+        _about("user", user, "task_updated"),  # a task event about a user
+        _about("planet", user, "user_created"),
+    ]
+    error = await rpc_error(
+        client.RecordEvents(
+            audit_pb2.RecordEventsRequest(events=batch), metadata=as_role(keys, Role.SERVICE)
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [field for field, _ in violations(error)] == [
+        "events[0].task_id",
+        "events[1].subject_id",
+        "events[2].subject_id",
+        "events[3].subject_kind",
+        "events[4].subject_kind",
+    ]
+    assert await list_all(client, keys, subject_id=user) == []

@@ -134,8 +134,9 @@ class AuditSettings(CommonSettings):
 
     audit_database_url: str = ""
     audit_grpc_port: int = 50052
-    # Service principals allowed to record audit events: the task service's relay.
-    audit_writers: list[str] = Field(default_factory=lambda: ["service:task"])
+    # Service principals allowed to record audit events: the task and webhook services' relays
+    # (each only about its own subjects).
+    audit_writers: list[str] = Field(default_factory=lambda: ["service:task", "service:webhook"])
     audit_metrics_port: int = 9102
     audit_processes: int = Field(default=1, ge=1, le=64)
     # The audit service verifies its whole hash chain this often by itself (0: never).

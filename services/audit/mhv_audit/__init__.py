@@ -20,7 +20,14 @@ from mhv_audit._chain import (
     row_hash,
 )
 from mhv_audit._edge import AuditServicer
-from mhv_audit._events import EVENT_TYPES, MAX_BATCH_EVENTS, EventInput, prepare_batch
+from mhv_audit._events import (
+    EVENT_SUBJECTS,
+    EVENT_TYPES,
+    MAX_BATCH_EVENTS,
+    SUBJECT_KINDS,
+    EventInput,
+    prepare_batch,
+)
 from mhv_audit._log import AuditLog, EventPage, ListRequest, RecordOutcome, Verification
 from mhv_audit._metrics import SchemaSizeSampler
 from mhv_audit._schedule import ScheduledVerification
@@ -29,9 +36,11 @@ from mhv_audit._verify import BreakKind, ChainBreak, Facts, classify
 
 __all__ = [
     "ENCODING_VERSION",
+    "EVENT_SUBJECTS",
     "EVENT_TYPES",
     "GENESIS_HASH",
     "MAX_BATCH_EVENTS",
+    "SUBJECT_KINDS",
     "AuditLog",
     "AuditServicer",
     "AuditStore",

@@ -16,10 +16,16 @@ members, in that (sorted) order:
     occur_time   decimal string: microseconds since the epoch
     prev_hash    64 lowercase hex digits: the previous row's hash; all zeros for row 1
     request_id   string (may be empty)
-    task_id      decimal string
+    subject_id   string: what a non-task event is about (a user's or delivery's UUID, a
+                 credential's name)                                    } only in rows whose
+    subject_kind string: user, delivery or credential                  } subject is not a task
+    task_id      decimal string (0 when the subject is not a task)
     trace_id     32 lowercase hex digits, or empty
     user_id      lowercase hyphenated UUID
 
+A task row (``subject_kind`` "task", ``subject_id`` empty) has no subject members: its encoding
+is exactly the one rows had before subjects existed, so their hashes still verify. Any other
+row has both, so every stored column is covered by the hash, whichever kind it is.
 ``hash = SHA-256(encoding)``. Integers are strings because JCS numbers are doubles and ids are
 64-bit. Every value comes from a stored column, so the verifier recomputes the hash from the
 row alone; the link is in the content (``prev_hash``), so a row cannot be moved or relinked
@@ -48,9 +54,20 @@ ENCODING_VERSION = 1
 _MAX_EXACT_INTEGER = 2**53
 _RECORD = (
     '{"created_at":"%d","details":%s,"event_id":%s,"event_type":%s,"id":"%d",'
-    '"occur_time":"%d","prev_hash":"%s","request_id":%s,"task_id":"%d","trace_id":%s,'
+    '"occur_time":"%d","prev_hash":"%s","request_id":%s,%s"task_id":"%d","trace_id":%s,'
     '"user_id":%s}'
 )
+TASK_SUBJECT = "task"
+"""The subject kind of task events, the only kind whose encoding leaves the subject out."""
+
+
+def _subject_members(subject_kind: str, subject_id: str) -> str:
+    if subject_kind == TASK_SUBJECT and not subject_id:
+        return ""
+    return (
+        f'"subject_id":{encode_basestring(subject_id)},'
+        f'"subject_kind":{encode_basestring(subject_kind)},'
+    )
 
 
 # --- JSON canonicalisation (RFC 8785) ------------------------------------------------------
@@ -197,6 +214,8 @@ class NewEvent:
         occur_us: When the change was committed, microseconds since the epoch.
         request_id: Request id of the change (may be empty).
         trace_id: W3C trace id (32 hex digits) of the change, or empty.
+        subject_kind: What the event is about: task, user, delivery or credential.
+        subject_id: Its id unless a task (`task_id` names a task; it is 0 otherwise).
 
     """
 
@@ -208,6 +227,8 @@ class NewEvent:
     occur_us: int
     request_id: str
     trace_id: str
+    subject_kind: str = TASK_SUBJECT
+    subject_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +254,8 @@ def _encode(
     task_id: int,
     trace_id: str,
     user_id: str,
+    subject_kind: str,
+    subject_id: str,
 ) -> bytes:
     # Positional, in the encoding's member order: the scan calls this once per row.
     return (
@@ -246,6 +269,7 @@ def _encode(
             occur_us,
             prev_hash.hex(),
             encode_basestring(request_id),
+            _subject_members(subject_kind, subject_id),
             task_id,
             encode_basestring(trace_id),
             encode_basestring(user_id),
@@ -266,6 +290,8 @@ def encode_record(
     task_id: int,
     trace_id: str,
     user_id: str,
+    subject_kind: str = TASK_SUBJECT,
+    subject_id: str = "",
 ) -> bytes:
     """The canonical encoding of one row (see the module docstring).
 
@@ -283,6 +309,8 @@ def encode_record(
         task_id,
         trace_id,
         user_id,
+        subject_kind,
+        subject_id,
     )
 
 
@@ -307,6 +335,8 @@ def link(
                 task_id=event.task_id,
                 trace_id=event.trace_id,
                 user_id=event.user_id,
+                subject_kind=event.subject_kind,
+                subject_id=event.subject_id,
             )
         ).digest()
         chained.append(ChainedEvent(row_id, created_us, prev, digest, event))
@@ -336,6 +366,8 @@ class StoredRow:
     trace_id: str
     prev_hash: bytes
     hash: bytes
+    subject_kind: str = TASK_SUBJECT
+    subject_id: str = ""
     details_match: bool = True
 
     @classmethod
@@ -359,6 +391,8 @@ def row_hash(row: StoredRow, *, as_id: int | None = None) -> bytes:
             task_id=row.task_id,
             trace_id=row.trace_id,
             user_id=row.user_id,
+            subject_kind=row.subject_kind,
+            subject_id=row.subject_id,
         )
     ).digest()
 
@@ -410,6 +444,8 @@ class ChainScanner:
                 trace_id,
                 prev_hash,
                 digest,
+                subject_kind,
+                subject_id,
                 details_match,
             ) = row
             if row_id != expected_id or row_id > limit or not details_match:
@@ -430,6 +466,8 @@ class ChainScanner:
                 task_id,
                 trace_id,
                 user_id,
+                subject_kind,
+                subject_id,
             )
             if sha256(encoded).digest() != digest:
                 bad = index

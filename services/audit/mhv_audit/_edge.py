@@ -14,11 +14,12 @@ import orjson
 from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
-from mhv_audit._chain import StoredRow
-from mhv_audit._events import EventInput
+from mhv_audit._chain import TASK_SUBJECT, StoredRow
+from mhv_audit._events import OPERATOR_SUBJECTS, SUBJECT_KINDS, WRITER_SUBJECTS, EventInput
 from mhv_audit._log import AuditLog, ListRequest
 from mhv_audit._verify import BreakKind
 from mhv_common import context as mhv_context
+from mhv_common.auth import Role
 from mhv_common.errors import AuthorizationError, FieldViolation, ValidationError
 from mhv_common.structs import NotFiniteError, plain_struct
 from mhv_common.timestamps import set_micros
@@ -53,6 +54,8 @@ def _event_input(record: audit_pb2.EventRecord) -> EventInput:
         occur_time=occur_time,
         request_id=record.request_id,
         traceparent=record.traceparent,
+        subject_kind=record.subject_kind,
+        subject_id=record.subject_id,
     )
 
 
@@ -68,6 +71,8 @@ def _audit_event(row: StoredRow) -> audit_pb2.AuditEvent:
         trace_id=row.trace_id,
         prev_hash=row.prev_hash.hex(),
         hash=row.hash.hex(),
+        subject_kind=row.subject_kind,
+        subject_id=row.subject_id,
     )
     set_micros(event.occur_time, row.occur_us)
     set_micros(event.create_time, row.created_us)
@@ -86,23 +91,55 @@ def _bound(request: Any, name: str) -> tuple[int, int] | None:
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
-    """AuditService over the domain's `AuditLog`."""
+    """AuditService over the domain's `AuditLog`.
 
-    def __init__(self, log: AuditLog, *, writers: Collection[str] = ("service:task",)) -> None:
+    Args:
+        log: The domain.
+        writers: Service principals allowed to record, each only events about the subjects it
+            owns (`mhv_audit.WRITER_SUBJECTS`). An administrator records only credential events
+            attributed to themselves (`mhv keys`, `mhv secrets`).
+    """
+
+    def __init__(
+        self, log: AuditLog, *, writers: Collection[str] = ("service:task", "service:webhook")
+    ) -> None:
         self._log = log
         self._writers = frozenset(writers)
+
+    def _writer(self) -> tuple[frozenset[str], str | None]:
+        """The subject kinds the caller may record, and the actor it must name (people only)."""
+        req = mhv_context.current()
+        principal = req.principal if req is not None else None
+        if principal is None:
+            return frozenset(), None
+        if principal.is_service:
+            if principal.subject in self._writers:
+                return WRITER_SUBJECTS.get(principal.subject, frozenset()), None
+            return frozenset(), None
+        if principal.has(Role.ADMIN):
+            return OPERATOR_SUBJECTS, principal.subject
+        return frozenset(), None
 
     async def RecordEvents(
         self, request: audit_pb2.RecordEventsRequest, context: aio.ServicerContext
     ) -> audit_pb2.RecordEventsResponse:
-        """Append a batch of events (the task service's relay only)."""
-        req = mhv_context.current()
-        caller = req.principal.subject if req is not None and req.principal else ""
-        if caller not in self._writers:
+        """Append a batch of events (services' outbox relays; administrators' credential events)."""
+        kinds, actor = self._writer()
+        if not kinds:
             # The service role alone is not enough: another service (the internet-facing
-            # gateway) must not be able to write audit history.
-            raise AuthorizationError("Only the task service's outbox relay records audit events.")
-        outcome = await self._log.record([_event_input(e) for e in request.events])
+            # gateway) must not be able to write task history.
+            raise AuthorizationError("This caller may not record audit events.")
+        inputs = [_event_input(e) for e in request.events]
+        for event in inputs:
+            # An unknown kind is the domain's to refuse, with the batch's other violations.
+            kind = event.subject_kind or TASK_SUBJECT
+            if kind in SUBJECT_KINDS and kind not in kinds:
+                raise AuthorizationError(
+                    f"This caller may record only events about: {', '.join(sorted(kinds))}."
+                )
+            if actor is not None and event.user_id.lower() != actor.lower():
+                raise AuthorizationError("An administrator records only their own actions.")
+        outcome = await self._log.record(inputs)
         return audit_pb2.RecordEventsResponse(
             recorded=outcome.recorded, duplicates=outcome.duplicates
         )
@@ -131,6 +168,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
                 newest_first=request.order != audit_pb2.ORDER_OLDEST_FIRST,
                 page_size=request.page_size,
                 page_token=request.page_token,
+                subject_kind=request.subject_kind,
+                subject_id=request.subject_id,
             )
         )
         return audit_pb2.ListAuditEventsResponse(

@@ -14,25 +14,53 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mhv_audit._chain import NewEvent, canonical_json
+from mhv_audit._chain import TASK_SUBJECT, NewEvent, canonical_json
 from mhv_common.errors import FieldViolation, ValidationError
 from mhv_common.ids import canonical_uuid
 from mhv_common.redaction import redact_details
 from mhv_common.timestamps import micros_of
 
-EVENT_TYPES = frozenset(
-    {
-        "task_created",
-        "task_updated",
-        "task_deleted",
-        "task_assigned",
-        "task_started",
-        "task_completed",
-        "task_cancelled",
-        "task_blocked",
-        "task_unblocked",
-    }
-)
+EVENT_SUBJECTS: Mapping[str, str] = {
+    **dict.fromkeys(
+        (
+            "task_created",
+            "task_updated",
+            "task_deleted",
+            "task_assigned",
+            "task_started",
+            "task_completed",
+            "task_cancelled",
+            "task_blocked",
+            "task_unblocked",
+        ),
+        TASK_SUBJECT,
+    ),
+    # The task service's user directory.
+    **dict.fromkeys(("user_created", "user_deactivated", "user_deleted"), "user"),
+    # The webhook gateway's admin API: a dead-lettered delivery sent back to the queue.
+    "delivery_retried": "delivery",
+    # `mhv keys` and `mhv secrets`: credentials made or replaced by an operator.
+    **dict.fromkeys(
+        (
+            "signing_key_generated",
+            "jwks_published",
+            "webhook_secret_rotated",
+            "db_password_rotated",
+        ),
+        "credential",
+    ),
+}
+"""Every event type, and the kind of subject it is about."""
+EVENT_TYPES = frozenset(EVENT_SUBJECTS)
+SUBJECT_KINDS = frozenset(EVENT_SUBJECTS.values())
+WRITER_SUBJECTS: Mapping[str, frozenset[str]] = {
+    "service:task": frozenset({TASK_SUBJECT, "user"}),
+    "service:webhook": frozenset({"delivery"}),
+}
+"""What each service's relay may record: events about the subjects it owns, nothing else."""
+OPERATOR_SUBJECTS = frozenset({"credential"})
+"""What an administrator may record directly (`mhv keys`, `mhv secrets`), as themselves."""
+MAX_SUBJECT_ID_CHARS = 200
 MAX_BATCH_EVENTS = 1000
 MAX_DETAILS_CHARS = 64 * 1024
 MAX_REQUEST_ID_CHARS = 128
@@ -57,6 +85,8 @@ class EventInput:
         occur_time: (seconds, nanos) since the epoch, or None when absent.
         request_id: As sent.
         traceparent: As sent.
+        subject_kind: As sent; empty means a task.
+        subject_id: As sent; empty for a task.
 
     """
 
@@ -69,6 +99,8 @@ class EventInput:
     occur_time: tuple[int, int] | None
     request_id: str
     traceparent: str
+    subject_kind: str = ""
+    subject_id: str = ""
 
 
 def trace_id_of(traceparent: str) -> str | None:
@@ -124,12 +156,19 @@ def _details(event: EventInput, where: str, problems: list[FieldViolation]) -> s
 def _prepare(event: EventInput, where: str, problems: list[FieldViolation]) -> NewEvent | None:
     before = len(problems)
     event_id = checked_uuid(event.event_id, f"{where}.event_id", "must be a UUID", problems)
-    if not 1 <= event.task_id <= _MAX_TASK_ID:
-        problems.append(FieldViolation(f"{where}.task_id", "must be a positive task id"))
+    subject_kind = event.subject_kind or TASK_SUBJECT
+    _check_subject(event, subject_kind, where, problems)
     if event.event_type not in EVENT_TYPES:
         problems.append(
             FieldViolation(
                 f"{where}.event_type", f"must be one of: {', '.join(sorted(EVENT_TYPES))}"
+            )
+        )
+    elif subject_kind in SUBJECT_KINDS and EVENT_SUBJECTS[event.event_type] != subject_kind:
+        problems.append(
+            FieldViolation(
+                f"{where}.subject_kind",
+                f"must be {EVENT_SUBJECTS[event.event_type]!r} for {event.event_type}",
             )
         )
     user_id = checked_uuid(
@@ -178,7 +217,46 @@ def _prepare(event: EventInput, where: str, problems: list[FieldViolation]) -> N
         occur_us=occur_us,
         request_id=event.request_id,
         trace_id=trace_id,
+        subject_kind=subject_kind,
+        subject_id=event.subject_id,
     )
+
+
+def _check_subject(
+    event: EventInput, subject_kind: str, where: str, problems: list[FieldViolation]
+) -> None:
+    """A task event names its task by task_id; any other names its subject by subject_id."""
+    if subject_kind not in SUBJECT_KINDS:
+        problems.append(
+            FieldViolation(
+                f"{where}.subject_kind",
+                f"must be one of: {', '.join(sorted(SUBJECT_KINDS))}; or empty for a task",
+            )
+        )
+    elif subject_kind == TASK_SUBJECT:
+        if not 1 <= event.task_id <= _MAX_TASK_ID:
+            problems.append(FieldViolation(f"{where}.task_id", "must be a positive task id"))
+        if event.subject_id:
+            problems.append(
+                FieldViolation(f"{where}.subject_id", "must be empty for a task (task_id names it)")
+            )
+    else:
+        if event.task_id != 0:
+            problems.append(
+                FieldViolation(f"{where}.task_id", f"must be 0 for a {subject_kind} event")
+            )
+        if (
+            not event.subject_id
+            or len(event.subject_id) > MAX_SUBJECT_ID_CHARS
+            or not _PRINTABLE_ASCII.match(event.subject_id)
+        ):
+            problems.append(
+                FieldViolation(
+                    f"{where}.subject_id",
+                    f"must name the {subject_kind} in 1 to {MAX_SUBJECT_ID_CHARS} printable "
+                    "ASCII characters",
+                )
+            )
 
 
 def prepare_batch(events: Sequence[EventInput]) -> list[NewEvent]:

@@ -19,7 +19,14 @@ from mhv_audit._chain import (
     StoredRow,
     link,
 )
-from mhv_audit._events import EVENT_TYPES, EventInput, checked_uuid, prepare_batch
+from mhv_audit._events import (
+    EVENT_TYPES,
+    MAX_SUBJECT_ID_CHARS,
+    SUBJECT_KINDS,
+    EventInput,
+    checked_uuid,
+    prepare_batch,
+)
 from mhv_audit._metrics import CHAIN_VERIFICATIONS, EVENTS_RECORDED, LAST_VERIFIED
 from mhv_audit._store import AuditStore, ChainHead, ListFilter
 from mhv_audit._verify import BreakKind, ChainBreak, diagnose
@@ -60,6 +67,8 @@ class ListRequest:
         newest_first: Order of the listing.
         page_size: 0 for the default; values over the maximum are lowered to it.
         page_token: Empty for the first page.
+        subject_kind: Empty for any kind of subject.
+        subject_id: Empty for any subject.
 
     """
 
@@ -71,6 +80,8 @@ class ListRequest:
     newest_first: bool = True
     page_size: int = 0
     page_token: str = ""
+    subject_kind: str = ""
+    subject_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +351,16 @@ def _list_filter(request: ListRequest) -> tuple[ListFilter, int]:
                 "event_type", f"must be one of: {', '.join(sorted(EVENT_TYPES))}; or empty"
             )
         )
+    if request.subject_kind and request.subject_kind not in SUBJECT_KINDS:
+        problems.append(
+            FieldViolation(
+                "subject_kind", f"must be one of: {', '.join(sorted(SUBJECT_KINDS))}; or empty"
+            )
+        )
+    if len(request.subject_id) > MAX_SUBJECT_ID_CHARS:
+        problems.append(
+            FieldViolation("subject_id", f"must be at most {MAX_SUBJECT_ID_CHARS} characters")
+        )
     start_us = end_us = None
     if request.start_time is not None:
         start_us = micros_of(*request.start_time)
@@ -362,6 +383,8 @@ def _list_filter(request: ListRequest) -> tuple[ListFilter, int]:
         start_us=start_us,
         end_us=end_us,
         newest_first=request.newest_first,
+        subject_kind=request.subject_kind or None,
+        subject_id=request.subject_id or None,
     )
     return where, paging.page_size(
         request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
@@ -387,5 +410,6 @@ def _trace_recorded(rows: Sequence[ChainedEvent], traceparents: Mapping[str, str
                 "audit.row_id": row.id,
                 "audit.event_type": row.event.event_type,
                 "task.id": row.event.task_id,
+                "audit.subject_kind": row.event.subject_kind,
             },
         ).end()

@@ -30,7 +30,7 @@ ROW_COLUMNS = (
     "id, event_id::text, task_id, event_type, user_id::text, details_canonical,"
     " (extract(epoch FROM occur_time) * 1000000)::bigint,"
     " (extract(epoch FROM created_at) * 1000000)::bigint,"
-    " request_id, trace_id, prev_hash, hash"
+    " request_id, trace_id, prev_hash, hash, subject_kind, subject_id"
 )
 # Verification rows add whether the queryable jsonb still equals the hashed text. While
 # ``details`` is still the generated column the migration made, it equals the text on every row
@@ -61,13 +61,16 @@ SELECT ARRAY(SELECT event_id::text FROM task_audit_log WHERE event_id = ANY($1::
 _APPEND = """
 WITH appended AS (
     INSERT INTO task_audit_log (id, event_id, task_id, event_type, user_id, details_canonical,
-                                occur_time, created_at, request_id, trace_id, prev_hash, hash)
+                                occur_time, created_at, request_id, trace_id, prev_hash, hash,
+                                subject_kind, subject_id)
     SELECT r.id, r.event_id, r.task_id, r.event_type, r.user_id, r.details,
-           r.occur_time, $8, r.request_id, r.trace_id, r.prev_hash, r.hash
+           r.occur_time, $8, r.request_id, r.trace_id, r.prev_hash, r.hash,
+           r.subject_kind, r.subject_id
     FROM unnest($1::bigint[], $2::uuid[], $3::bigint[], $4::text[], $5::uuid[], $6::text[],
-                $7::timestamptz[], $9::text[], $10::text[], $11::bytea[], $12::bytea[])
+                $7::timestamptz[], $9::text[], $10::text[], $11::bytea[], $12::bytea[],
+                $15::text[], $16::text[])
          AS r(id, event_id, task_id, event_type, user_id, details, occur_time, request_id,
-              trace_id, prev_hash, hash)
+              trace_id, prev_hash, hash, subject_kind, subject_id)
     ORDER BY r.id
 )
 UPDATE chain_head SET last_id = $13, last_hash = $14, updated_at = $8
@@ -95,6 +98,8 @@ class ListFilter:
     start_us: int | None
     end_us: int | None
     newest_first: bool
+    subject_kind: str | None = None
+    subject_id: str | None = None
 
 
 class AuditStore:
@@ -142,7 +147,14 @@ class AuditStore:
                 known = frozenset(existing)
                 rows = build(head, known, to_micros(now))
                 if rows:
-                    await conn.execute(_APPEND, *_columns(rows), rows[-1].id, rows[-1].hash)
+                    await conn.execute(
+                        _APPEND,
+                        *_columns(rows),
+                        rows[-1].id,
+                        rows[-1].hash,
+                        [r.event.subject_kind for r in rows],
+                        [r.event.subject_id for r in rows],
+                    )
                 return rows, known
         except (asyncpg.UniqueViolationError, asyncpg.DataCorruptedError) as exc:
             raise AuditChainBrokenError(
@@ -172,6 +184,10 @@ class AuditStore:
             conditions.append(f"user_id = {param(where.user_id)}::uuid")
         if where.event_type is not None:
             conditions.append(f"event_type = {param(where.event_type)}")
+        if where.subject_kind is not None:
+            conditions.append(f"subject_kind = {param(where.subject_kind)}")
+        if where.subject_id is not None:
+            conditions.append(f"subject_id = {param(where.subject_id)}")
         if where.start_us is not None:
             conditions.append(f"created_at >= {param(from_micros(where.start_us))}")
         if where.end_us is not None:

@@ -22,9 +22,13 @@ SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 _READERS = frozenset({Role.ADMIN, Role.AUDITOR})
 
 POLICIES: dict[str, MethodPolicy] = {
-    # Only the task service's outbox relay writes. Its batches wait in the outbox while the
-    # audit service is slow, so a generous deadline costs no task RPC anything.
-    f"/{SERVICE}/RecordEvents": MethodPolicy(frozenset({Role.SERVICE}), max_deadline=30.0),
+    # The services' outbox relays write (each only about its own subjects, `_edge`), and an
+    # administrator's `mhv keys` / `mhv secrets` record credential changes as themselves.
+    # Batches wait in the outbox while the audit service is slow, so a generous deadline
+    # costs no task RPC anything.
+    f"/{SERVICE}/RecordEvents": MethodPolicy(
+        frozenset({Role.SERVICE, Role.ADMIN}), max_deadline=30.0
+    ),
     f"/{SERVICE}/ListAuditEvents": MethodPolicy(_READERS, max_deadline=10.0),
     # Hashes every row of the range: about ten seconds per million rows.
     f"/{SERVICE}/VerifyAuditChain": MethodPolicy(_READERS, max_deadline=300.0),

@@ -27,35 +27,35 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmahavishnu/audit/v1/audit.proto\x12\x13mahavishnu.audit.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x0b\x45ventRecord\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\xb2\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12(\n\x07\x64\x65tails\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\noccur_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x11\n\tprev_hash\x18\x0b \x01(\t\x12\x0c\n\x04hash\x18\x0c \x01(\t\"G\n\x13RecordEventsRequest\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .mahavishnu.audit.v1.EventRecord\"<\n\x14RecordEventsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xfe\x01\n\x16ListAuditEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\x03\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05order\x18\x06 \x01(\x0e\x32\x1a.mahavishnu.audit.v1.Order\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"c\n\x17ListAuditEventsResponse\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.mahavishnu.audit.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x17VerifyAuditChainRequest\x12\x10\n\x08start_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nd_id\x18\x02 \x01(\x03\"Z\n\nChainBreak\x12\x0e\n\x06row_id\x18\x01 \x01(\x03\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.mahavishnu.audit.v1.BreakKind\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x96\x01\n\x18VerifyAuditChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0crows_checked\x18\x02 \x01(\x03\x12\x34\n\x0b\x66irst_break\x18\x03 \x01(\x0b\x32\x1f.mahavishnu.audit.v1.ChainBreak\x12\x11\n\thead_hash\x18\x04 \x01(\t\x12\x0f\n\x07head_id\x18\x05 \x01(\x03*N\n\x05Order\x12\x15\n\x11ORDER_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDER_NEWEST_FIRST\x10\x01\x12\x16\n\x12ORDER_OLDEST_FIRST\x10\x02*\x8b\x01\n\tBreakKind\x12\x1a\n\x16\x42REAK_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42REAK_KIND_MODIFIED\x10\x01\x12\x16\n\x12\x42REAK_KIND_MISSING\x10\x02\x12\x18\n\x14\x42REAK_KIND_REORDERED\x10\x03\x12\x17\n\x13\x42REAK_KIND_INSERTED\x10\x04\x32\xd2\x02\n\x0c\x41uditService\x12\x63\n\x0cRecordEvents\x12(.mahavishnu.audit.v1.RecordEventsRequest\x1a).mahavishnu.audit.v1.RecordEventsResponse\x12l\n\x0fListAuditEvents\x12+.mahavishnu.audit.v1.ListAuditEventsRequest\x1a,.mahavishnu.audit.v1.ListAuditEventsResponse\x12o\n\x10VerifyAuditChain\x12,.mahavishnu.audit.v1.VerifyAuditChainRequest\x1a-.mahavishnu.audit.v1.VerifyAuditChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmahavishnu/audit/v1/audit.proto\x12\x13mahavishnu.audit.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x02\n\x0b\x45ventRecord\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\x03\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x14\n\x0csubject_kind\x18\t \x01(\t\x12\x12\n\nsubject_id\x18\n \x01(\t\"\xdc\x02\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12(\n\x07\x64\x65tails\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\noccur_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x11\n\tprev_hash\x18\x0b \x01(\t\x12\x0c\n\x04hash\x18\x0c \x01(\t\x12\x14\n\x0csubject_kind\x18\r \x01(\t\x12\x12\n\nsubject_id\x18\x0e \x01(\t\"G\n\x13RecordEventsRequest\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .mahavishnu.audit.v1.EventRecord\"<\n\x14RecordEventsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xa8\x02\n\x16ListAuditEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\x03\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05order\x18\x06 \x01(\x0e\x32\x1a.mahavishnu.audit.v1.Order\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12\x14\n\x0csubject_kind\x18\t \x01(\t\x12\x12\n\nsubject_id\x18\n \x01(\t\"c\n\x17ListAuditEventsResponse\x12/\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1f.mahavishnu.audit.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x17VerifyAuditChainRequest\x12\x10\n\x08start_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nd_id\x18\x02 \x01(\x03\"Z\n\nChainBreak\x12\x0e\n\x06row_id\x18\x01 \x01(\x03\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.mahavishnu.audit.v1.BreakKind\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x96\x01\n\x18VerifyAuditChainResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x14\n\x0crows_checked\x18\x02 \x01(\x03\x12\x34\n\x0b\x66irst_break\x18\x03 \x01(\x0b\x32\x1f.mahavishnu.audit.v1.ChainBreak\x12\x11\n\thead_hash\x18\x04 \x01(\t\x12\x0f\n\x07head_id\x18\x05 \x01(\x03*N\n\x05Order\x12\x15\n\x11ORDER_UNSPECIFIED\x10\x00\x12\x16\n\x12ORDER_NEWEST_FIRST\x10\x01\x12\x16\n\x12ORDER_OLDEST_FIRST\x10\x02*\x8b\x01\n\tBreakKind\x12\x1a\n\x16\x42REAK_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42REAK_KIND_MODIFIED\x10\x01\x12\x16\n\x12\x42REAK_KIND_MISSING\x10\x02\x12\x18\n\x14\x42REAK_KIND_REORDERED\x10\x03\x12\x17\n\x13\x42REAK_KIND_INSERTED\x10\x04\x32\xd2\x02\n\x0c\x41uditService\x12\x63\n\x0cRecordEvents\x12(.mahavishnu.audit.v1.RecordEventsRequest\x1a).mahavishnu.audit.v1.RecordEventsResponse\x12l\n\x0fListAuditEvents\x12+.mahavishnu.audit.v1.ListAuditEventsRequest\x1a,.mahavishnu.audit.v1.ListAuditEventsResponse\x12o\n\x10VerifyAuditChain\x12,.mahavishnu.audit.v1.VerifyAuditChainRequest\x1a-.mahavishnu.audit.v1.VerifyAuditChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mahavishnu.audit.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDER']._serialized_start=1446
-  _globals['_ORDER']._serialized_end=1524
-  _globals['_BREAKKIND']._serialized_start=1527
-  _globals['_BREAKKIND']._serialized_end=1666
+  _globals['_ORDER']._serialized_start=1572
+  _globals['_ORDER']._serialized_end=1650
+  _globals['_BREAKKIND']._serialized_start=1653
+  _globals['_BREAKKIND']._serialized_end=1792
   _globals['_EVENTRECORD']._serialized_start=120
-  _globals['_EVENTRECORD']._serialized_end=336
-  _globals['_AUDITEVENT']._serialized_start=339
-  _globals['_AUDITEVENT']._serialized_end=645
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=647
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=718
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=720
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=780
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=783
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1037
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1039
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1138
-  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=1140
-  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=1199
-  _globals['_CHAINBREAK']._serialized_start=1201
-  _globals['_CHAINBREAK']._serialized_end=1291
-  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_start=1294
-  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_end=1444
-  _globals['_AUDITSERVICE']._serialized_start=1669
-  _globals['_AUDITSERVICE']._serialized_end=2007
+  _globals['_EVENTRECORD']._serialized_end=378
+  _globals['_AUDITEVENT']._serialized_start=381
+  _globals['_AUDITEVENT']._serialized_end=729
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=731
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=802
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=804
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=864
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=867
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1163
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1165
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1264
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_start=1266
+  _globals['_VERIFYAUDITCHAINREQUEST']._serialized_end=1325
+  _globals['_CHAINBREAK']._serialized_start=1327
+  _globals['_CHAINBREAK']._serialized_end=1417
+  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_start=1420
+  _globals['_VERIFYAUDITCHAINRESPONSE']._serialized_end=1570
+  _globals['_AUDITSERVICE']._serialized_start=1795
+  _globals['_AUDITSERVICE']._serialized_end=2133
 # @@protoc_insertion_point(module_scope)

@@ -35,7 +35,7 @@ BREAK_KIND_REORDERED: BreakKind
 BREAK_KIND_INSERTED: BreakKind
 
 class EventRecord(_message.Message):
-    __slots__ = ("event_id", "task_id", "event_type", "user_id", "details", "occur_time", "request_id", "traceparent")
+    __slots__ = ("event_id", "task_id", "event_type", "user_id", "details", "occur_time", "request_id", "traceparent", "subject_kind", "subject_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class EventRecord(_message.Message):
     OCCUR_TIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     task_id: int
     event_type: str
@@ -52,10 +54,12 @@ class EventRecord(_message.Message):
     occur_time: _timestamp_pb2.Timestamp
     request_id: str
     traceparent: str
-    def __init__(self, event_id: _Optional[str] = ..., task_id: _Optional[int] = ..., event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    subject_kind: str
+    subject_id: str
+    def __init__(self, event_id: _Optional[str] = ..., task_id: _Optional[int] = ..., event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., traceparent: _Optional[str] = ..., subject_kind: _Optional[str] = ..., subject_id: _Optional[str] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("id", "event_id", "task_id", "event_type", "user_id", "details", "occur_time", "create_time", "request_id", "trace_id", "prev_hash", "hash")
+    __slots__ = ("id", "event_id", "task_id", "event_type", "user_id", "details", "occur_time", "create_time", "request_id", "trace_id", "prev_hash", "hash", "subject_kind", "subject_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +72,8 @@ class AuditEvent(_message.Message):
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     PREV_HASH_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     id: int
     event_id: str
     task_id: int
@@ -80,7 +86,9 @@ class AuditEvent(_message.Message):
     trace_id: str
     prev_hash: str
     hash: str
-    def __init__(self, id: _Optional[int] = ..., event_id: _Optional[str] = ..., task_id: _Optional[int] = ..., event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ...) -> None: ...
+    subject_kind: str
+    subject_id: str
+    def __init__(self, id: _Optional[int] = ..., event_id: _Optional[str] = ..., task_id: _Optional[int] = ..., event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., details: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., occur_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., trace_id: _Optional[str] = ..., prev_hash: _Optional[str] = ..., hash: _Optional[str] = ..., subject_kind: _Optional[str] = ..., subject_id: _Optional[str] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("events",)
@@ -97,7 +105,7 @@ class RecordEventsResponse(_message.Message):
     def __init__(self, recorded: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class ListAuditEventsRequest(_message.Message):
-    __slots__ = ("task_id", "user_id", "event_type", "start_time", "end_time", "order", "page_size", "page_token")
+    __slots__ = ("task_id", "user_id", "event_type", "start_time", "end_time", "order", "page_size", "page_token", "subject_kind", "subject_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +114,8 @@ class ListAuditEventsRequest(_message.Message):
     ORDER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_KIND_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     user_id: str
     event_type: str
@@ -114,7 +124,9 @@ class ListAuditEventsRequest(_message.Message):
     order: Order
     page_size: int
     page_token: str
-    def __init__(self, task_id: _Optional[int] = ..., user_id: _Optional[str] = ..., event_type: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., order: _Optional[_Union[Order, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    subject_kind: str
+    subject_id: str
+    def __init__(self, task_id: _Optional[int] = ..., user_id: _Optional[str] = ..., event_type: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., order: _Optional[_Union[Order, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., subject_kind: _Optional[str] = ..., subject_id: _Optional[str] = ...) -> None: ...
 
 class ListAuditEventsResponse(_message.Message):
     __slots__ = ("events", "next_page_token")

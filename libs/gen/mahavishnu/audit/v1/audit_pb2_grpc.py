@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class AuditServiceStub:
-    """The append-only, hash-chained audit log of every task change.
+    """The append-only, hash-chained audit log of every change: tasks, users, webhook deliveries
+    and credentials.
     """
 
     def __init__(self, channel):
@@ -54,7 +55,8 @@ class AuditServiceStub:
 
 
 class AuditServiceServicer:
-    """The append-only, hash-chained audit log of every task change.
+    """The append-only, hash-chained audit log of every change: tasks, users, webhook deliveries
+    and credentials.
     """
 
     def RecordEvents(self, request, context):
@@ -106,7 +108,8 @@ def add_AuditServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AuditService:
-    """The append-only, hash-chained audit log of every task change.
+    """The append-only, hash-chained audit log of every change: tasks, users, webhook deliveries
+    and credentials.
     """
 
     @staticmethod
