@@ -194,6 +194,17 @@ async def seed_every_table(conn: asyncpg.Connection) -> None:
             now,
             now if index < 4 else None,
         )
+    if await conn.fetchval(
+        "SELECT true FROM information_schema.columns"
+        " WHERE table_schema = 'task' AND table_name = 'outbox' AND column_name = 'subject_kind'"
+    ):
+        # User management is audited through the same outbox (a user's creation, waiting).
+        await conn.execute(
+            "INSERT INTO task.outbox (task_id, event_type, user_id, details, subject_kind,"
+            " subject_id) VALUES (0, 'user_created', $1, '{\"username\": \"new\"}', 'user', $2)",
+            users[0],
+            str(uuid.uuid4()),
+        )
     if await conn.fetchval("SELECT to_regclass('task.task_embeddings') IS NOT NULL"):
         # Semantic search's tables, where the server offers pgvector (the backlog fills itself
         # from the tasks' insert trigger).

@@ -205,3 +205,28 @@ async def private_audit(
             await asyncio.to_thread(process.stop)
         finally:
             await deployment.drop()
+
+
+async def audited(
+    client: audit_pb2_grpc.AuditServiceStub,
+    keys: Keys,
+    db: asyncpg.Connection,
+    *,
+    outbox: str,
+    deadline: float = 60.0,
+    **filters: Any,
+) -> list[audit_pb2.AuditEvent]:
+    """The audit events matching `filters`, once the sender's outbox has delivered everything.
+
+    The relay marks an event delivered only after the audit service stored it, so once
+    `outbox` (``task.outbox``, ``webhook.outbox``) holds nothing undelivered, every event
+    committed before this call is in the log, and the listing is final: a caller can assert
+    "exactly once". Waits on that condition, never on time.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + deadline
+    query = f"SELECT count(*) FROM {outbox} WHERE delivered_at IS NULL"
+    while pending := await db.fetchval(query):
+        assert loop.time() < give_up, f"{pending} events still undelivered in {outbox}"
+        await asyncio.sleep(0.1)
+    return await list_all(client, keys, **filters)

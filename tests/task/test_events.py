@@ -16,7 +16,7 @@ from mhv_common import context
 from mhv_task import _events as events
 from mhv_task._events import EventType
 from mhv_task._lifecycle import TRANSITIONS, Action, Status
-from mhv_task._models import Task, TaskCreateRequest, validate
+from mhv_task._models import Task, TaskCreateRequest, User, UserCreateRequest, validate
 from tests.harness import ROOT
 
 ACTOR = uuid.UUID("6f1c3a52-9d51-4a3c-8a51-0e8a3e1f7b10")
@@ -50,8 +50,8 @@ def _task(**fields: object) -> Task:
 
 
 def test_the_types_are_those_the_outbox_accepts() -> None:
-    migration = (ROOT / "migrations" / "task" / "0002_tasks.up.sql").read_text()
-    check = re.search(r"event_type\s+text\s+NOT NULL CHECK \(event_type IN \(([^)]*)\)", migration)
+    migration = (ROOT / "migrations" / "task" / "0006_outbox_subjects.up.sql").read_text()
+    check = re.search(r"CHECK \(event_type IN \(([^)]*)\)", migration)
     assert check is not None
     assert {v.value for v in EventType} == set(re.findall(r"'(\w+)'", check.group(1)))
 
@@ -138,3 +138,26 @@ def test_each_transition_has_its_type_and_redacted_details(action: Action) -> No
     event = events.task_transitioned(action, ACTOR, {"reason": "r", "token": "abc"})
     assert event.event_type == PAST[action]
     assert event.details == {"reason": "r", "token": "[REDACTED (3 characters)]"}
+
+
+def test_user_events_name_their_user_and_redact_like_task_events() -> None:
+    request = validate(
+        UserCreateRequest,
+        {"username": "ada", "email": "ada@example.test", "metadata": {"api_key": "sk-1"}},
+    )
+    created = events.user_created(ACTOR, OTHER, request)
+    assert (created.event_type, created.subject_kind, created.subject_id) == (
+        EventType.USER_CREATED,
+        "user",
+        str(OTHER),
+    )
+    assert created.details["metadata"] == "[REDACTED (19 characters)]"
+    user = User(OTHER, "ada", "ada@example.test", None, True, {"password": "x"}, NOW, NOW, None)
+    deleted = events.user_deleted(ACTOR, user, unassigned=2)
+    assert deleted.details["tasks_unassigned"] == 2 and "x" not in str(deleted.details["metadata"])
+    assert events.user_deactivated(ACTOR, user).details == {"username": "ada", "was_active": True}
+    # Task events stay about their task (the store gives them its id).
+    task_event = events.task_created(
+        ACTOR, validate(TaskCreateRequest, {"title": "t", "repository": "d"})
+    )
+    assert (task_event.subject_kind, task_event.subject_id) == ("task", "")

@@ -6,10 +6,15 @@ import uuid
 
 import asyncpg
 import grpc
+from google.protobuf import json_format
+from google.protobuf.json_format import MessageToJson
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role
-from tests.harness import Keys, bearer, mhv_code, rpc_error, violations
+from tests.audit.support import audited, verify
+from tests.audit.support import stub as audit_stub
+from tests.conftest import Services
+from tests.harness import Keys, bearer, grpc_channel, mhv_code, rpc_error, violations
 from tests.task.conftest import People, new_task
 
 
@@ -152,3 +157,72 @@ async def test_deactivated_or_unknown_users_lose_read_access(
     stranger = bearer(keys.token(Role.VIEWER, subject=str(uuid.uuid4())))
     error = await rpc_error(users.ListUsers(task_pb2.ListUsersRequest(), metadata=stranger))
     assert (error.code(), mhv_code(error)) == (grpc.StatusCode.UNAUTHENTICATED, "MHV-004")
+
+
+async def test_each_user_operation_is_audited_once_with_actor_and_subject(
+    users: task_pb2_grpc.UserServiceStub,
+    tasks: task_pb2_grpc.TaskServiceStub,
+    people: People,
+    services: Services,
+    keys: Keys,
+    db: asyncpg.Connection,
+) -> None:
+    """Create, deactivate and delete reach the audit log through the outbox, once each."""
+    name = f"u{uuid.uuid4().hex[:10]}"
+    secret = f"sk-live-{uuid.uuid4().hex}"
+    request = task_pb2.CreateUserRequest(
+        username=name, email=f"{name}@example.test", display_name="U"
+    )
+    request.metadata.update({"api_key": secret, "team": "blue"})
+    user = await users.CreateUser(request, metadata=people.admin.md())
+    # A task assigned to them while active is unassigned when they are deleted.
+    await new_task(tasks, people.alice, assigned_to=user.id)
+    await users.DeactivateUser(
+        task_pb2.DeactivateUserRequest(id=user.id), metadata=people.admin.md()
+    )
+    await users.DeleteUser(task_pb2.DeleteUserRequest(id=user.id), metadata=people.admin.md())
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
+        audit = audit_stub(channel)
+        found = await audited(
+            audit, keys, db, outbox="task.outbox", subject_kind="user", subject_id=user.id
+        )
+        assert [e.event_type for e in found] == ["user_deleted", "user_deactivated", "user_created"]
+        for event in found:
+            assert (event.subject_kind, event.subject_id, event.task_id) == ("user", user.id, 0)
+            assert event.user_id == people.admin.id
+            assert secret not in MessageToJson(event)
+        deleted, deactivated, created = (json_format.MessageToDict(e.details) for e in found)
+        assert created["username"] == name and created["metadata"].startswith("[REDACTED")
+        assert deactivated == {"username": name, "was_active": True}
+        assert deleted["active"] is False and deleted["tasks_unassigned"] == 1
+        assert (await verify(audit, keys)).ok
+    assert secret not in str(await db.fetch("SELECT details::text FROM task.outbox"))
+
+
+async def test_a_refused_user_operation_leaves_no_audit_event(
+    users: task_pb2_grpc.UserServiceStub, people: People, db: asyncpg.Connection
+) -> None:
+    user = await _user(users, people)
+    taken = await rpc_error(
+        users.CreateUser(
+            task_pb2.CreateUserRequest(username=user.username, email="x@example.test"),
+            metadata=people.admin.md(),
+        )
+    )
+    assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
+    missing = str(uuid.uuid4())
+    for call in (users.DeactivateUser, users.DeleteUser):
+        request = (
+            task_pb2.DeactivateUserRequest(id=missing)
+            if call is users.DeactivateUser
+            else task_pb2.DeleteUserRequest(id=missing)
+        )
+        error = await rpc_error(call(request, metadata=people.admin.md()))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+    written = await db.fetch(
+        "SELECT event_type, subject_id FROM task.outbox WHERE subject_kind = 'user'"
+        " AND (subject_id = $1 OR details->>'username' = $2)",
+        missing,
+        user.username,
+    )
+    assert [(e["event_type"], e["subject_id"]) for e in written] == [("user_created", user.id)]

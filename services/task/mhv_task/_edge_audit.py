@@ -31,6 +31,8 @@ def to_record(event: PendingEvent) -> audit_pb2.EventRecord:
         occur_time=to_timestamp(event.occurred_at),
         request_id=event.request_id,
         traceparent=event.traceparent,
+        subject_kind=event.subject_kind,
+        subject_id=event.subject_id,
     )
 
 

@@ -1,4 +1,4 @@
-"""The audit events a task change writes to the outbox, each built here and nowhere else.
+"""The audit events a task or user change writes to the outbox, each built here and nowhere else.
 
 Every event carries the actor it is attributed to, details redacted before they are stored
 (`mhv_common.redaction`), and the request id and W3C traceparent of the call that caused it, so
@@ -19,7 +19,7 @@ from mhv_common import context
 from mhv_common.redaction import redact_details
 from mhv_common.tracing import current_traceparent
 from mhv_task._lifecycle import Action, Status
-from mhv_task._models import Task, TaskCreateRequest
+from mhv_task._models import Task, TaskCreateRequest, User, UserCreateRequest
 
 
 class EventType(enum.StrEnum):
@@ -34,6 +34,9 @@ class EventType(enum.StrEnum):
     CANCELLED = "task_cancelled"
     BLOCKED = "task_blocked"
     UNBLOCKED = "task_unblocked"
+    USER_CREATED = "user_created"
+    USER_DEACTIVATED = "user_deactivated"
+    USER_DELETED = "user_deleted"
 
 
 _TRANSITIONS = {
@@ -55,6 +58,8 @@ class OutboxEvent:
         details: What changed, already redacted.
         request_id: The request that made the change ("" outside a request).
         traceparent: Its W3C trace context ("" when there is none).
+        subject_kind: ``task`` (the task the store writes it with) or ``user``.
+        subject_id: The user's id for a user event; empty for a task event.
     """
 
     event_type: EventType
@@ -62,6 +67,8 @@ class OutboxEvent:
     details: dict[str, Any]
     request_id: str
     traceparent: str
+    subject_kind: str = "task"
+    subject_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +84,17 @@ class PendingEvent:
     request_id: str
     traceparent: str
     occurred_at: dt.datetime
+    subject_kind: str = "task"
+    subject_id: str = ""
 
 
-def _event(event_type: EventType, actor: uuid.UUID, details: Mapping[str, Any]) -> OutboxEvent:
+def _event(
+    event_type: EventType,
+    actor: uuid.UUID,
+    details: Mapping[str, Any],
+    *,
+    user: uuid.UUID | None = None,
+) -> OutboxEvent:
     ctx = context.current()
     return OutboxEvent(
         event_type,
@@ -87,6 +102,8 @@ def _event(event_type: EventType, actor: uuid.UUID, details: Mapping[str, Any]) 
         redact_details(details),
         ctx.request_id if ctx else "",
         current_traceparent(),
+        subject_kind="task" if user is None else "user",
+        subject_id="" if user is None else str(user),
     )
 
 
@@ -159,3 +176,29 @@ def task_deleted(actor: uuid.UUID, task: Task) -> OutboxEvent:
     """A task was deleted; the event keeps what it was."""
     details = {**_snapshot(task, task.status), "created_by": str(task.created_by)}
     return _event(EventType.DELETED, actor, details)
+
+
+def _profile(user: User | UserCreateRequest) -> dict[str, Any]:
+    return {
+        "username": user.username,
+        "email": user.email,
+        "display_name": user.display_name,
+        "metadata": user.metadata,
+    }
+
+
+def user_created(actor: uuid.UUID, user_id: uuid.UUID, request: UserCreateRequest) -> OutboxEvent:
+    """A user `user_id` was created from `request` (metadata redacted, as for tasks)."""
+    return _event(EventType.USER_CREATED, actor, _profile(request), user=user_id)
+
+
+def user_deactivated(actor: uuid.UUID, user: User) -> OutboxEvent:
+    """`user` (as it was before) was deactivated."""
+    details = {"username": user.username, "was_active": user.active}
+    return _event(EventType.USER_DEACTIVATED, actor, details, user=user.id)
+
+
+def user_deleted(actor: uuid.UUID, user: User, *, unassigned: int) -> OutboxEvent:
+    """`user` was deleted after `unassigned` tasks were unassigned from them; keeps who it was."""
+    details = {**_profile(user), "active": user.active, "tasks_unassigned": unassigned}
+    return _event(EventType.USER_DELETED, actor, details, user=user.id)

@@ -330,6 +330,7 @@ class StillReferenced(Exception):
 async def insert_user(
     conn: asyncpg.Connection,
     *,
+    user_id: uuid.UUID,
     username: str,
     email: str,
     display_name: str | None,
@@ -343,12 +344,13 @@ async def insert_user(
     """
     try:
         row: asyncpg.Record = await conn.fetchrow(
-            f"INSERT INTO users (username, email, display_name, metadata) VALUES ($1, $2, $3, $4)"
-            f" RETURNING {USER_COLUMNS}",
+            "INSERT INTO users (id, username, email, display_name, metadata)"
+            f" VALUES ($5, $1, $2, $3, $4) RETURNING {USER_COLUMNS}",
             username,
             email,
             display_name,
             dict(metadata),
+            user_id,
             timeout=timeout,
         )
     except asyncpg.UniqueViolationError as exc:
@@ -455,20 +457,38 @@ async def delete_user(
 # --- outbox -----------------------------------------------------------------------------------
 
 
+async def insert_user_event(
+    conn: asyncpg.Connection, event: OutboxEvent, *, timeout: float | None
+) -> None:
+    """Write a user event to the outbox (in the caller's transaction, with its change)."""
+    await conn.execute(
+        "INSERT INTO outbox (task_id, event_type, user_id, details, request_id, traceparent,"
+        " subject_kind, subject_id) VALUES (0, $1, $2, $3::jsonb, $4, $5, $6, $7)",
+        event.event_type.value,
+        event.actor,
+        event.details,
+        event.request_id,
+        event.traceparent,
+        event.subject_kind,
+        event.subject_id,
+        timeout=timeout,
+    )
+
+
 async def claim_pending_events(
     conn: asyncpg.Connection, *, limit: int, timeout: float | None
 ) -> list[PendingEvent]:
-    """Lock the oldest undelivered events this relay may send now, keeping per-task order.
+    """Lock the oldest undelivered events this relay may send now, keeping per-subject order.
 
     Rows other relays hold are skipped (SKIP LOCKED). An event is only claimed when no earlier
-    undelivered event of the same task is held elsewhere, so two relays never send one task's
-    events out of order.
+    undelivered event of the same subject (task, or user) is held elsewhere, so two relays never
+    send one task's or one user's events out of order.
     """
     rows: list[asyncpg.Record] = await conn.fetch(
         """
         WITH claimed AS (
             SELECT id, event_id, task_id, event_type, user_id, details, request_id,
-                   traceparent, occurred_at
+                   traceparent, occurred_at, subject_kind, subject_id
             FROM outbox
             WHERE delivered_at IS NULL
             ORDER BY id
@@ -478,7 +498,8 @@ async def claim_pending_events(
         SELECT c.* FROM claimed c
         WHERE NOT EXISTS (
             SELECT 1 FROM outbox o
-            WHERE o.task_id = c.task_id AND o.delivered_at IS NULL AND o.id < c.id
+            WHERE o.task_id = c.task_id AND o.subject_id = c.subject_id
+              AND o.delivered_at IS NULL AND o.id < c.id
               AND o.id NOT IN (SELECT id FROM claimed)
         )
         ORDER BY c.id

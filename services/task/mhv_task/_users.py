@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 from mhv_common import paging
 from mhv_common.context import time_left
 from mhv_common.db import Database
@@ -34,18 +36,27 @@ class Users:
         self._active = active
 
     async def create(self, request: UserCreateRequest) -> User:
-        """Create a user; a taken username or email is MHV-111."""
+        """Create a user, with its audit event; a taken username or email is MHV-111."""
         await self._active.ensure_caller_active(fresh=True)
+        actor = actor_for_change()
+        user_id = uuid.uuid4()
         try:
-            async with self._db.connection() as conn:
-                return await store.insert_user(
+            async with self._db.transaction() as conn:
+                user = await store.insert_user(
                     conn,
+                    user_id=user_id,
                     username=request.username,
                     email=request.email,
                     display_name=request.display_name,
                     metadata=request.metadata,
                     timeout=time_left(),
                 )
+                await store.insert_user_event(
+                    conn,
+                    events.user_created(actor.user_id, user_id, request),
+                    timeout=time_left(),
+                )
+                return user
         except store.Taken as exc:
             raise UserAlreadyExistsError(
                 f"A user with that {exc.field} already exists.",
@@ -94,10 +105,18 @@ class Users:
     async def deactivate(self, request: UserRef) -> User:
         """Deactivate a user: they keep their tasks but can no longer be assigned."""
         await self._active.ensure_caller_active(fresh=True)
-        async with self._db.connection() as conn:
+        actor = actor_for_change()
+        async with self._db.transaction() as conn:
+            before = await store.get_user(
+                conn, user_id=request.id, for_update=True, timeout=time_left()
+            )
+            if before is None:
+                raise UserNotFoundError(f"No user {str(request.id)!r}.")
             user = await store.deactivate_user(conn, request.id, timeout=time_left())
-        if user is None:
-            raise UserNotFoundError(f"No user {str(request.id)!r}.")
+            assert user is not None  # locked above
+            await store.insert_user_event(
+                conn, events.user_deactivated(actor.user_id, before), timeout=time_left()
+            )
         return user
 
     async def delete(self, request: UserRef) -> None:
@@ -120,7 +139,8 @@ class Users:
                     raise UserNotFoundError(f"No user {str(uid)!r}.")
                 if await store.tasks_created_by(conn, uid, timeout=time_left()):
                     raise refusal
-                for task_id in await store.tasks_assigned_to(conn, uid, timeout=time_left()):
+                assigned = await store.tasks_assigned_to(conn, uid, timeout=time_left())
+                for task_id in assigned:
                     await store.update_task(
                         conn,
                         task_id,
@@ -131,6 +151,11 @@ class Users:
                         timeout=time_left(),
                     )
                 await store.delete_user(conn, uid, timeout=time_left())
+                await store.insert_user_event(
+                    conn,
+                    events.user_deleted(actor.user_id, user, unassigned=len(assigned)),
+                    timeout=time_left(),
+                )
         except store.StillReferenced:
             # A task by this user was created after our check: the RESTRICT key caught it.
             raise refusal from None
