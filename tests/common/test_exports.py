@@ -26,6 +26,7 @@ EXPECTED = {
     "processes",
     "ratelimit",
     "redaction",
+    "security",
     "server",
     "structs",
     "timestamps",

@@ -61,6 +61,16 @@ CONTRACT: tuple[Metric, ...] = (
     Metric(
         "mhv_errors_total", "counter", {**GRPC_LABELS, "error_code": ("MHV-003", "MHV-008")}, ALL
     ),
+    Metric(
+        "mhv_authz_denied_total",
+        "counter",
+        {
+            "service": ("mahavishnu.task.v1.TaskService",),
+            "method": ("GetTask", "CreateUser"),
+            "reason": ("MHV-004", "MHV-005"),
+        },
+        ALL,
+    ),
     Metric("database_connections", "gauge", {"database": ("postgresql",), "pool": ("main",)}, ALL),
     Metric("database_pool_size", "gauge", {"database": ("postgresql",), "pool": ("main",)}, ALL),
     Metric(

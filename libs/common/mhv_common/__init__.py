@@ -27,6 +27,7 @@ tls             TLS for gRPC servers and clients
 logs            structured JSON logs
 tracing         OpenTelemetry set-up
 redaction       redaction of secret-looking values in audit details, before storing or logging
+security        the security log and count of refused calls (`mhv_authz_denied_total`)
 ==============  ===================================================================================
 
 The catalog itself (`_catalog`) is private: read it through `errors`.
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
         processes,
         ratelimit,
         redaction,
+        security,
         server,
         structs,
         timestamps,
@@ -82,6 +84,7 @@ __all__ = [
     "processes",
     "ratelimit",
     "redaction",
+    "security",
     "server",
     "structs",
     "timestamps",

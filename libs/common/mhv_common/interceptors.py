@@ -31,7 +31,7 @@ from grpc_interceptor.server import AsyncServerInterceptor
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from prometheus_client import Counter, Histogram
 
-from mhv_common import context
+from mhv_common import context, security
 from mhv_common.admission import Admission
 from mhv_common.auth import Principal, Role, TokenVerifier
 from mhv_common.edge import ON_BEHALF_OF_KEY, REQUEST_ID_KEY, classify
@@ -191,6 +191,8 @@ class TelemetryInterceptor(_Interceptor):
             GRPC_LATENCY.labels(service, rpc).observe(elapsed)
             if error is not None:
                 GRPC_ERRORS.labels(service, rpc, error.code).inc()
+                if security.is_refusal(error):
+                    security.record_refusal(error, service=service, method=rpc, peer=ctx.peer())
             logger.info(
                 "rpc",
                 extra={
@@ -289,6 +291,9 @@ class AuthInterceptor(_Interceptor):
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("Missing bearer token in the 'authorization' metadata.")
         principal = self._verifier.verify(token.strip())
+        if req is not None:
+            # Who the caller proved to be, for the security log should a check below refuse.
+            req.extra["subject"] = principal.subject
         policy = self._policies.get(name)
         if policy is None:
             # Fail closed: an RPC nobody wrote a policy for is nobody's to call.
@@ -332,11 +337,13 @@ class RateLimitInterceptor(_Interceptor):
 
 
 def initialise_metrics(policies: Mapping[str, MethodPolicy]) -> None:
-    """Create each governed method's OK count and latency series at zero."""
+    """Create each governed method's OK count, latency and refusal series at zero."""
     for full in policies:
         service, rpc = split_method(full)
         GRPC_HANDLED.labels(service, rpc, "OK")
         GRPC_LATENCY.labels(service, rpc)
+        for refusal in (AuthenticationError, AuthorizationError):
+            security.AUTHZ_DENIED.labels(service, rpc, refusal.code)
 
 
 def build_interceptors(

@@ -484,6 +484,22 @@ def operational_health_dashboard() -> dashboard.Dashboard:
         )
         .with_panel(
             series_panel(
+                "Refused calls (security log)",
+                "Calls refused as UNAUTHENTICATED (MHV-004) or PERMISSION_DENIED (MHV-005) per "
+                "service, method and reason; each is one line of the mhv.security log. "
+                "AuthorizationRefusalsHigh warns above one per second.",
+                [
+                    Query(
+                        "sum by (job, method, reason) (rate(mhv_authz_denied_total"
+                        f"{{{OUR_JOBS}}}[{RATE}]))\nor on (job)\n{ZERO_PER_JOB}",
+                        "{{job}} {{method}} {{reason}}",
+                    )
+                ],
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            series_panel(
                 "Rate-limit rejections",
                 "Requests refused with MHV-006 per service and method class; 0 when none.",
                 [

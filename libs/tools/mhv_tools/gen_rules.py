@@ -56,6 +56,10 @@ JOBS = {
 # The audit service verifies its whole chain hourly by default; three missed runs is stale.
 AUDIT_VERIFICATION_MAX_AGE_SECONDS = 3 * 3600
 
+# Refused calls per second, per service, sustained for ten minutes: far above a person mistyping
+# or a token expiring now and then, well below what a credential-guessing run produces.
+AUTHZ_REFUSALS_PER_SECOND = 1
+
 # Severity is the one label Alertmanager routes on (deploy/alertmanager/alertmanager.yml).
 Severity = Literal["page", "warning", "ticket", "none"]
 
@@ -517,6 +521,21 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
                 "the outbox relay cannot deliver to the audit service."
             ),
             runbook_url=spec.runbook_url("docs/runbooks/task-outbox-backlog.md"),
+        ),
+        alert(
+            "AuthorizationRefusalsHigh",
+            f'sum by (job) (rate(mhv_authz_denied_total{{job=~"{jobs}"}}[5m])) > '
+            f"{AUTHZ_REFUSALS_PER_SECOND}",
+            for_="10m",
+            severity="warning",
+            summary="Many calls to {{ $labels.job }} are refused for who the caller is",
+            description=(
+                '{{ $value | printf "%.2f" }} calls per second to {{ $labels.job }} end '
+                "UNAUTHENTICATED or PERMISSION_DENIED: a client with a revoked or expired "
+                "credential, a misconfigured service, or someone probing. The security log "
+                "(logger mhv.security) says who and what."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/authorization-refusals.md"),
         ),
         alert(
             "WebhookInboxBacklog",
