@@ -24,6 +24,7 @@ EXPECTED = {
     "periodic",
     "probes",
     "processes",
+    "outbox",
     "ratelimit",
     "redaction",
     "security",

@@ -12,7 +12,6 @@ EXPECTED = {
     "Action",
     "ActiveUsers",
     "Actor",
-    "AuditClient",
     "EventType",
     "FTSSearchQuery",
     "OutboxEvent",
@@ -48,7 +47,7 @@ EXPECTED = {
 }
 PACKAGE = Path(mhv_task.__file__).parent
 # Only the edges speak gRPC and protobuf, and only `_metrics` speaks Prometheus.
-EDGE_MODULES = {"_edge.py", "_edge_codec.py", "_edge_audit.py", "_metrics.py", "app.py"}
+EDGE_MODULES = {"_edge.py", "_edge_codec.py", "_metrics.py", "app.py"}
 FORBIDDEN_IN_DOMAIN = ("grpc", "google.protobuf", "mahavishnu", "prometheus_client")
 
 

@@ -21,6 +21,8 @@ paging          the page-token codec and page sizes of every listing
 ids             UUIDs a caller sends: `parse_uuid`, `canonical_uuid`, `uuid_or_none`
 timestamps      datetimes and microseconds to and from protobuf Timestamps
 structs         protobuf Structs (free-form JSON from callers) as plain Python, non-finite refused
+outbox          the audit outbox every writing service shares: its statements, the relay, the
+                audit service's client
 periodic        background jobs that run every so often until the service stops
 client          channels for service-to-service calls
 tls             TLS for gRPC servers and clients
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
         ids,
         interceptors,
         logs,
+        outbox,
         paging,
         periodic,
         probes,
@@ -78,6 +81,7 @@ __all__ = [
     "ids",
     "interceptors",
     "logs",
+    "outbox",
     "paging",
     "periodic",
     "probes",

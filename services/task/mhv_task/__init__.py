@@ -2,14 +2,14 @@
 
 Layers, top to bottom: `_edge` (gRPC, with `_edge_codec` translating protobuf to the typed
 requests of `_models` and back), the domain (`_tasks`, `_users`, `_lifecycle`, `_authz`,
-`_events`, and the outbox `_relay` with its own outbound edge `_edge_audit`), and `_store`
+`_events`, and the outbox `_relay`, the shared `mhv_common.outbox` relay), and `_store`
 (SQL). `_metrics` holds every metric of the service; `app` wires it all into a running service.
 """
 
+from mhv_common.outbox import PendingEvent
 from mhv_task._authz import ActiveUsers, Actor
 from mhv_task._edge import TaskServicer, UserServicer
-from mhv_task._edge_audit import AuditClient
-from mhv_task._events import EventType, OutboxEvent, PendingEvent
+from mhv_task._events import EventType, OutboxEvent
 from mhv_task._lifecycle import Action, Status, Transition
 from mhv_task._metrics import RequestMetrics
 from mhv_task._models import (
@@ -44,7 +44,6 @@ __all__ = [
     "Action",
     "ActiveUsers",
     "Actor",
-    "AuditClient",
     "EventType",
     "FTSSearchQuery",
     "OutboxEvent",

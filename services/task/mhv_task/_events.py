@@ -71,23 +71,6 @@ class OutboxEvent:
     subject_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class PendingEvent:
-    """An undelivered outbox row, as the relay claimed it."""
-
-    id: int
-    event_id: uuid.UUID
-    task_id: int
-    event_type: str
-    user_id: uuid.UUID
-    details: dict[str, Any]
-    request_id: str
-    traceparent: str
-    occurred_at: dt.datetime
-    subject_kind: str = "task"
-    subject_id: str = ""
-
-
 def _event(
     event_type: EventType,
     actor: uuid.UUID,

@@ -10,15 +10,14 @@ statement.
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
 
 from mhv_common import db
-from mhv_task._events import OutboxEvent, PendingEvent
+from mhv_task._events import OutboxEvent
 from mhv_task._lifecycle import Status
 from mhv_task._models import QualityGate, Task, TaskCreateRequest, User
 
@@ -473,75 +472,6 @@ async def insert_user_event(
         event.subject_id,
         timeout=timeout,
     )
-
-
-async def claim_pending_events(
-    conn: asyncpg.Connection, *, limit: int, timeout: float | None
-) -> list[PendingEvent]:
-    """Lock the oldest undelivered events this relay may send now, keeping per-subject order.
-
-    Rows other relays hold are skipped (SKIP LOCKED). An event is only claimed when no earlier
-    undelivered event of the same subject (task, or user) is held elsewhere, so two relays never
-    send one task's or one user's events out of order.
-    """
-    rows: list[asyncpg.Record] = await conn.fetch(
-        """
-        WITH claimed AS (
-            SELECT id, event_id, task_id, event_type, user_id, details, request_id,
-                   traceparent, occurred_at, subject_kind, subject_id
-            FROM outbox
-            WHERE delivered_at IS NULL
-            ORDER BY id
-            LIMIT $1
-            FOR UPDATE SKIP LOCKED
-        )
-        SELECT c.* FROM claimed c
-        WHERE NOT EXISTS (
-            SELECT 1 FROM outbox o
-            WHERE o.task_id = c.task_id AND o.subject_id = c.subject_id
-              AND o.delivered_at IS NULL AND o.id < c.id
-              AND o.id NOT IN (SELECT id FROM claimed)
-        )
-        ORDER BY c.id
-        """,
-        limit,
-        timeout=timeout,
-    )
-    return [PendingEvent(*row.values()) for row in rows]
-
-
-async def mark_delivered(
-    conn: asyncpg.Connection, ids: Sequence[int], *, timeout: float | None
-) -> None:
-    """Mark events delivered."""
-    await conn.execute(
-        "UPDATE outbox SET delivered_at = now() WHERE id = ANY($1::bigint[])",
-        list(ids),
-        timeout=timeout,
-    )
-
-
-async def outbox_backlog(conn: asyncpg.Connection, *, timeout: float | None) -> tuple[int, float]:
-    """(undelivered events, age in seconds of the oldest one)."""
-    row = await conn.fetchrow(
-        """
-        SELECT count(*) AS depth,
-               coalesce(extract(epoch FROM now() - min(occurred_at)), 0) AS lag
-        FROM outbox WHERE delivered_at IS NULL
-        """,
-        timeout=timeout,
-    )
-    return int(row["depth"]), float(row["lag"])
-
-
-async def purge_delivered(
-    conn: asyncpg.Connection, *, older_than: dt.timedelta, timeout: float | None
-) -> int:
-    """Delete delivered events older than `older_than`; returns how many."""
-    status: str = await conn.execute(
-        "DELETE FROM outbox WHERE delivered_at < now() - $1::interval", older_than, timeout=timeout
-    )
-    return int(status.rsplit(" ", 1)[-1])
 
 
 async def schema_size(conn: asyncpg.Connection, *, timeout: float | None) -> int:

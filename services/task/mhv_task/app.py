@@ -12,11 +12,11 @@ from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import TaskSettings, load_repositories
 from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
+from mhv_common.outbox import AuditClient
 from mhv_common.server import ServiceDefinition, Worker, run_service
 from mhv_common.tls import peer
 from mhv_task._authz import ActiveUsers
 from mhv_task._edge import TaskServicer, UserServicer
-from mhv_task._edge_audit import AuditClient
 from mhv_task._metrics import RequestMetrics
 from mhv_task._relay import OutboxMonitor, OutboxRelay
 from mhv_task._tasks import Tasks
