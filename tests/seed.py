@@ -264,6 +264,14 @@ async def seed_every_table(conn: asyncpg.Connection) -> None:
             task_id,
             delivery,
         )
+    if await conn.fetchval("SELECT to_regclass('webhook.outbox') IS NOT NULL"):
+        # An operator's retry, recorded for the audit log and not yet relayed.
+        await conn.execute(
+            "INSERT INTO webhook.outbox (event_type, user_id, details, subject_kind, subject_id)"
+            " VALUES ('delivery_retried', $1, '{\"source\": \"github\"}', 'delivery', $2)",
+            users[0],
+            str(deliveries[0]),
+        )
 
 
 async def empty_tables(conn: asyncpg.Connection) -> list[str]:

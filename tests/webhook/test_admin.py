@@ -10,12 +10,16 @@ from collections.abc import AsyncIterator
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc import aio
 
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common.auth import Role
 from mhv_common.errors import from_rpc_error
-from tests.harness import Keys, bearer, rpc_error
+from tests.audit.support import audited, verify
+from tests.audit.support import stub as audit_stub
+from tests.conftest import Services
+from tests.harness import Keys, bearer, grpc_channel, rpc_error
 from tests.webhook.conftest import GatewayProcess
 
 pytestmark = pytest.mark.slow
@@ -228,3 +232,46 @@ async def test_retry_requeues_only_dead_letters_keeping_the_dedup_key(
         stub.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(uuid.uuid4())), metadata=token)
     )
     assert (missing.code(), _code(missing)) == (grpc.StatusCode.NOT_FOUND, "MHV-307")
+
+
+async def test_a_retry_is_audited_once_as_the_operator_through_the_gateway_outbox(
+    services: Services, keys: Keys, webhook_db: asyncpg.Connection
+) -> None:
+    """RetryDelivery's change and its audit event commit together; the relay records it once."""
+    operator = str(uuid.uuid4())
+    dead = await _insert(
+        webhook_db, "github", state="dead_letter", received=dt.datetime.now(dt.UTC)
+    )
+    # Free text of the delivery (here a last error quoting a token) never reaches the audit log.
+    secret = f"ghp_{uuid.uuid4().hex}"
+    await webhook_db.execute(
+        "UPDATE deliveries SET last_error = $2 WHERE id = $1", dead, f"token={secret}"
+    )
+    token = bearer(keys.token(Role.ADMIN, subject=operator))
+    async with grpc_channel(services.webhook.target, services.ca_file) as channel:
+        admin = webhook_pb2_grpc.WebhookAdminServiceStub(channel)
+        await admin.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(dead)), metadata=token)
+        refused = await rpc_error(
+            admin.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(dead)), metadata=token)
+        )
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION  # not audited: no change
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
+        audit = audit_stub(channel)
+        (event,) = await audited(
+            audit,
+            keys,
+            webhook_db,
+            outbox="outbox",
+            subject_kind="delivery",
+            subject_id=str(dead),
+        )
+        assert (event.event_type, event.user_id, event.task_id) == (
+            "delivery_retried",
+            operator,
+            0,
+        )
+        details = json_format.MessageToDict(event.details)
+        assert details["state"] == {"old": "dead_letter", "new": "pending"}
+        assert (details["source"], details["attempts_before"]) == ("github", 5)
+        assert secret not in json_format.MessageToJson(event)
+        assert (await verify(audit, keys)).ok

@@ -106,7 +106,12 @@ CALLS: dict[str, Call] = {
         source="stores", state=None, after=None, limit=1, timeout=TINY
     ),
     "Inbox.get_delivery": lambda s: s.inbox.get_delivery(s.leased, timeout=TINY),
-    "Inbox.requeue_dead_letter": lambda s: s.inbox.requeue_dead_letter(uuid.uuid4(), timeout=TINY),
+    "Inbox.requeue_dead_letter": lambda s: s.inbox.requeue_dead_letter(
+        uuid.uuid4(), audit=lambda _: pytest.fail("no delivery to audit"), timeout=TINY
+    ),
+    "Inbox.purge_delivered_events": lambda s: s.inbox.purge_delivered_events(
+        older_than=dt.timedelta(days=1), timeout=TINY
+    ),
     "Inbox.stats": lambda s: s.inbox.stats(timeout=TINY),
     "Sagas.claim": lambda s: s.sagas.claim(worker=WORKER, lease_seconds=1, timeout=TINY),
     "Sagas.step": lambda s: _enter(

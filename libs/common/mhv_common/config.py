@@ -109,14 +109,9 @@ class CommonSettings(BaseSettings):
         return {**DEFAULT_RATE_LIMITS, **self.rate_limits}
 
 
-class TaskSettings(CommonSettings):
-    """Task service settings."""
+class OutboxRelaySettings(CommonSettings):
+    """Where a service with an audit outbox relays it (`mhv_common.outbox.OutboxRelay`)."""
 
-    task_database_url: str = ""
-    task_grpc_port: int = 50051
-    task_metrics_port: int = 9101
-    # Processes serving the task port (SO_REUSEPORT); see mhv_common.processes.
-    task_processes: int = Field(default=1, ge=1, le=64)
     audit_target: str = "127.0.0.1:50052"
     # The name the audit service's certificate must carry (with TLS).
     audit_tls_name: str = "mahavishnu-audit"
@@ -124,6 +119,16 @@ class TaskSettings(CommonSettings):
     relay_batch_size: int = 200
     relay_poll_interval_seconds: float = 0.05
     relay_rpc_timeout_seconds: float = 5.0
+
+
+class TaskSettings(OutboxRelaySettings):
+    """Task service settings."""
+
+    task_database_url: str = ""
+    task_grpc_port: int = 50051
+    task_metrics_port: int = 9101
+    # Processes serving the task port (SO_REUSEPORT); see mhv_common.processes.
+    task_processes: int = Field(default=1, ge=1, le=64)
     # Fault injection for crash tests only: SIGKILL the process after a batch was recorded by
     # the audit service and before it is marked delivered.
     relay_crash_after_send: bool = False
@@ -143,8 +148,8 @@ class AuditSettings(CommonSettings):
     audit_verify_interval_seconds: float = Field(default=3600.0, ge=0)
 
 
-class WebhookSettings(CommonSettings):
-    """Webhook gateway settings."""
+class WebhookSettings(OutboxRelaySettings):
+    """Webhook gateway settings (its admin actions' audit outbox relays like the task one's)."""
 
     webhook_database_url: str = ""
     webhook_admin_grpc_port: int = 50053

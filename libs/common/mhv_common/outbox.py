@@ -28,7 +28,7 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +41,11 @@ from mhv_common import context
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
 from mhv_common.db import Database
+from mhv_common.errors import AuthenticationError
+from mhv_common.ids import uuid_or_none
+from mhv_common.redaction import redact_details
 from mhv_common.timestamps import to_timestamp
+from mhv_common.tracing import current_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,82 @@ class PendingEvent:
     subject_id: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class SubjectEvent:
+    """An audit event about something other than a task, to write with its change.
+
+    Attributes:
+        event_type: What happened (one of the audit service's types for `subject_kind`).
+        actor: The user it is attributed to.
+        subject_kind: What it is about: ``user``, ``delivery``, ...
+        subject_id: Which one.
+        details: What changed, already redacted.
+        request_id: The request that made the change ("" outside a request).
+        traceparent: Its W3C trace context ("" when there is none).
+    """
+
+    event_type: str
+    actor: uuid.UUID
+    subject_kind: str
+    subject_id: str
+    details: dict[str, Any]
+    request_id: str
+    traceparent: str
+
+
+def subject_event(
+    event_type: str,
+    *,
+    actor: uuid.UUID,
+    subject_kind: str,
+    subject_id: str,
+    details: Mapping[str, Any],
+) -> SubjectEvent:
+    """A `SubjectEvent` of the current request, its details redacted (`mhv_common.redaction`)."""
+    ctx = context.current()
+    return SubjectEvent(
+        event_type,
+        actor,
+        subject_kind,
+        subject_id,
+        redact_details(details),
+        ctx.request_id if ctx else "",
+        current_traceparent(),
+    )
+
+
+def caller_user_id() -> uuid.UUID:
+    """The user id of the current request's caller: the actor of an operator's change.
+
+    Raises:
+        AuthenticationError: No caller, or its token does not name a user (MHV-004).
+    """
+    ctx = context.current()
+    user = uuid_or_none(ctx.principal.subject) if ctx and ctx.principal else None
+    if user is None:
+        raise AuthenticationError("The token's subject is not a user id.")
+    return user
+
+
 # --- the statements every outbox shares -----------------------------------------------------
+
+
+async def insert_subject_event(
+    conn: asyncpg.Connection, event: SubjectEvent, *, timeout: float | None
+) -> None:
+    """Write `event` to the outbox, in the caller's transaction (with its change)."""
+    await conn.execute(
+        "INSERT INTO outbox (task_id, event_type, user_id, details, request_id, traceparent,"
+        " subject_kind, subject_id) VALUES (0, $1, $2, $3::jsonb, $4, $5, $6, $7)",
+        event.event_type,
+        event.actor,
+        event.details,
+        event.request_id,
+        event.traceparent,
+        event.subject_kind,
+        event.subject_id,
+        timeout=timeout,
+    )
 
 
 async def claim_pending_events(

@@ -124,8 +124,9 @@ class Service:
     grpc_port_field: str
     metrics_port_field: str
     https_port_field: str | None = None
-    # The service it calls, the setting holding that target, and the TLS name it checks.
-    calls: tuple[str, str, str] | None = None
+    # The services it calls: each callee, the setting holding its target, and the TLS name it
+    # checks.
+    calls: tuple[tuple[str, str, str], ...] = ()
     signs_tokens: bool = False
     cpu: tuple[str, str] = ("250m", "1")
     memory: tuple[str, str] = ("256Mi", "512Mi")
@@ -162,7 +163,7 @@ SERVICES = (
         TaskSettings,
         "task_grpc_port",
         "task_metrics_port",
-        calls=("audit", "audit_target", "audit_tls_name"),
+        calls=(("audit", "audit_target", "audit_tls_name"),),
         signs_tokens=True,
     ),
     Service("audit", AuditSettings, "audit_grpc_port", "audit_metrics_port", max_replicas=4),
@@ -172,7 +173,12 @@ SERVICES = (
         "webhook_admin_grpc_port",
         "webhook_metrics_port",
         https_port_field="webhook_https_port",
-        calls=("task", "task_target", "task_tls_name"),
+        # The saga workers call the task service; the outbox relay of its admin actions, the
+        # audit service.
+        calls=(
+            ("task", "task_target", "task_tls_name"),
+            ("audit", "audit_target", "audit_tls_name"),
+        ),
         signs_tokens=True,
     ),
 )
@@ -333,8 +339,7 @@ def service_env(service: Service) -> list[dict[str, Any]]:
         *database_env(RoleNames().for_slice(s), f"mahavishnu-db-{s}", "password"),
         {"name": env_name(f"{s}_database_url"), "value": database_url()},
     ]
-    if service.calls is not None:
-        callee, target_field, _tls_name_field = service.calls
+    for callee, target_field, _tls_name_field in service.calls:
         # Every replica of the callee, from the headless Service's DNS records; the name the
         # callee's certificate must carry stays the setting's default (its Certificate has it).
         target = f"dns:///{APP}-{callee}-headless:{BY_NAME[callee].grpc_port}"
@@ -687,7 +692,7 @@ def network_policies() -> list[dict[str, Any]]:
         callers = [
             pods(selector(s.name))
             for s in SERVICES
-            if s.calls is not None and s.calls[0] == service.name
+            if any(call[0] == service.name for call in s.calls)
         ]
         api_clients = {"namespaceSelector": {}, **pods(API_CLIENT_LABEL)}
         ingress = [
@@ -697,8 +702,8 @@ def network_policies() -> list[dict[str, Any]]:
         if service.https_port is not None:
             ingress.append({"from": [GATEWAY_PROXIES.peer()], "ports": tcp("https")})
         egress = [to_postgres, to_redis]
-        if service.calls is not None:
-            callee = BY_NAME[service.calls[0]]
+        for call in service.calls:
+            callee = BY_NAME[call[0]]
             egress.append({"to": [pods(selector(callee.name))], "ports": tcp(callee.grpc_port)})
         policies.append(
             policy(
@@ -760,9 +765,10 @@ def certificates() -> list[dict[str, Any]]:
             f"{APP}-{service.name}",
             f"{APP}-{service.name}-headless",
             *(
-                str(BY_NAME[s.name].default(s.calls[2]))
+                str(BY_NAME[s.name].default(call[2]))
                 for s in SERVICES
-                if s.calls is not None and s.calls[0] == service.name
+                for call in s.calls
+                if call[0] == service.name
             ),
         }
         objects.append(

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from mhv_common import db
+from mhv_common import db, outbox
 from mhv_task._events import OutboxEvent
 from mhv_task._lifecycle import Status
 from mhv_task._models import QualityGate, Task, TaskCreateRequest, User
@@ -460,16 +460,17 @@ async def insert_user_event(
     conn: asyncpg.Connection, event: OutboxEvent, *, timeout: float | None
 ) -> None:
     """Write a user event to the outbox (in the caller's transaction, with its change)."""
-    await conn.execute(
-        "INSERT INTO outbox (task_id, event_type, user_id, details, request_id, traceparent,"
-        " subject_kind, subject_id) VALUES (0, $1, $2, $3::jsonb, $4, $5, $6, $7)",
-        event.event_type.value,
-        event.actor,
-        event.details,
-        event.request_id,
-        event.traceparent,
-        event.subject_kind,
-        event.subject_id,
+    await outbox.insert_subject_event(
+        conn,
+        outbox.SubjectEvent(
+            event.event_type.value,
+            event.actor,
+            event.subject_kind,
+            event.subject_id,
+            event.details,
+            event.request_id,
+            event.traceparent,
+        ),
         timeout=timeout,
     )
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from mhv_common import context, paging
+from mhv_common import context, outbox, paging
 from mhv_common.errors import (
     DeliveryNotFoundError,
     DeliveryNotRetryableError,
@@ -153,13 +155,37 @@ class Deliveries:
     async def retry(self, delivery_id: str) -> DeliveryRow:
         """Re-queue a dead-lettered delivery (same row, same dedup key); return it, pending.
 
+        The change and its audit event (``delivery_retried``, attributed to the calling
+        operator) commit together, through the gateway's outbox.
+
         Raises:
             ValidationError: The id is not a UUID (MHV-003).
             DeliveryNotFoundError: No such delivery (MHV-307).
             DeliveryNotRetryableError: The delivery is not dead-lettered (MHV-308).
         """
         delivery = parse_delivery_id(delivery_id)
-        if not await self._inbox.requeue_dead_letter(delivery, timeout=context.time_left()):
+        actor = outbox.caller_user_id()
+
+        def retried(before: Mapping[str, Any]) -> outbox.SubjectEvent:
+            return outbox.subject_event(
+                "delivery_retried",
+                actor=actor,
+                subject_kind="delivery",
+                subject_id=str(delivery),
+                details={
+                    "source": before["source"],
+                    "sender_delivery_id": before["delivery_id"],
+                    "event": before["event"],
+                    "state": {"old": "dead_letter", "new": "pending"},
+                    # Not its last error: free text that may quote what a sender or the task
+                    # service said; the delivery itself keeps it for operators.
+                    "attempts_before": before["attempts"],
+                },
+            )
+
+        if not await self._inbox.requeue_dead_letter(
+            delivery, audit=retried, timeout=context.time_left()
+        ):
             row = await self._inbox.get_delivery(delivery, timeout=context.time_left())
             if row is None:
                 raise DeliveryNotFoundError()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from mhv_common.db import DATABASE_SIZE_BYTES as DATABASE_SIZE
@@ -15,7 +16,11 @@ _JOB_DEADLINE_SECONDS = 60.0
 
 
 class DedupPurger(Periodic):
-    """Deletes dedup records older than the retention (default 4 days)."""
+    """Deletes dedup records older than the retention (default 4 days).
+
+    Also deletes the audit outbox's events a day after the audit service recorded them (kept
+    that long for inspection, as the task service keeps its own).
+    """
 
     name = "dedup-purge"
 
@@ -32,6 +37,9 @@ class DedupPurger(Periodic):
         DEDUP_PURGED.inc(deleted)
         if deleted:
             logger.info("dedup records purged", extra={"deleted": deleted})
+        await self._inbox.purge_delivered_events(
+            older_than=dt.timedelta(days=1), timeout=_JOB_DEADLINE_SECONDS
+        )
 
 
 class InboxGauges(Periodic):

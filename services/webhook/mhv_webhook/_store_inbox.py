@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mhv_common.db import Database, schema_size
+from mhv_common.outbox import SubjectEvent, insert_subject_event, purge_delivered
 
 STATES = ("pending", "processing", "completed", "ignored", "compensated", "dead_letter")
 OPEN_STATES = ("pending", "processing", "dead_letter")
@@ -228,22 +230,32 @@ class Inbox:
         return DeliveryRow(**dict(row)) if row is not None else None
 
     async def requeue_dead_letter(
-        self, delivery: uuid.UUID, *, timeout: float | None = None
+        self,
+        delivery: uuid.UUID,
+        *,
+        audit: Callable[[Mapping[str, Any]], SubjectEvent],
+        timeout: float | None = None,
     ) -> bool:
         """Put a dead-lettered delivery back to pending; False if it is not dead-lettered.
 
         The same row is re-queued, so the delivery keeps its dedup key and its saga log
         (a failed saga resumes from its last completed step with the same idempotency key).
+        `audit` builds the change's audit event from what the delivery was (its source, sender
+        id, event and attempts); the event goes to the outbox in the same transaction.
         """
         async with self._db.transaction(timeout=timeout) as conn:
-            updated = await conn.fetchval(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = now(),"
-                " updated_at = now() WHERE id = $1 AND state = 'dead_letter' RETURNING id",
+            before = await conn.fetchrow(
+                "WITH old AS (SELECT id, source, delivery_id, event, attempts"
+                " FROM deliveries WHERE id = $1 AND state = 'dead_letter' FOR UPDATE)"
+                " UPDATE deliveries d SET state = 'pending', attempts = 0,"
+                " next_attempt_at = now(), updated_at = now() FROM old WHERE d.id = old.id"
+                " RETURNING old.source, old.delivery_id, old.event, old.attempts",
                 delivery,
                 timeout=timeout,
             )
-            if updated is None:
+            if before is None:
                 return False
+            await insert_subject_event(conn, audit(dict(before)), timeout=timeout)
             await conn.execute(
                 "UPDATE saga_log SET state = 'running', updated_at = now()"
                 " WHERE delivery_id = $1 AND state = 'failed'",
@@ -251,6 +263,11 @@ class Inbox:
                 timeout=timeout,
             )
         return True
+
+    async def purge_delivered_events(self, *, older_than: dt.timedelta, timeout: float) -> int:
+        """Delete outbox events delivered to the audit service more than `older_than` ago."""
+        async with self._db.connection(timeout=timeout) as conn:
+            return await purge_delivered(conn, older_than=older_than, timeout=timeout)
 
     async def stats(self, *, timeout: float | None = None) -> InboxStats:
         """Open-state counts, age of the oldest pending delivery, and the schema's size."""

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 from grpc import aio
 
@@ -20,8 +21,9 @@ from mhv_common.config import (
 )
 from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
+from mhv_common.outbox import AuditClient, OutboxRelay
 from mhv_common.ratelimit import RateLimiter
-from mhv_common.server import ServiceDefinition, run_service
+from mhv_common.server import ServiceDefinition, Worker, run_service
 from mhv_common.tls import peer
 from mhv_webhook import _metrics as metrics
 from mhv_webhook._deliveries import Deliveries
@@ -116,6 +118,24 @@ def build(
         drain_seconds=settings.shutdown_grace_seconds,
     )
 
+    relay: list[Worker] = []
+    if settings.relay_enabled:
+        # The gateway's admin actions reach the audit log through its own outbox, relayed as
+        # the "webhook" service, which the audit service lets record delivery events only.
+        relay.append(
+            OutboxRelay(
+                db,
+                connect=partial(
+                    AuditClient.connect,
+                    peer(settings, settings.audit_target, settings.audit_tls_name),
+                    ServiceCredentials.from_settings(settings, service_name="webhook"),
+                ),
+                batch_size=settings.relay_batch_size,
+                poll_interval=settings.relay_poll_interval_seconds,
+                rpc_timeout=settings.relay_rpc_timeout_seconds,
+            )
+        )
+
     def register(server: aio.Server) -> Sequence[str]:
         webhook_pb2_grpc.add_WebhookAdminServiceServicer_to_server(
             WebhookAdminServicer(Deliveries(inbox)), server
@@ -172,6 +192,7 @@ def build(
             cleanup=cleanup,
             workers=[
                 *saga_workers,
+                *relay,
                 DedupPurger(
                     inbox,
                     retention_seconds=settings.webhook_dedup_retention_seconds,

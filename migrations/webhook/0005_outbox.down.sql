@@ -1,0 +1,2 @@
+-- mhv:loses webhook.outbox
+DROP TABLE outbox;
