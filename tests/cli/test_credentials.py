@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -10,20 +11,27 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
+from google.protobuf import json_format
 
+from mahavishnu.audit.v1 import audit_pb2
 from mhv_cli.credentials import rotated
 from mhv_cli.devstate import DevState, role_url
 from mhv_cli.main import main
 from mhv_cli.migrate import RoleNames
-from mhv_common.auth import TokenIssuer, TokenVerifier
+from mhv_common.auth import Role, TokenIssuer, TokenVerifier
 from mhv_common.errors import AuthenticationError
 from mhv_webhook._secrets import parse_secrets
-from tests.harness import Cluster
+from tests.audit.support import list_all, verify
+from tests.audit.support import stub as audit_stub
+from tests.conftest import Services
+from tests.harness import Cluster, Keys, grpc_channel
 from tests.seed import scratch_database
 
 
@@ -40,16 +48,37 @@ def mhv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
+@dataclass(frozen=True)
+class Operator:
+    """An administrator running `mhv` against the session's audit service."""
+
+    user_id: str
+    env: dict[str, str]
+
+
+@pytest.fixture
+def operator(services: Services, keys: Keys) -> Operator:
+    user_id = str(uuid.uuid4())
+    return Operator(
+        user_id,
+        {
+            "MHV_TOKEN": keys.token(Role.ADMIN, subject=user_id),
+            "MHV_AUDIT_TARGET": services.audit.target,
+            "MHV_GRPC_TLS_CA_FILE": str(services.ca_file),
+        },
+    )
+
+
 @pytest.fixture
 def cli(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, operator: Operator
 ) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """`mhv` in this process: its whole command line code, without a process start."""
+    """`mhv` in this process, as `operator`: its whole command line code, without a process."""
 
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         for name in [k for k in os.environ if k.startswith("MHV_")]:
             monkeypatch.delenv(name)
-        for name, value in (env or {}).items():
+        for name, value in {**operator.env, **(env or {})}.items():
             monkeypatch.setenv(name, value)
         capsys.readouterr()
         code = main(list(args))
@@ -172,7 +201,7 @@ def scram_matches(verifier: str, password: str) -> bool:
 
 
 async def test_database_password_rotation_ends_the_leaked_sessions(
-    service_role: tuple[str, RoleNames],
+    service_role: tuple[str, RoleNames], operator: Operator
 ) -> None:
     url, roles = service_role
     role = roles.for_slice("task")
@@ -187,7 +216,7 @@ async def test_database_password_rotation_ends_the_leaked_sessions(
             "rotate-db-password",
             "--slice",
             "task",
-            env={"MHV_DATABASE_URL": url, "MHV_DB_ROLE_PREFIX": roles.prefix},
+            env={**operator.env, "MHV_DATABASE_URL": url, "MHV_DB_ROLE_PREFIX": roles.prefix},
         )
         assert done.returncode == 0, done.stderr
         assert f"{role}: new password set, 1 session(s) ended" in done.stderr
@@ -202,3 +231,138 @@ async def test_database_password_rotation_ends_the_leaked_sessions(
         await fresh.close()
     finally:
         await admin.close()
+
+
+async def _audited(
+    services: Services, keys: Keys, operator: Operator
+) -> list[audit_pb2.AuditEvent]:
+    """The credential events recorded as `operator`, oldest first (recorded before returning)."""
+    async with grpc_channel(services.audit.target, services.ca_file) as channel:
+        audit = audit_stub(channel)
+        found = await list_all(
+            audit,
+            keys,
+            subject_kind="credential",
+            user_id=operator.user_id,
+            order=audit_pb2.ORDER_OLDEST_FIRST,
+        )
+        assert (await verify(audit, keys)).ok
+    return found
+
+
+async def run(
+    cli: Callable[..., subprocess.CompletedProcess[str]], *args: str, **env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`cli` off the event loop: its commands run their own (``asyncio.run``)."""
+    return await asyncio.to_thread(cli, *args, **env)
+
+
+async def test_every_credential_command_is_audited_once_as_its_operator_without_secrets(
+    tmp_path: Path,
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+    operator: Operator,
+    services: Services,
+    keys: Keys,
+    service_role: tuple[str, RoleNames],
+) -> None:
+    key = tmp_path / "ops-1.pem"
+    made = await run(cli, "keys", "generate", "--kid", "ops-1", "--private-key", str(key))
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "ops-1.jwk").write_text(made.stdout)
+    jwks = tmp_path / "jwks.json"
+    jwk = str(tmp_path / "ops-1.jwk")
+    published = await run(cli, "keys", "jwks", "--file", str(jwks), "--add", jwk)
+    assert published.returncode == 0, published.stderr
+    home = {"MHV_HOME": str(tmp_path)}
+    DevState(tmp_path).secrets()  # the local deployment's secrets, as `mhv up` makes them
+    rotated_local = await run(cli, "secrets", "rotate-webhook", "--source", "github", env=home)
+    assert rotated_local.returncode == 0, rotated_local.stderr
+    printed = await run(
+        cli, "secrets", "rotate-webhook", "--source", "gitlab", "--current", "c" * 40
+    )
+    assert printed.returncode == 0, printed.stderr
+    url, roles = service_role
+    rotated_db = await run(
+        cli,
+        "secrets",
+        "rotate-db-password",
+        "--slice",
+        "task",
+        env={"MHV_DATABASE_URL": url, "MHV_DB_ROLE_PREFIX": roles.prefix},
+    )
+    assert rotated_db.returncode == 0, rotated_db.stderr
+    events = await _audited(services, keys, operator)
+    assert [(e.event_type, e.subject_id) for e in events] == [
+        ("signing_key_generated", "signing-key:ops-1"),
+        ("jwks_published", "jwks:jwks.json"),
+        ("webhook_secret_rotated", "webhook-secret:github"),
+        ("webhook_secret_rotated", "webhook-secret:gitlab"),
+        ("db_password_rotated", f"db-password:{roles.for_slice('task')}"),
+    ]
+    assert {(e.subject_kind, e.user_id, e.task_id) for e in events} == {
+        ("credential", operator.user_id, 0)
+    }
+    recorded = "".join(json_format.MessageToJson(e) for e in events)
+    secrets_now = DevState(tmp_path).secrets()["webhook_secrets"]["github"]
+    for secret in (
+        key.read_text().splitlines()[1],  # the private key's body
+        secrets_now.split(";")[0],  # the new webhook secret
+        printed.stdout.split("=", 1)[1].split(";")[0],
+        rotated_db.stdout.strip().removeprefix("MHV_DB_PASSWORD_TASK="),
+        operator.env["MHV_TOKEN"],
+    ):
+        assert secret not in recorded
+
+
+async def test_a_command_that_cannot_record_changes_nothing(
+    tmp_path: Path,
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+    operator: Operator,
+    services: Services,
+    keys: Keys,
+) -> None:
+    key = tmp_path / "never.pem"
+    home = {"MHV_HOME": str(tmp_path)}
+    state = DevState(tmp_path)
+    state.secrets()
+    before = state.secrets_file.read_text()
+    for env in ({"MHV_TOKEN": ""}, {"MHV_AUDIT_TARGET": "127.0.0.1:1"}):
+        refused = await run(
+            cli, "keys", "generate", "--kid", "never", "--private-key", str(key), env=env
+        )
+        assert refused.returncode == 1
+        assert "[MHV-401]" in refused.stderr and "nothing was changed" in refused.stderr.lower()
+        assert not key.exists() and refused.stdout == ""
+        webhook = await run(
+            cli, "secrets", "rotate-webhook", "--source", "github", env={**home, **env}
+        )
+        assert webhook.returncode == 1 and "[MHV-401]" in webhook.stderr
+        assert state.secrets_file.read_text() == before
+    # A viewer may not record: the audit service refuses, the command changes nothing.
+    viewer = await run(
+        cli,
+        "keys",
+        "generate",
+        "--kid",
+        "never",
+        "--private-key",
+        str(key),
+        env={"MHV_TOKEN": keys.token(Role.VIEWER, subject=operator.user_id)},
+    )
+    assert viewer.returncode == 1 and "PERMISSION_DENIED" in viewer.stderr
+    assert not key.exists()
+    assert await _audited(services, keys, operator) == []
+    # Before a deployment has an audit service: an explicit, announced exception.
+    bootstrap = await run(
+        cli,
+        "keys",
+        "generate",
+        "--kid",
+        "first",
+        "--private-key",
+        str(key),
+        "--no-audit",
+        env={"MHV_TOKEN": ""},
+    )
+    assert bootstrap.returncode == 0 and key.exists()
+    assert "NOT recorded in the audit log" in bootstrap.stderr

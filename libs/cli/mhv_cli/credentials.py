@@ -15,6 +15,13 @@ The commands docs/runbooks/security-incident-response.md runs:
 - ``mhv secrets rotate-db-password --slice task|audit|webhook``: a new password for the
   service's database role (``ALTER ROLE``), every session of the role ended so that a leaked
   password's connections die with it; recorded for the local deployment, printed otherwise.
+
+Every one of them is audited: before anything is written, changed or printed, the command
+records what it is about to do in the audit log (AuditService.RecordEvents, as the administrator
+whose token is in ``MHV_TOKEN``, at ``MHV_AUDIT_TARGET``): subject kind ``credential``, the
+credential's name as subject, key ids and counts as details, never key material or secrets. If
+it cannot record, it stops with MHV-401 and changes nothing. ``--no-audit`` skips the record for
+the one time there is no audit service yet (the first keys of a new deployment), and says so.
 """
 
 from __future__ import annotations
@@ -27,15 +34,96 @@ import json
 import os
 import secrets
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
+import jwt
+from google.protobuf import struct_pb2
 
+from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_cli import devstate
 from mhv_cli.migrate import SERVICE_SLICES
 from mhv_common.auth import SUBJECT_MEMBER, generate_signing_key
-from mhv_common.errors import ConfigurationError
+from mhv_common.client import service_channel
+from mhv_common.config import OutboxRelaySettings, load_settings
+from mhv_common.errors import AuditRecordFailedError, ConfigurationError
+from mhv_common.ids import uuid_or_none
+from mhv_common.redaction import redact_details
+from mhv_common.timestamps import to_timestamp
+from mhv_common.tls import peer
+
+# Bound on recording one event: the audit service answers in milliseconds when it is up.
+_RECORD_TIMEOUT_SECONDS = 15.0
+
+
+def _token_subject(token: str) -> str:
+    """The subject a bearer token names; the audit service checks the token itself."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise AuditRecordFailedError("MHV_TOKEN does not hold a bearer token.") from None
+    subject = str(claims.get("sub", ""))
+    if uuid_or_none(subject) is None:
+        raise AuditRecordFailedError(
+            "MHV_TOKEN must be a person's token: its subject is not a user id."
+        )
+    return subject
+
+
+async def _send(event: audit_pb2.EventRecord, token: str) -> None:
+    settings = load_settings(OutboxRelaySettings)
+    callee = peer(settings, settings.audit_target, settings.audit_tls_name)
+    async with service_channel(callee) as channel:
+        await audit_pb2_grpc.AuditServiceStub(channel).RecordEvents(
+            audit_pb2.RecordEventsRequest(events=[event]),
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=_RECORD_TIMEOUT_SECONDS,
+        )
+
+
+def record_credential_event(
+    args: argparse.Namespace, event_type: str, credential: str, details: dict[str, Any]
+) -> None:
+    """Record a credential change in the audit log before it is made.
+
+    Raises:
+        AuditRecordFailedError: No usable token, or the audit service could not be reached or
+            refused the record (MHV-401); the caller must then change nothing.
+
+    """
+    if getattr(args, "no_audit", False):
+        print(
+            f"warning: {event_type} of {credential} is NOT recorded in the audit log (--no-audit)",
+            file=sys.stderr,
+        )
+        return
+    token = os.environ.get("MHV_TOKEN", "").strip()
+    if not token:
+        raise AuditRecordFailedError("MHV_TOKEN is not set: no administrator to record this as.")
+    struct = struct_pb2.Struct()
+    struct.update(redact_details(details))
+    event = audit_pb2.EventRecord(
+        event_id=str(uuid.uuid4()),
+        event_type=event_type,
+        user_id=_token_subject(token),
+        details=struct,
+        occur_time=to_timestamp(dt.datetime.now(dt.UTC)),
+        request_id=f"mhv-{uuid.uuid4().hex}",
+        subject_kind="credential",
+        subject_id=credential,
+    )
+    try:
+        asyncio.run(_send(event, token))
+    except grpc.RpcError as exc:
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        reason = code.name if isinstance(code, grpc.StatusCode) else "no answer"
+        raise AuditRecordFailedError(
+            f"The audit service did not record {event_type} of {credential} ({reason}):"
+            " nothing was changed."
+        ) from None
 
 
 def _private(path: Path, content: bytes) -> None:
@@ -53,6 +141,12 @@ def _keys_generate(args: argparse.Namespace) -> int:
     jwk.update(kid=args.kid, use="sig")
     if args.subject:
         jwk[SUBJECT_MEMBER] = args.subject
+    record_credential_event(
+        args,
+        "signing_key_generated",
+        f"signing-key:{args.kid}",
+        {"kid": args.kid, "bound_subject": args.subject or "", "public_key": jwk["x"]},
+    )
     _private(path, pem)
     print(json.dumps(jwk))
     return 0
@@ -74,6 +168,16 @@ def _keys_jwks(args: argparse.Namespace) -> int:
         keys.append(jwk)
     if not keys:
         raise ConfigurationError("A JWKS without keys would refuse every token; keep one.")
+    record_credential_event(
+        args,
+        "jwks_published",
+        f"jwks:{path.name}",
+        {
+            "added": [str(k["kid"]) for k in keys[len(keys) - len(args.add) :]],
+            "removed": list(args.remove),
+            "kids": [str(k["kid"]) for k in keys],
+        },
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"keys": keys}, indent=2) + "\n")
     tmp.chmod(0o600)
@@ -107,11 +211,24 @@ def rotated(source: str, current: str, *, overlap_hours: float, now: dt.datetime
     return ", ".join([fresh, ";".join([secret, f"expires={until}", *kept])])
 
 
+def _secret_id(value: str) -> str:
+    """The label (``id=...``) of the newest secret of a rotated value: names it, reveals nothing."""
+    options = value.split(",")[0].split(";")[1:]
+    return next((o.strip()[3:] for o in options if o.strip().startswith("id=")), "")
+
+
 def _rotate_webhook(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC)
     variable = f"MHV_WEBHOOK_SECRETS_{args.source.upper()}"
+    audited = {"source": args.source, "overlap_hours": args.overlap_hours}
     if args.current is not None:
         value = rotated(args.source, args.current, overlap_hours=args.overlap_hours, now=now)
+        record_credential_event(
+            args,
+            "webhook_secret_rotated",
+            f"webhook-secret:{args.source}",
+            {**audited, "secret_id": _secret_id(value), "applied": "printed"},
+        )
         print(f"{variable}={value}")
         return 0
     state = devstate.DevState(devstate.home())
@@ -126,6 +243,12 @@ def _rotate_webhook(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"No webhook source {args.source!r} in {state.secrets_file}.")
     hooks[args.source] = rotated(
         args.source, str(hooks[args.source]), overlap_hours=args.overlap_hours, now=now
+    )
+    record_credential_event(
+        args,
+        "webhook_secret_rotated",
+        f"webhook-secret:{args.source}",
+        {**audited, "secret_id": _secret_id(hooks[args.source]), "applied": "local"},
     )
     path = state.secrets_file
     tmp = path.with_name(f".{path.name}.tmp")
@@ -161,7 +284,11 @@ def _rotate_db(args: argparse.Namespace) -> int:
     from mhv_cli.main import admin_url, role_names
 
     role = role_names().for_slice(args.slice)
-    password, ended = asyncio.run(rotate_db_password(admin_url(), role))
+    url = admin_url()
+    record_credential_event(
+        args, "db_password_rotated", f"db-password:{role}", {"slice": args.slice, "role": role}
+    )
+    password, ended = asyncio.run(rotate_db_password(url, role))
     state = devstate.DevState(devstate.home())
     local = state.secrets_file.exists() and not os.environ.get("MHV_DATABASE_URL")
     print(f"{role}: new password set, {ended} session(s) ended", file=sys.stderr)
@@ -179,14 +306,22 @@ def _rotate_db(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register ``keys`` and ``secrets`` on the ``mhv`` subcommand parser."""
+    audit = argparse.ArgumentParser(add_help=False)
+    audit.add_argument(
+        "--no-audit",
+        action="store_true",
+        help="do not record in the audit log: only before the deployment has an audit service",
+    )
     keys = sub.add_parser("keys", help="token signing keys: generate, edit the JWKS")
     actions = keys.add_subparsers(dest="action", required=True)
-    generate = actions.add_parser("generate", help="a new signing key; its JWK on stdout")
+    generate = actions.add_parser(
+        "generate", help="a new signing key; its JWK on stdout", parents=[audit]
+    )
     generate.add_argument("--kid", required=True, help="key id, e.g. admin-2026-05")
     generate.add_argument("--private-key", required=True, help="where to write it (0600)")
     generate.add_argument("--subject", help="bind it to one subject, e.g. service:task")
     generate.set_defaults(func=_keys_generate)
-    jwks = actions.add_parser("jwks", help="add or remove verification keys")
+    jwks = actions.add_parser("jwks", help="add or remove verification keys", parents=[audit])
     jwks.add_argument("--file", required=True, help="the JWKS file (MHV_AUTH_JWKS_FILE)")
     jwks.add_argument("--add", action="append", default=[], help="a JWK (file or JSON)")
     jwks.add_argument("--remove", action="append", default=[], help="a key id")
@@ -194,13 +329,17 @@ def add_commands(sub: Any) -> None:
 
     secrets_ = sub.add_parser("secrets", help="rotate webhook secrets and database passwords")
     rotate = secrets_.add_subparsers(dest="action", required=True)
-    webhook = rotate.add_parser("rotate-webhook", help="a new webhook secret, old one overlapping")
+    webhook = rotate.add_parser(
+        "rotate-webhook", help="a new webhook secret, old one overlapping", parents=[audit]
+    )
     webhook.add_argument("--source", required=True, help="github, gitlab, generic, ...")
     webhook.add_argument("--current", help="current MHV_WEBHOOK_SECRETS_<SOURCE> value")
     webhook.add_argument(
         "--overlap-hours", type=float, default=24.0, help="0 when the secret leaked"
     )
     webhook.set_defaults(func=_rotate_webhook)
-    database = rotate.add_parser("rotate-db-password", help="a new password for a service role")
+    database = rotate.add_parser(
+        "rotate-db-password", help="a new password for a service role", parents=[audit]
+    )
     database.add_argument("--slice", required=True, choices=list(SERVICE_SLICES))
     database.set_defaults(func=_rotate_db)

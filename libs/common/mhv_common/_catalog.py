@@ -571,6 +571,20 @@ CATALOG: tuple[ErrorSpec, ...] = (
             "Events refused meanwhile wait in the task service's outbox; none is lost.",
         ),
     ),
+    ErrorSpec(
+        "MHV-401",
+        "AUDIT_RECORD_FAILED",
+        _S.UNAVAILABLE,
+        503,
+        "The operation could not be recorded in the audit log, so it was not done.",
+        (
+            "Give an administrator's token in MHV_TOKEN (`mhv token --username YOU --role "
+            "admin`) and the audit service's address in MHV_AUDIT_TARGET (with "
+            "MHV_GRPC_TLS_CA_FILE for TLS).",
+            "Check that the audit service is up and the token is an administrator's, then run "
+            "the command again: nothing was changed.",
+        ),
+    ),
 )
 
 

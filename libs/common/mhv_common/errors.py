@@ -361,6 +361,10 @@ class AuditChainBrokenError(MahavishnuError, code="MHV-400"):
     """MHV-400: The audit log hash chain is broken."""
 
 
+class AuditRecordFailedError(MahavishnuError, code="MHV-401"):
+    """MHV-401: The operation could not be recorded in the audit log, so it was not done."""
+
+
 # Every class above by its code; `test_errors` checks that they match the catalog one to one.
 _CLASSES: dict[str, type[MahavishnuError]] = {
     cls.code: cls for cls in MahavishnuError.__subclasses__() if cls.__module__ == __name__
@@ -410,6 +414,7 @@ def from_rpc_error(error: grpc.RpcError) -> MahavishnuError | None:
 __all__ = [
     "GRPC_DETAILS_METADATA_KEY",
     "AuditChainBrokenError",
+    "AuditRecordFailedError",
     "AuthenticationError",
     "AuthorizationError",
     "BackupFailedError",
