@@ -111,6 +111,10 @@ CONTRACT: tuple[Metric, ...] = (
     Metric("task_outbox_lag_seconds", "gauge", {}, ("task",)),
     Metric("task_outbox_delivered_total", "counter", {}, ("task",)),
     Metric("task_outbox_delivery_failures_total", "counter", {}, ("task",)),
+    Metric("webhook_outbox_depth", "gauge", {}, ("webhook",)),
+    Metric("webhook_outbox_lag_seconds", "gauge", {}, ("webhook",)),
+    Metric("webhook_outbox_delivered_total", "counter", {}, ("webhook",)),
+    Metric("webhook_outbox_delivery_failures_total", "counter", {}, ("webhook",)),
     # Audit service.
     Metric(
         "audit_events_recorded_total", "counter", {"result": ("recorded", "duplicate")}, ("audit",)

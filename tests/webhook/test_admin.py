@@ -19,7 +19,7 @@ from mhv_common.errors import from_rpc_error
 from tests.audit.support import audited, verify
 from tests.audit.support import stub as audit_stub
 from tests.conftest import Services
-from tests.harness import Keys, bearer, grpc_channel, rpc_error
+from tests.harness import Keys, bearer, grpc_channel, metric, rpc_error
 from tests.webhook.conftest import GatewayProcess
 
 pytestmark = pytest.mark.slow
@@ -248,6 +248,7 @@ async def test_a_retry_is_audited_once_as_the_operator_through_the_gateway_outbo
         "UPDATE deliveries SET last_error = $2 WHERE id = $1", dead, f"token={secret}"
     )
     token = bearer(keys.token(Role.ADMIN, subject=operator))
+    delivered = await metric(services.webhook.metrics_port, "webhook_outbox_delivered_total")
     async with grpc_channel(services.webhook.target, services.ca_file) as channel:
         admin = webhook_pb2_grpc.WebhookAdminServiceStub(channel)
         await admin.RetryDelivery(webhook_pb2.RetryDeliveryRequest(id=str(dead)), metadata=token)
@@ -275,3 +276,5 @@ async def test_a_retry_is_audited_once_as_the_operator_through_the_gateway_outbo
         assert (details["source"], details["attempts_before"]) == ("github", 5)
         assert secret not in json_format.MessageToJson(event)
         assert (await verify(audit, keys)).ok
+    port = services.webhook.metrics_port
+    assert await metric(port, "webhook_outbox_delivered_total") >= delivered + 1

@@ -627,10 +627,11 @@ def operational_health_dashboard() -> dashboard.Dashboard:
         .with_panel(
             series_panel(
                 "Backlog depth",
-                "Audit events waiting in the task outbox; webhook deliveries in the inbox by "
-                "state.",
+                "Audit events waiting in the task and gateway outboxes; webhook deliveries in "
+                "the inbox by state.",
                 [
                     Query(f"max by (job) (task_outbox_depth{{{TASK}}})", "outbox"),
+                    Query(f"max(webhook_outbox_depth{{{WEBHOOK}}})", "gateway outbox"),
                     Query(f"max by (state) (webhook_inbox_depth{{{WEBHOOK}}})", "inbox {{state}}"),
                 ],
             )
@@ -642,6 +643,7 @@ def operational_health_dashboard() -> dashboard.Dashboard:
                 "webhook; alerts at 5 minutes for 10 minutes.",
                 [
                     Query(f"max(task_outbox_lag_seconds{{{TASK}}})", "outbox"),
+                    Query(f"max(webhook_outbox_lag_seconds{{{WEBHOOK}}})", "gateway outbox"),
                     Query(f"max(webhook_inbox_lag_seconds{{{WEBHOOK}}})", "inbox"),
                 ],
                 unit="s",
@@ -658,6 +660,14 @@ def operational_health_dashboard() -> dashboard.Dashboard:
                     Query(
                         f"sum(rate(task_outbox_delivery_failures_total{{{TASK}}}[{RATE}]))",
                         "delivery failures",
+                    ),
+                    Query(
+                        f"sum(rate(webhook_outbox_delivered_total{{{WEBHOOK}}}[{RATE}]))",
+                        "gateway delivered",
+                    ),
+                    Query(
+                        f"sum(rate(webhook_outbox_delivery_failures_total{{{WEBHOOK}}}[{RATE}]))",
+                        "gateway delivery failures",
                     ),
                     Query(
                         f"sum by (result) (rate(audit_events_recorded_total{{{AUDIT}}}[{RATE}]))",

@@ -523,6 +523,19 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
             runbook_url=spec.runbook_url("docs/runbooks/task-outbox-backlog.md"),
         ),
         alert(
+            "WebhookOutboxBacklog",
+            f'max by (job) (webhook_outbox_lag_seconds{{job="{JOBS["webhook"]}"}}) > 300',
+            for_="10m",
+            severity="warning",
+            summary="Audit events of operators' actions are not leaving the gateway's outbox",
+            description=(
+                "The oldest undelivered audit event of the webhook gateway is "
+                "{{ $value | humanizeDuration }} old: its outbox relay cannot deliver to the "
+                "audit service."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/task-outbox-backlog.md"),
+        ),
+        alert(
             "AuthorizationRefusalsHigh",
             f'sum by (job) (rate(mhv_authz_denied_total{{job=~"{jobs}"}}[5m])) > '
             f"{AUTHZ_REFUSALS_PER_SECOND}",

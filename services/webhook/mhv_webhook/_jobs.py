@@ -7,7 +7,14 @@ import logging
 
 from mhv_common.db import DATABASE_SIZE_BYTES as DATABASE_SIZE
 from mhv_common.periodic import Periodic
-from mhv_webhook._metrics import DEDUP_PURGED, DELIVERIES_PURGED, INBOX_DEPTH, INBOX_LAG
+from mhv_webhook._metrics import (
+    DEDUP_PURGED,
+    DELIVERIES_PURGED,
+    INBOX_DEPTH,
+    INBOX_LAG,
+    OUTBOX_DEPTH,
+    OUTBOX_LAG,
+)
 from mhv_webhook._store_inbox import Inbox
 from mhv_webhook._store_saga import Sagas
 
@@ -43,7 +50,7 @@ class DedupPurger(Periodic):
 
 
 class InboxGauges(Periodic):
-    """Refreshes webhook_inbox_depth, webhook_inbox_lag_seconds and database_size_bytes."""
+    """Refreshes the inbox and outbox gauges (depth, lag) and database_size_bytes."""
 
     name = "inbox-gauges"
 
@@ -57,6 +64,9 @@ class InboxGauges(Periodic):
         for state, count in stats.depth.items():
             INBOX_DEPTH.labels(state).set(count)
         INBOX_LAG.set(stats.oldest_pending_age_seconds)
+        depth, lag = await self._inbox.outbox_backlog(timeout=_JOB_DEADLINE_SECONDS)
+        OUTBOX_DEPTH.set(depth)
+        OUTBOX_LAG.set(lag)
         DATABASE_SIZE.labels("webhook").set(stats.schema_size_bytes)
 
 

@@ -72,6 +72,21 @@ INBOX_LAG = Gauge(
     "Age of the oldest delivery still pending (0 when none).",
     multiprocess_mode="livemostrecent",
 )
+# The audit outbox of operators' actions (`mhv_common.outbox`), as the task service's.
+OUTBOX_DEPTH = Gauge(
+    "webhook_outbox_depth",
+    "Audit events of operators' actions committed but not yet delivered.",
+    multiprocess_mode="livemostrecent",
+)
+OUTBOX_LAG = Gauge(
+    "webhook_outbox_lag_seconds",
+    "Age of the oldest undelivered audit event (0 when none).",
+    multiprocess_mode="livemostrecent",
+)
+OUTBOX_DELIVERED = Counter("webhook_outbox_delivered_total", "Audit events delivered.")
+OUTBOX_FAILURES = Counter(
+    "webhook_outbox_delivery_failures_total", "Relay rounds that failed and will be retried."
+)
 DEDUP_PURGED = Counter("webhook_dedup_purged_total", "Dedup records deleted after their retention.")
 DELIVERIES_PURGED = Counter(
     "webhook_deliveries_purged_total", "Finished deliveries deleted after their retention."

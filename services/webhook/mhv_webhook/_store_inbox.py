@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mhv_common.db import Database, schema_size
-from mhv_common.outbox import SubjectEvent, insert_subject_event, purge_delivered
+from mhv_common.outbox import (
+    SubjectEvent,
+    insert_subject_event,
+    outbox_backlog,
+    purge_delivered,
+)
 
 STATES = ("pending", "processing", "completed", "ignored", "compensated", "dead_letter")
 OPEN_STATES = ("pending", "processing", "dead_letter")
@@ -263,6 +268,11 @@ class Inbox:
                 timeout=timeout,
             )
         return True
+
+    async def outbox_backlog(self, *, timeout: float) -> tuple[int, float]:
+        """(undelivered audit events, age in seconds of the oldest one)."""
+        async with self._db.connection(timeout=timeout) as conn:
+            return await outbox_backlog(conn, timeout=timeout)
 
     async def purge_delivered_events(self, *, older_than: dt.timedelta, timeout: float) -> int:
         """Delete outbox events delivered to the audit service more than `older_than` ago."""

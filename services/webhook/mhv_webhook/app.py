@@ -133,6 +133,8 @@ def build(
                 batch_size=settings.relay_batch_size,
                 poll_interval=settings.relay_poll_interval_seconds,
                 rpc_timeout=settings.relay_rpc_timeout_seconds,
+                on_delivered=metrics.OUTBOX_DELIVERED.inc,
+                on_failed=metrics.OUTBOX_FAILURES.inc,
             )
         )
 
