@@ -170,9 +170,18 @@ def _profile(user: User | UserCreateRequest) -> dict[str, Any]:
     }
 
 
-def user_created(actor: uuid.UUID, user_id: uuid.UUID, request: UserCreateRequest) -> OutboxEvent:
-    """A user `user_id` was created from `request` (metadata redacted, as for tasks)."""
-    return _event(EventType.USER_CREATED, actor, _profile(request), user=user_id)
+def user_created(
+    actor: uuid.UUID, user_id: uuid.UUID, request: UserCreateRequest, *, via: str | None = None
+) -> OutboxEvent:
+    """A user `user_id` was created from `request` (metadata redacted, as for tasks).
+
+    `via` names the service that created them on nobody's behalf (the gateway registering a
+    webhook sender; the actor is then the new user).
+    """
+    details = _profile(request)
+    if via is not None:
+        details["created_by_service"] = via
+    return _event(EventType.USER_CREATED, actor, details, user=user_id)
 
 
 def user_deactivated(actor: uuid.UUID, user: User) -> OutboxEvent:

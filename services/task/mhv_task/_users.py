@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from mhv_common import paging
+from mhv_common import context, paging
 from mhv_common.context import time_left
 from mhv_common.db import Database
 from mhv_common.errors import (
@@ -16,7 +16,7 @@ from mhv_common.errors import (
 )
 from mhv_task import _events as events
 from mhv_task import _store as store
-from mhv_task._authz import ActiveUsers, actor_for_change
+from mhv_task._authz import ActiveUsers, actor_for_change, current_principal
 from mhv_task._models import (
     Page,
     User,
@@ -38,8 +38,14 @@ class Users:
     async def create(self, request: UserCreateRequest) -> User:
         """Create a user, with its audit event; a taken username or email is MHV-111."""
         await self._active.ensure_caller_active(fresh=True)
-        actor = actor_for_change()
         user_id = uuid.uuid4()
+        principal = current_principal()
+        if principal.is_service and not self._acts_for_someone():
+            # The gateway registering a webhook sender: the new user is the actor of their own
+            # creation, and the event names the service that did it.
+            actor, via = user_id, principal.subject
+        else:
+            actor, via = actor_for_change().user_id, None
         try:
             async with self._db.transaction() as conn:
                 user = await store.insert_user(
@@ -53,7 +59,7 @@ class Users:
                 )
                 await store.insert_user_event(
                     conn,
-                    events.user_created(actor.user_id, user_id, request),
+                    events.user_created(actor, user_id, request, via=via),
                     timeout=time_left(),
                 )
                 return user
@@ -62,6 +68,11 @@ class Users:
                 f"A user with that {exc.field} already exists.",
                 violations=[FieldViolation(exc.field, "already taken")],
             ) from None
+
+    @staticmethod
+    def _acts_for_someone() -> bool:
+        ctx = context.current()
+        return bool(ctx and ctx.extra.get("on_behalf_of"))
 
     async def get(self, request: UserLookup) -> User:
         """One user by id or username."""
