@@ -101,6 +101,8 @@ def _audit_record(row: ChainedEvent) -> tuple[object, ...]:
         e.trace_id,
         row.prev_hash,
         row.hash,
+        e.subject_kind,
+        e.subject_id,
     )
 
 
@@ -117,6 +119,8 @@ _AUDIT_COLUMNS = [
     "trace_id",
     "prev_hash",
     "hash",
+    "subject_kind",
+    "subject_id",
 ]
 
 

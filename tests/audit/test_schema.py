@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
+from mhv_audit._chain import NewEvent
 from mhv_audit._store import _DETAILS_GENERATED
-from tests.harness import Deployment
+from mhv_cli.migrate import migrate_down
+from mhv_common.timestamps import to_micros
+from tests.harness import Cluster, Deployment
+from tests.seed import append_audit, scratch_database
 
 
 @pytest.fixture
@@ -198,3 +204,46 @@ async def test_details_is_generated_from_the_hashed_text(audit_conn: asyncpg.Con
             " $1, $1)",
             bytes(32),
         )
+
+
+async def test_reverting_subjects_is_refused_while_the_log_holds_rows_about_other_subjects(
+    cluster: Cluster,
+) -> None:
+    """Dropping the subject columns would turn those rows into task rows that fail to verify."""
+    async with scratch_database(cluster.admin_url, "mhvsubj") as (url, roles):
+        conn = await asyncpg.connect(url)
+        try:
+            user = str(uuid.uuid4())
+            await append_audit(
+                conn,
+                [
+                    NewEvent(
+                        event_id=str(uuid.uuid4()),
+                        task_id=0,
+                        event_type="user_created",
+                        user_id=user,
+                        details='{"username":"ada"}',
+                        occur_us=to_micros(dt.datetime.now(dt.UTC)),
+                        request_id="",
+                        trace_id="",
+                        subject_kind="user",
+                        subject_id=user,
+                    )
+                ],
+            )
+            with pytest.raises(asyncpg.ObjectInUseError, match="reverting would break the chain"):
+                await migrate_down(url, slice_name="audit", to_version=2, roles=roles)
+            assert (
+                await conn.fetchval(
+                    "SELECT max(version) FROM mhv_meta.schema_migrations WHERE slice = 'audit'"
+                )
+                == 3
+            )
+            assert (
+                await conn.fetchval(
+                    "SELECT subject_id FROM audit.task_audit_log WHERE subject_kind = 'user'"
+                )
+                == user
+            )
+        finally:
+            await conn.close()
