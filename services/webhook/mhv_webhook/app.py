@@ -131,7 +131,9 @@ def build(
                     ServiceCredentials.from_settings(settings, service_name="webhook"),
                 ),
                 batch_size=settings.relay_batch_size,
-                poll_interval=settings.relay_poll_interval_seconds,
+                # Operators' retries are rare: looking once a second keeps the gateway's pool
+                # for the deliveries it must acknowledge, and audits a retry within a second.
+                poll_interval=max(settings.relay_poll_interval_seconds, 1.0),
                 rpc_timeout=settings.relay_rpc_timeout_seconds,
                 on_delivered=metrics.OUTBOX_DELIVERED.inc,
                 on_failed=metrics.OUTBOX_FAILURES.inc,
