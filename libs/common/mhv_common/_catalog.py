@@ -80,6 +80,9 @@ CATALOG: tuple[ErrorSpec, ...] = (
         "The database is unavailable.",
         (
             "Retry after the delay given in RetryInfo / Retry-After.",
+            "A connection lost while a change commits cannot tell whether it was saved: retry "
+            "CreateTask with the same request_id (it never creates twice), and re-read a "
+            "resource (its etag) before repeating any other change.",
             "If it persists, check the database health and the "
             "database_connections metric (docs/runbooks/database-unavailable.md).",
         ),

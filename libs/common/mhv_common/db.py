@@ -55,16 +55,22 @@ DATABASE_POOL_SIZE = Gauge(
     multiprocess_mode="livesum",
 )
 
-# Errors that mean "no usable connection", as opposed to an error in the statement itself.
+# Errors that mean "no usable connection", as opposed to an error in the statement itself. A
+# restart (fast or immediate), a terminated backend or a refused connection surfaces as any of
+# these, depending on the moment: the socket (OSError, ConnectionResetError), SQLSTATE class 08
+# (PostgresConnectionError and its subclasses), class 57P (shutdown, crash, starting up), class
+# 53300 (no slot), asyncpg's own "connection is closed" (InterfaceError), and its protocol state
+# machine caught mid-operation by the loss ("cannot switch to state 12", InternalClientError).
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 # How long a rollback after a failure may take before the connection is discarded instead.
 _ROLLBACK_TIMEOUT_SECONDS = 5.0
@@ -182,7 +188,36 @@ class Database:
 
     async def _release(self, conn: asyncpg.Connection) -> None:
         self._in_use.dec()
-        await self.pool.release(conn)
+        try:
+            await self.pool.release(conn)
+        except asyncpg.exceptions.InternalClientError:
+            # A connection lost while checked out is handed back to the pool by asyncpg itself
+            # (the holder's close callback), which can run between our release call and its
+            # check; the pool has it back, and the caller's outcome stands.
+            if not _gone(conn):
+                raise
+
+    async def reachable(self, *, timeout: float) -> bool:
+        """Whether the database answers now: the readiness of a service that needs it.
+
+        A pool whose every connection is busy is reachable (its connections are alive); only a
+        failure to connect or to run ``SELECT 1`` within `timeout` is not.
+        """
+        if self._pool is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._pool.acquire()
+                try:
+                    await conn.fetchval("SELECT 1")
+                finally:
+                    await self._pool.release(conn)
+        except TimeoutError:
+            busy: bool = self._pool.get_size() > 0 and self._pool.get_idle_size() == 0
+            return busy
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+            return False
+        return True
 
     @asynccontextmanager
     async def connection(
@@ -202,6 +237,10 @@ class Database:
             yield conn
         except asyncpg.exceptions.DataError as exc:
             raise _bad_value(exc) from exc
+        except Exception as exc:
+            if _lost(conn, exc):
+                raise DatabaseConnectionError(retry_after=1.0) from exc
+            raise
         finally:
             # asyncpg cancels a statement interrupted by cancellation and waits for the server
             # to confirm before the connection is reused; release is shielded for that.
@@ -225,7 +264,8 @@ class Database:
         Raises:
             DeadlineExceededError: The request deadline passed (MHV-007). Before COMMIT was
                 sent nothing is committed; during it, the outcome is unknown to us too.
-            DatabaseConnectionError: The connection failed (MHV-002); nothing committed.
+            DatabaseConnectionError: The connection failed (MHV-002). Before COMMIT was sent
+                nothing is committed; a connection lost during it leaves the outcome unknown.
         """
         conn = await self._acquire(timeout)
         tx = conn.transaction(isolation=isolation, readonly=readonly)
@@ -235,6 +275,8 @@ class Database:
                 yield conn
                 await tx.commit()
         except BaseException as exc:
+            # Judged before the cleanup, which may itself close the connection.
+            lost = isinstance(exc, Exception) and _lost(conn, exc)
             # The rollback runs in its own task: if this one is cancelled again while we wait
             # (the RPC ended, shutdown), the rollback still finishes and the connection still
             # returns to the pool; it is never abandoned mid-transaction.
@@ -243,7 +285,7 @@ class Database:
                 await asyncio.shield(cleanup)
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceededError() from exc
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if lost:
                 raise DatabaseConnectionError(retry_after=1.0) from exc
             if isinstance(exc, asyncpg.exceptions.DataError):
                 raise _bad_value(exc) from exc
@@ -255,7 +297,7 @@ class Database:
         self, conn: asyncpg.Connection, tx: asyncpg.transaction.Transaction
     ) -> None:
         try:
-            if not conn.is_closed():
+            if not _gone(conn):
                 # asyncpg first waits for the server to confirm the cancellation of an
                 # interrupted statement, then sends ROLLBACK.
                 await asyncio.wait_for(tx.rollback(), _ROLLBACK_TIMEOUT_SECONDS)
@@ -263,10 +305,36 @@ class Database:
             # The rollback failed or timed out, or the transaction never fully started or
             # already half-committed: we don't know whether the connection is safe for
             # re-use, hence we terminate it; the server rolls back what is open when the
-            # session ends.
-            conn.terminate()
+            # session ends. A connection already lost is the pool's again: nothing to end.
+            if not _gone(conn):
+                conn.terminate()
         finally:
             await self._release(conn)
+
+
+def _lost(conn: asyncpg.Connection, exc: Exception) -> bool:
+    """Whether `exc`, raised in a block using `conn`, comes from losing the connection.
+
+    Decided by the connection's state as well as the exception's class: whatever asyncpg raises
+    from a statement on a connection that is gone (a restart, a terminated backend), the caller
+    gets MHV-002 and retries, never an INTERNAL. Our own errors keep their code.
+    """
+    if isinstance(exc, MahavishnuError):
+        return False
+    return isinstance(exc, _CONNECTION_ERRORS) or _gone(conn)
+
+
+def _gone(conn: asyncpg.Connection) -> bool:
+    """Whether `conn` is closed, or was lost and already taken back by the pool.
+
+    asyncpg hands a connection that closed while checked out back to its pool by itself; the
+    proxy we hold is then detached, and any method on it (``is_closed`` too) raises.
+    """
+    try:
+        closed: bool = conn.is_closed()
+    except asyncpg.exceptions.InterfaceError:
+        return True
+    return closed
 
 
 def _bad_value(exc: asyncpg.exceptions.DataError) -> MahavishnuError:
