@@ -35,6 +35,7 @@ from mhv_common import logs, processes, tracing
 from mhv_common.admission import Admission
 from mhv_common.auth import TokenVerifier
 from mhv_common.config import CommonSettings, load_settings
+from mhv_common.db import Database
 from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy, build_interceptors
 from mhv_common.probes import start_probe_listener
@@ -95,6 +96,8 @@ class ServiceDefinition:
             after health turns NOT_SERVING, like the gRPC listener.
         processes: Copies of the service sharing its ports (``MHV_<SERVICE>_PROCESSES``), run
             by `run_service` under a supervisor (`mhv_common.processes`).
+        databases: Pools the service cannot serve without: while one cannot reach its
+            database, health (readiness) says NOT_SERVING, and SERVING again once it can.
     """
 
     name: str
@@ -107,6 +110,14 @@ class ServiceDefinition:
     workers: list[Worker] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)
     processes: int = 1
+    databases: Sequence[Database] = ()
+
+
+# How often readiness asks each database, while reachable and while not; how long one ask may
+# take. A restarted PostgreSQL is seen within about a second of accepting connections.
+READINESS_INTERVAL_SECONDS = 1.0
+READINESS_RETRY_SECONDS = 0.25
+READINESS_TIMEOUT_SECONDS = 2.0
 
 
 class RunningService:
@@ -125,6 +136,7 @@ class RunningService:
         self._probe_server: aio.Server | None = None
         self._metrics_server: WSGIServer | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
+        self._readiness_task: asyncio.Task[None] | None = None
         self._service_names: list[str] = []
         self._stopped = asyncio.Event()
         self._limiter: RateLimiter | None = None
@@ -206,6 +218,10 @@ class RunningService:
             )
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if d.databases:
+            self._readiness_task = asyncio.create_task(
+                self._watch_databases(d.databases), name=f"{d.name}-readiness"
+            )
         if s.health_port is not None:
             self._probe_server, self.health_port = await start_probe_listener(
                 self.health, host=s.bind_host, port=s.health_port, alive=lambda: self.alive
@@ -237,6 +253,35 @@ class RunningService:
         await self.health.enter_graceful_shutdown()
         self.admission.drain()
 
+    async def _watch_databases(self, databases: Sequence[Database]) -> None:
+        """Keep health in step with the databases: NOT_SERVING while one is unreachable.
+
+        Calls still get their answer meanwhile (MHV-002, retryable); readiness only tells load
+        balancers and probes to prefer replicas that can serve. Liveness is untouched: waiting
+        for a database is no reason to restart the process.
+        """
+        ready = True
+        while not self._stopped.is_set():
+            answers = await asyncio.gather(
+                *(db.reachable(timeout=READINESS_TIMEOUT_SECONDS) for db in databases),
+                return_exceptions=True,
+            )
+            reachable = all(answer is True for answer in answers)
+            # A dead worker keeps health NOT_SERVING; shutdown's status is final (the health
+            # servicer ignores changes after enter_graceful_shutdown).
+            if reachable != ready and self.alive and not self._stopped.is_set():
+                ready = reachable
+                status = health_pb2.HealthCheckResponse.SERVING
+                if not ready:
+                    status = health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ["", *self._service_names]:
+                    await self.health.set(name, status)
+                if ready:
+                    logger.info("database reachable again; serving")
+                else:
+                    logger.warning("database unreachable; health NOT_SERVING")
+            await asyncio.sleep(READINESS_INTERVAL_SECONDS if ready else READINESS_RETRY_SECONDS)
+
     async def stop(self) -> None:
         """Shut down in order: health and door, calls in progress (with grace), workers, pools."""
         if self._stopped.is_set():
@@ -246,6 +291,9 @@ class RunningService:
         loop = asyncio.get_running_loop()
         began = loop.time()
         await self.drain()
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+            await asyncio.gather(self._readiness_task, return_exceptions=True)
         # The listener stays open while calls finish, so a late caller hears MHV-016 (retry
         # elsewhere) rather than a refused connection.
         await self.admission.idle(timeout=grace)

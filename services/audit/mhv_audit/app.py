@@ -61,6 +61,7 @@ def build(settings: AuditSettings) -> ServiceDefinition:
         cleanup=db.close,
         workers=workers,
         processes=settings.audit_processes,
+        databases=[db],
     )
 
 

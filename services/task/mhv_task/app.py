@@ -91,6 +91,7 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         cleanup=db.close,
         workers=workers,
         processes=settings.task_processes,
+        databases=[db],
     )
 
 

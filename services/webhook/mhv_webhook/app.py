@@ -210,6 +210,7 @@ def build(
                 InboxGauges(inbox, interval=settings.webhook_gauge_interval_seconds),
             ],
             processes=settings.webhook_processes,
+            databases=[db],
         ),
         listener=listener,
         edge=edge,
