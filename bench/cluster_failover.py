@@ -24,14 +24,16 @@ from tests.cluster.network import namespaces_available
 from tests.cluster.system import MEMBER_CREATE_LIMIT, System
 
 
-def _count(name: str, count: Count) -> str:
+def count_line(name: str, count: Count) -> str:
+    """One ledger line: acknowledged, lost, duplicated."""
     return (
         f"{name} {count.acknowledged} acknowledged, lost {count.lost}, "
         f"duplicated {count.duplicated}"
     )
 
 
-def _errors(errors: dict[str, int], kind: str) -> str:
+def errors_line(errors: dict[str, int], kind: str) -> str:
+    """The failed attempts of one kind of call, by outcome."""
     mine = {k.split(" ", 1)[1]: n for k, n in errors.items() if k.startswith(kind + " ")}
     return ", ".join(f"{n} {outcome}" for outcome, n in sorted(mine.items())) or "none"
 
@@ -53,7 +55,10 @@ def show(report: Report, *, clients: int, senders: int, hosts: str) -> None:
         "started from then until it served again"
     )
     for kind in ("CreateTask", "webhook"):
-        during, whole = _errors(report.errors_during_outage, kind), _errors(report.errors, kind)
+        during, whole = (
+            errors_line(report.errors_during_outage, kind),
+            errors_line(report.errors, kind),
+        )
         print(
             f"  {kind + ' errors':<14}: during the outage {during}; whole run {whole}; "
             f"last failure {report.disruption[kind]:.1f} s after the host went"
@@ -71,15 +76,16 @@ def show(report: Report, *, clients: int, senders: int, hosts: str) -> None:
             " on the host took traffic (clients reconnect with a backoff of at most 5 s)"
         )
     print(
-        f"  ledger        : {_count('CreateTask', verdict.creates)}; "
-        f"{_count('webhook deliveries', verdict.deliveries)}; "
-        f"{_count('audit events', verdict.audit)}"
+        f"  ledger        : {count_line('CreateTask', verdict.creates)}; "
+        f"{count_line('webhook deliveries', verdict.deliveries)}; "
+        f"{count_line('audit events', verdict.audit)}"
     )
     print(
         f"  audit chain   : {'verified' if verdict.chain_ok else 'BROKEN'} "
         f"({verdict.chain_rows} rows); drained: {verdict.drained}; unacknowledged: "
         f"{len(report.unacknowledged)}; refused outright: {len(report.rejected)}"
     )
+    assert report.rate is not None
     refused = " + ".join(f"{n:.0f}" for n in report.rate.refusals_per_replica)
     print(
         f"  rate limit    : member {MEMBER_CREATE_LIMIT}/hour for CreateTask: "

@@ -1,18 +1,24 @@
-"""The failover drill: steady load on the cluster, one host taken away and brought back, a ledger.
+"""Drills: steady load on the system, a fault injected and repaired, a ledger.
+
+The failover drill takes one host of the cluster away and brings it back (`run_drill`); the
+fault drills of tests/faults restart PostgreSQL, terminate its backends, SIGKILL one service or
+keep the audit service down (`run_fault` with a `Fault`).
 
 Clients keep what the system acknowledged in a ledger, and the drill then checks the database
 and the audit service against it:
 
 - every acknowledged CreateTask exists exactly once (clients retry a failed call with the same
   request id, which the task service answers with the first result);
-- every committed task change (an outbox event) is in the audit log exactly once, and the hash
-  chain verifies;
+- every committed task change (an outbox event) is in the audit log exactly once, in the order
+  of its task's changes, and the hash chain verifies;
+- every acknowledged StartTask (when the load starts the tasks it creates) left its task started,
+  with one ``task_started`` change;
 - every webhook delivery answered 2xx was processed exactly once: one inbox row, completed, and
   one task made from it;
 - a principal's rate limit holds across replicas (one budget in Redis, not one per replica).
 
-`tests/cluster/test_failover.py` runs it briefly and asserts the ledger;
-`bench/cluster_failover.py` runs it longer and prints the figures.
+`tests/cluster/test_failover.py` and tests/faults run drills briefly and assert the ledger;
+`bench/cluster_failover.py` and `bench/fault_drills.py` run them longer and print the figures.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import ssl
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,8 +43,7 @@ from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common.client import service_channel
-from tests.cluster.network import Host
-from tests.cluster.system import System
+from tests.cluster.system import Replica, System
 from tests.harness import bearer
 from tests.webhook.signing import github_headers
 
@@ -56,6 +62,8 @@ RETRYABLE = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# A StartTask retried after its first attempt's answer was lost: refused, the task started.
+ALREADY_STARTED = "FAILED_PRECONDITION (already started)"
 CALL_TIMEOUT = 5.0
 # How long a client keeps retrying one request before it counts it as not acknowledged.
 RETRY_BUDGET = 30.0
@@ -65,7 +73,7 @@ RETRY_BUDGET = 30.0
 class Call:
     """One attempt by a client."""
 
-    kind: str  # "CreateTask" or "webhook"
+    kind: str  # "CreateTask", "StartTask" or "webhook"
     started: float
     ended: float
     outcome: str  # "OK", a gRPC status name, "HTTP 503", "connection error"
@@ -78,6 +86,8 @@ class Ledger:
     calls: list[Call] = field(default_factory=list)
     # title -> task id, for every CreateTask the service acknowledged
     creates: dict[str, int] = field(default_factory=dict)
+    # task ids whose StartTask the service acknowledged (or found already applied)
+    starts: set[int] = field(default_factory=set)
     # delivery ids the gateway answered 2xx
     deliveries: set[str] = field(default_factory=set)
     # requests given up on after RETRY_BUDGET, and answers no retry could change
@@ -94,16 +104,26 @@ class Load:
         clients: CreateTask clients, each with its own round-robin channel.
         senders: Webhook senders, each alternating between the gateways.
         pause: Seconds each client waits between two requests.
+        start_tasks: Each client starts the task it created (a second change of the same
+            task, whose order the audit log must keep).
     """
 
     def __init__(
-        self, system: System, ledger: Ledger, *, clients: int, senders: int, pause: float
+        self,
+        system: System,
+        ledger: Ledger,
+        *,
+        clients: int,
+        senders: int,
+        pause: float,
+        start_tasks: bool = False,
     ) -> None:
         self._system = system
         self._ledger = ledger
         self._clients = clients
         self._senders = senders
         self._pause = pause
+        self._start_tasks = start_tasks
         self._issue = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -125,7 +145,9 @@ class Load:
                 request = task_pb2.CreateTaskRequest(
                     title=f"cluster create {request_id}", repository="demo", request_id=request_id
                 )
-                await self._create(stub, request, metadata)
+                task_id = await self._create(stub, request, metadata)
+                if task_id is not None and self._start_tasks:
+                    await self._start(stub, task_id, metadata)
                 await asyncio.sleep(self._pause)
 
     async def _create(
@@ -133,7 +155,7 @@ class Load:
         stub: task_pb2_grpc.TaskServiceStub,
         request: task_pb2.CreateTaskRequest,
         metadata: tuple[tuple[str, str], ...],
-    ) -> None:
+    ) -> int | None:
         give_up = time.monotonic() + RETRY_BUDGET
         while True:
             started = time.monotonic()
@@ -143,14 +165,56 @@ class Load:
                 self._record("CreateTask", started, exc.code().name)
                 if exc.code() not in RETRYABLE:
                     self._ledger.rejected.append(f"{request.title}: {exc.code().name}")
-                    return
+                    return None
                 if time.monotonic() > give_up:
                     self._ledger.unacknowledged.append(request.title)
-                    return
+                    return None
                 await asyncio.sleep(0.1)
                 continue
             self._record("CreateTask", started, "OK")
             self._ledger.creates[request.title] = task.id
+            return int(task.id)
+
+    async def _start(
+        self,
+        stub: task_pb2_grpc.TaskServiceStub,
+        task_id: int,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        # StartTask has no request id: after an attempt whose answer was lost, the task may be
+        # started already, which the next attempt is refused for; reading the task tells.
+        give_up = time.monotonic() + RETRY_BUDGET
+        retried = False
+        while True:
+            started = time.monotonic()
+            try:
+                await stub.StartTask(
+                    task_pb2.StartTaskRequest(id=task_id), metadata=metadata, timeout=CALL_TIMEOUT
+                )
+            except aio.AioRpcError as exc:
+                if retried and exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    task = await stub.GetTask(
+                        task_pb2.GetTaskRequest(id=task_id),
+                        metadata=metadata,
+                        timeout=CALL_TIMEOUT,
+                        wait_for_ready=True,
+                    )
+                    if task.status == task_pb2.TASK_STATUS_IN_PROGRESS:
+                        self._record("StartTask", started, ALREADY_STARTED)
+                        self._ledger.starts.add(task_id)
+                        return
+                self._record("StartTask", started, exc.code().name)
+                if exc.code() not in RETRYABLE:
+                    self._ledger.rejected.append(f"start {task_id}: {exc.code().name}")
+                    return
+                if time.monotonic() > give_up:
+                    self._ledger.unacknowledged.append(f"start {task_id}")
+                    return
+                retried = True
+                await asyncio.sleep(0.1)
+                continue
+            self._record("StartTask", started, "OK")
+            self._ledger.starts.add(task_id)
             return
 
     async def _send_deliveries(self, stop: asyncio.Event, *, first: int) -> None:
@@ -262,6 +326,9 @@ class Verdict:
     creates: Count
     deliveries: Count
     audit: Count
+    starts: Count
+    # tasks whose changes the audit log holds in another order than they were committed
+    out_of_order: int
     chain_ok: bool
     chain_rows: int
     drained: bool
@@ -325,10 +392,21 @@ async def verify(system: System, ledger: Ledger) -> Verdict:
                 "SELECT title, id FROM task.tasks WHERE title LIKE 'cluster %'"
             )
         }
-        outbox = [r["event_id"] for r in await conn.fetch("SELECT event_id FROM task.outbox")]
+        committed = await conn.fetch(
+            "SELECT event_id, task_id, event_type FROM task.outbox ORDER BY id"
+        )
+        outbox = [r["event_id"] for r in committed]
         audited = [
-            r["event_id"] for r in await conn.fetch("SELECT event_id FROM audit.task_audit_log")
+            r["event_id"]
+            for r in await conn.fetch("SELECT event_id FROM audit.task_audit_log ORDER BY id")
         ]
+        status = {
+            r["id"]: r["status"]
+            for r in await conn.fetch(
+                "SELECT id, status FROM task.tasks WHERE id = ANY($1::bigint[])",
+                list(ledger.starts),
+            )
+        }
     finally:
         await conn.close()
 
@@ -357,6 +435,23 @@ async def verify(system: System, ledger: Ledger) -> Verdict:
         len(set(outbox) - set(in_audit)),
         sum(n - 1 for n in in_audit.values() if n > 1) + len(set(in_audit) - set(outbox)),
     )
+    starts_seen = collections.Counter(
+        r["task_id"] for r in committed if r["event_type"] == "task_started"
+    )
+    starts = Count(
+        len(ledger.starts),
+        sum(1 for t in ledger.starts if status.get(t) != "in_progress" or not starts_seen[t]),
+        sum(1 for t in ledger.starts if starts_seen[t] > 1),
+    )
+    # Per task, the audit log's order of its changes is the outbox's (commit) order.
+    position = {event: k for k, event in enumerate(audited)}
+    by_task: dict[int, list[uuid.UUID]] = collections.defaultdict(list)
+    for r in committed:
+        by_task[r["task_id"]].append(r["event_id"])
+    out_of_order = 0
+    for events in by_task.values():
+        places = [position[e] for e in events if e in position]
+        out_of_order += places != sorted(places)
     async with service_channel(system.peer("audit")) as channel:
         chain = await audit_pb2_grpc.AuditServiceStub(channel).VerifyAuditChain(
             audit_pb2.VerifyAuditChainRequest(),
@@ -364,28 +459,31 @@ async def verify(system: System, ledger: Ledger) -> Verdict:
             timeout=60,
             wait_for_ready=True,
         )
-    return Verdict(creates, deliveries, audit, chain.ok, chain.rows_checked, drained)
+    return Verdict(
+        creates, deliveries, audit, starts, out_of_order, chain.ok, chain.rows_checked, drained
+    )
 
 
 @dataclass(frozen=True)
 class Report:
     """What a drill measured and found."""
 
-    mode: Mode
+    mode: str  # the fault: "kill", "cut", or a `Fault`'s name
     duration: float
-    outage: float  # host away: from the kill/cut to the restart/restore
-    calls_during_outage: int  # attempts started from the kill/cut until the host served again
+    outage: float  # from the fault's injection to the start of its repair
+    calls_during_outage: int  # attempts started from the injection until full recovery
     errors: dict[str, int]  # failed attempts by "kind outcome", whole run
     errors_during_outage: dict[str, int]
-    # by kind of call: from the kill/cut to the end of the last failed attempt after it
+    # by kind of call: from the injection to the end of the last failed attempt after it
     disruption: dict[str, float]
-    recovery: float  # from the restart/restore until every replica on the host took traffic
-    restart_floor: float  # restart to SERVING of the host's processes (0 when cut)
+    recovery: float  # from the start of the repair until the system took traffic again
+    restart_floor: float  # the repair alone: restart to SERVING, or to accepting connections
     calls: int
-    rate: RateProbe
+    rate: RateProbe | None
     verdict: Verdict
     unacknowledged: list[str]
     rejected: list[str]
+    ledger: Ledger = field(repr=False)
 
 
 # What shows that a replica serves again: a call of each kind it handles.
@@ -396,28 +494,126 @@ TRAFFIC = {
 }
 
 
-async def _traffic(system: System, host: Host) -> dict[str, float]:
+async def traffic(replicas: list[Replica]) -> dict[str, float]:
+    """How many calls of its kind each replica has handled (0 for one that does not answer)."""
     seen = {}
-    for replica in system.on(host):
+    for replica in replicas:
         name, labels = TRAFFIC[replica.service]
         try:
-            seen[replica.service] = await replica.metric(name, **labels)
+            seen[replica.target] = await replica.metric(name, **labels)
         except httpx.HTTPError:
-            seen[replica.service] = 0.0
+            seen[replica.target] = 0.0
     return seen
 
 
 async def wait_for_traffic(
-    system: System, host: Host, before: dict[str, float], *, timeout: float = 60.0
+    replicas: list[Replica], before: dict[str, float], *, timeout: float = 60.0
 ) -> bool:
-    """Wait until every replica on `host` has handled calls since `before` was read."""
+    """Wait until every one of `replicas` has handled calls since `before` was read."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        now = await _traffic(system, host)
-        if all(now[s] > before.get(s, 0.0) for s in now):
+        now = await traffic(replicas)
+        if all(now[t] > before.get(t, 0.0) for t in now):
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault a drill injects under load, and its repair.
+
+    Attributes:
+        name: What it is, for the report.
+        inject: Causes the fault.
+        repair: Ends it; returns when the repaired part alone is back (a process SERVING,
+            PostgreSQL accepting connections): the floor recovery is compared with.
+        replicas: Those that must take traffic again before the system counts as recovered.
+        during: Run right after `inject`, beside the outage (observations of the outage);
+            the repair waits for it.
+        after_repair: Waited for after `repair`, besides traffic, before the system counts as
+            recovered (e.g. readiness SERVING everywhere).
+    """
+
+    name: str
+    inject: Callable[[], Awaitable[None]]
+    repair: Callable[[], Awaitable[None]]
+    replicas: list[Replica]
+    during: Callable[[], Awaitable[None]] | None = None
+    after_repair: Callable[[], Awaitable[None]] | None = None
+
+
+async def run_fault(
+    system: System,
+    fault: Fault,
+    *,
+    warmup: float = 3.0,
+    outage: float = 3.0,
+    settle: float = 3.0,
+    clients: int = 3,
+    senders: int = 1,
+    pause: float = 0.05,
+    start_tasks: bool = False,
+    probe_rate: bool = False,
+) -> Report:
+    """Load the system, inject `fault` for `outage` seconds, repair it, check the ledger."""
+    ledger = Ledger()
+    stop = asyncio.Event()
+    load = Load(
+        system, ledger, clients=clients, senders=senders, pause=pause, start_tasks=start_tasks
+    )
+    began = time.monotonic()
+    running = asyncio.create_task(load.run(stop))
+    try:
+        await asyncio.sleep(warmup)
+        rate = await probe_rate_limit(system) if probe_rate else None
+        away = time.monotonic()
+        await fault.inject()
+        waits = [asyncio.sleep(outage)]
+        if fault.during is not None:
+            waits.append(fault.during())
+        await asyncio.gather(*waits)
+        before = await traffic(fault.replicas)
+        back = time.monotonic()
+        await fault.repair()
+        serving = time.monotonic()
+        if not await wait_for_traffic(fault.replicas, before):
+            names = ", ".join(f"{r.service} on {r.host.name}" for r in fault.replicas)
+            raise AssertionError(f"{names} took no traffic after {fault.name}")
+        if fault.after_repair is not None:
+            await fault.after_repair()
+        recovered = time.monotonic()
+        await asyncio.sleep(settle)
+    finally:
+        stop.set()
+        await running
+    ended = time.monotonic()
+    verdict = await verify(system, ledger)
+    failed = [c for c in ledger.calls if c.outcome != "OK"]
+    during = [c for c in ledger.calls if away <= c.started <= recovered]
+    disruption = {
+        kind: max([c.ended - away for c in failed if c.kind == kind and c.ended >= away] or [0.0])
+        for kind in ("CreateTask", "StartTask", "webhook")
+    }
+    return Report(
+        mode=fault.name,
+        duration=ended - began,
+        outage=back - away,
+        calls_during_outage=len(during),
+        errors=dict(collections.Counter(f"{c.kind} {c.outcome}" for c in failed)),
+        errors_during_outage=dict(
+            collections.Counter(f"{c.kind} {c.outcome}" for c in during if c.outcome != "OK")
+        ),
+        disruption=disruption,
+        recovery=recovered - back,
+        restart_floor=serving - back,
+        calls=len(ledger.calls),
+        rate=rate,
+        verdict=verdict,
+        unacknowledged=ledger.unacknowledged,
+        rejected=ledger.rejected,
+        ledger=ledger,
+    )
 
 
 async def run_drill(
@@ -432,59 +628,29 @@ async def run_drill(
     pause: float = 0.05,
 ) -> Report:
     """Load the cluster, take the first host away for `outage` seconds, bring it back, check."""
-    ledger = Ledger()
-    stop = asyncio.Event()
-    load = Load(system, ledger, clients=clients, senders=senders, pause=pause)
-    began = time.monotonic()
-    running = asyncio.create_task(load.run(stop))
-    try:
-        await asyncio.sleep(warmup)
-        rate = await probe_rate_limit(system)
-        host = system.hosts[0]
-        before = await _traffic(system, host)
-        away = time.monotonic()
+    host = system.hosts[0]
+
+    async def take_away() -> None:
         if mode == "kill":
             system.kill_host(host)
-            before = {}
         else:
             host.cut()
-        await asyncio.sleep(outage)
-        back = time.monotonic()
+
+    async def bring_back() -> None:
         if mode == "kill":
             await system.restart_host(host)
         else:
             host.restore()
-        serving = time.monotonic()
-        if not await wait_for_traffic(system, host, before):
-            raise AssertionError(f"the replicas on {host.name} took no traffic after coming back")
-        recovered = time.monotonic()
-        await asyncio.sleep(settle)
-    finally:
-        stop.set()
-        await running
-    ended = time.monotonic()
-    verdict = await verify(system, ledger)
-    failed = [c for c in ledger.calls if c.outcome != "OK"]
-    during = [c for c in ledger.calls if away <= c.started <= recovered]
-    disruption = {
-        kind: max([c.ended - away for c in failed if c.kind == kind and c.ended >= away] or [0.0])
-        for kind in ("CreateTask", "webhook")
-    }
-    return Report(
-        mode=mode,
-        duration=ended - began,
-        outage=back - away,
-        calls_during_outage=len(during),
-        errors=dict(collections.Counter(f"{c.kind} {c.outcome}" for c in failed)),
-        errors_during_outage=dict(
-            collections.Counter(f"{c.kind} {c.outcome}" for c in during if c.outcome != "OK")
-        ),
-        disruption=disruption,
-        recovery=recovered - back,
-        restart_floor=(serving - back) if mode == "kill" else 0.0,
-        calls=len(ledger.calls),
-        rate=rate,
-        verdict=verdict,
-        unacknowledged=ledger.unacknowledged,
-        rejected=ledger.rejected,
+
+    fault = Fault(mode, take_away, bring_back, system.on(host))
+    return await run_fault(
+        system,
+        fault,
+        warmup=warmup,
+        outage=outage,
+        settle=settle,
+        clients=clients,
+        senders=senders,
+        pause=pause,
+        probe_rate=True,
     )

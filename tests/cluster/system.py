@@ -160,9 +160,9 @@ class System:
     names_resolve: bool = False
 
     @classmethod
-    async def start(cls, root: Path, *, namespaces: bool | None = None) -> System:
-        """Start the network, PostgreSQL, Redis and the six replicas."""
-        network = await asyncio.to_thread(Network.create, 2, namespaces=namespaces)
+    async def start(cls, root: Path, *, namespaces: bool | None = None, hosts: int = 2) -> System:
+        """Start the network, PostgreSQL, Redis and a replica of every service on each host."""
+        network = await asyncio.to_thread(Network.create, hosts, namespaces=namespaces)
         system = cls(root, network)
         try:
             await system._start()

@@ -61,5 +61,6 @@ async def test_a_host_killed_under_load_and_restarted_loses_and_repeats_nothing(
     assert report.calls_during_outage > 0, report
 
     # One member, one budget, wherever the calls land: both replicas refused its excess.
+    assert report.rate is not None
     assert report.rate.allowed == MEMBER_CREATE_LIMIT, report
     assert all(refused > 0 for refused in report.rate.refusals_per_replica), report
