@@ -41,7 +41,7 @@ from mhv_common import context
 from mhv_common.auth import ServiceCredentials
 from mhv_common.client import Peer, service_channel
 from mhv_common.db import Database
-from mhv_common.errors import AuthenticationError
+from mhv_common.errors import AuthenticationError, DatabaseConnectionError
 from mhv_common.ids import uuid_or_none
 from mhv_common.redaction import redact_details
 from mhv_common.timestamps import to_timestamp
@@ -50,6 +50,9 @@ from mhv_common.tracing import current_traceparent
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF_SECONDS = 5.0
+# While our own database is away, a round fails at once without reaching the audit service;
+# retrying at the pace of readiness resumes delivery within a second of the database's return.
+_MAX_BACKOFF_OWN_DATABASE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +333,10 @@ class OutboxRelay:
                     sent = await self.relay_once(audit)
                 except Exception as exc:  # any failure is retried
                     self._on_failed()
-                    backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF_SECONDS)
+                    ceiling = _MAX_BACKOFF_SECONDS
+                    if isinstance(exc, DatabaseConnectionError):
+                        ceiling = _MAX_BACKOFF_OWN_DATABASE_SECONDS
+                    backoff = min(max(backoff * 2, 0.1), ceiling)
                     logger.warning(
                         "outbox relay round failed; retrying",
                         extra={"error": type(exc).__name__, "retry_in_s": round(backoff, 2)},
