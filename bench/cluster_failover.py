@@ -121,16 +121,21 @@ async def run(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, *, settle: float) -> None:
+    """The drill's timing (--warmup, --outage, --settle) and load (--clients, ...) options."""
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--outage", type=float, default=10.0, help="seconds each fault lasts")
+    parser.add_argument("--settle", type=float, default=settle)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--senders", type=int, default=1)
+    parser.add_argument("--pause", type=float, default=0.05, help="seconds between requests")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", choices=["kill", "cut", "both"], default="both")
     parser.add_argument("--hosts", choices=["auto", "namespaces", "loopback"], default="auto")
-    parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--outage", type=float, default=10.0)
-    parser.add_argument("--settle", type=float, default=5.0)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--senders", type=int, default=1)
-    parser.add_argument("--pause", type=float, default=0.05, help="seconds between requests")
+    add_load_arguments(parser, settle=5.0)
     asyncio.run(run(parser.parse_args()))
 
 

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.cluster_failover import count_line, errors_line
+from bench.cluster_failover import add_load_arguments, count_line, errors_line
 from tests.cluster.drill import Fault, Report, run_fault
 from tests.cluster.system import System
 from tests.faults.faults import Outage, all_alive, backends_terminated, killed, postgres_restart
@@ -154,15 +154,10 @@ def main() -> None:
         nargs="+",
         choices=["pg-fast", "pg-immediate", "terminate", "kill-task", "kill-audit", "audit-down"],
     )
-    parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--outage", type=float, default=10.0, help="seconds each fault lasts")
     parser.add_argument(
         "--audit-outage", type=float, default=0.0, help="seconds the audit service stays down"
     )
-    parser.add_argument("--settle", type=float, default=3.0)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--senders", type=int, default=1)
-    parser.add_argument("--pause", type=float, default=0.05, help="seconds between requests")
+    add_load_arguments(parser, settle=3.0)
     asyncio.run(run(parser.parse_args()))
 
 
