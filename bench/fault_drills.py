@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -26,7 +25,15 @@ from pathlib import Path
 from bench.cluster_failover import add_load_arguments, count_line, errors_line
 from tests.cluster.drill import Fault, Report, run_fault
 from tests.cluster.system import System
-from tests.faults.faults import Outage, all_alive, backends_terminated, killed, postgres_restart
+from tests.faults.faults import (
+    Backlog,
+    Outage,
+    all_alive,
+    audit_down,
+    backends_terminated,
+    killed,
+    postgres_restart,
+)
 
 KINDS = ("CreateTask", "StartTask", "webhook")
 FLOORS = {
@@ -35,7 +42,8 @@ FLOORS = {
     "terminate": "none (nothing to restart)",
     "kill-task": "the task process's start until it reported SERVING",
     "kill-audit": "the audit process's start until it reported SERVING",
-    "audit-down": "the audit process's start until it reported SERVING",
+    "audit-down": "the audit process's start until it reported SERVING; recovery runs until "
+    "the outbox caught up (its oldest event under 2 s old)",
 }
 
 
@@ -43,7 +51,13 @@ def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def show(key: str, report: Report, seen: Outage | None, alive: dict[str, int | None]) -> None:
+def show(
+    key: str,
+    report: Report,
+    seen: Outage | None,
+    alive: dict[str, int | None],
+    backlog: Backlog | None,
+) -> None:
     verdict = report.verdict
     print(f"\n{report.mode} [{key}] (load average {_loadavg()})")
     print(
@@ -68,6 +82,12 @@ def show(key: str, report: Report, seen: Outage | None, alive: dict[str, int | N
         print(
             f"  while down    : {len(seen.not_serving)} replicas NOT_SERVING; "
             f"a CreateTask got {answers}"
+        )
+    if backlog is not None and backlog.samples:
+        depth, lag = backlog.peak()
+        print(
+            f"  outbox        : grew to {depth:.0f} events, the oldest {lag:.0f} s old "
+            "(task_outbox_depth, task_outbox_lag_seconds: what TaskOutboxBacklog watches)"
         )
     floor = report.restart_floor
     if floor > 0.01:
@@ -95,7 +115,7 @@ def show(key: str, report: Report, seen: Outage | None, alive: dict[str, int | N
 
 
 def drills(
-    system: System, args: argparse.Namespace
+    system: System, args: argparse.Namespace, backlog: Backlog
 ) -> dict[str, Callable[[], tuple[Fault, Outage | None, float]]]:
     """Each drill: its fault, what it observes while down, and how long the fault lasts."""
 
@@ -114,7 +134,7 @@ def drills(
         "kill-task": lambda: (killed(system, "task"), None, args.outage),
         "kill-audit": lambda: (killed(system, "audit"), None, args.outage),
         "audit-down": lambda: (
-            dataclasses.replace(killed(system, "audit"), name="audit service down"),
+            audit_down(system, backlog, seconds=args.audit_outage),
             None,
             args.audit_outage,
         ),
@@ -126,7 +146,8 @@ async def run(args: argparse.Namespace) -> None:
     print(f"load average before: {_loadavg()} on {os.cpu_count()} CPUs")
     system = await System.start(root, namespaces=False, hosts=1)
     try:
-        table = drills(system, args)
+        backlog = Backlog()
+        table = drills(system, args, backlog)
         keys = args.only or [k for k in table if k != "audit-down" or args.audit_outage > 0]
         for key in keys:
             fault, seen, outage = table[key]()
@@ -141,7 +162,7 @@ async def run(args: argparse.Namespace) -> None:
                 pause=args.pause,
                 start_tasks=True,
             )
-            show(key, report, seen, all_alive(system))
+            show(key, report, seen, all_alive(system), backlog if key == "audit-down" else None)
     finally:
         await system.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -9,6 +9,7 @@ server others use is out of the question.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -150,6 +151,46 @@ def killed(system: System, service: str, *, down: Callable[[], None] | None = No
         await replica.start()
 
     return Fault(f"SIGKILL of the {service} service", kill, restart, [replica])
+
+
+@dataclass
+class Backlog:
+    """The outbox as the task service reported it while the audit service was down."""
+
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (depth, lag seconds)
+
+    def peak(self) -> tuple[float, float]:
+        """The largest depth and lag seen."""
+        return max(d for d, _ in self.samples), max(lag for _, lag in self.samples)
+
+
+def audit_down(system: System, backlog: Backlog, *, seconds: float) -> Fault:
+    """The audit service SIGKILLed and kept down; recovered once the outbox has caught up.
+
+    While it is down, `backlog` samples every second the gauges the TaskOutboxBacklog alert
+    reads.
+    """
+    (task,) = system.replicas_of("task")
+
+    async def sample() -> None:
+        backlog.samples.clear()
+        ends = time.monotonic() + seconds
+        while time.monotonic() < ends:
+            depth = await task.metric("task_outbox_depth")
+            lag = await task.metric("task_outbox_lag_seconds")
+            backlog.samples.append((depth, lag))
+            await asyncio.sleep(1.0)
+
+    async def caught_up() -> None:
+        # The oldest undelivered event is young again (the gauges refresh every 2 s).
+        while True:
+            if await task.metric("task_outbox_lag_seconds") <= 2.0:
+                return
+            await asyncio.sleep(0.2)
+
+    return dataclasses.replace(
+        killed(system, "audit"), name="audit service down", during=sample, after_repair=caught_up
+    )
 
 
 def all_alive(system: System) -> dict[str, int | None]:

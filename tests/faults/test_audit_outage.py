@@ -8,10 +8,7 @@ backlog to build and the relay to back off to its longest pause; a drill of minu
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import yaml
 
 from tests.cluster.drill import run_fault
 from tests.cluster.system import System
-from tests.faults.faults import all_alive, killed
+from tests.faults.faults import Backlog, all_alive, audit_down
 from tests.faults.test_postgres import assert_ledger_clean
 
 pytestmark = pytest.mark.slow
@@ -39,20 +36,15 @@ def backlog_alert_expr() -> str:
 
 
 async def test_audit_down_for_a_while_under_load(system: System) -> None:
-    (task,) = system.replicas_of("task")
-    backlog: list[tuple[float, float]] = []  # (depth, lag seconds) as the task service reports
-
-    async def watch_the_outbox() -> None:
-        # The gauges the backlog alert reads, sampled over the outage.
-        ends = time.monotonic() + OUTAGE
-        while time.monotonic() < ends:
-            depth = await task.metric("task_outbox_depth")
-            lag = await task.metric("task_outbox_lag_seconds")
-            backlog.append((depth, lag))
-            await asyncio.sleep(1.0)
-
-    fault = dataclasses.replace(killed(system, "audit"), during=watch_the_outbox)
-    report = await run_fault(system, fault, warmup=2.0, outage=OUTAGE, settle=1.0, start_tasks=True)
+    backlog = Backlog()
+    report = await run_fault(
+        system,
+        audit_down(system, backlog, seconds=OUTAGE),
+        warmup=2.0,
+        outage=OUTAGE,
+        settle=1.0,
+        start_tasks=True,
+    )
 
     assert set(all_alive(system).values()) == {None}, report
     # Task writes went on as if nothing happened.
@@ -60,9 +52,8 @@ async def test_audit_down_for_a_while_under_load(system: System) -> None:
     assert report.calls_during_outage > 0, report
     # The outbox grew, and its oldest event aged: what TaskOutboxBacklog watches.
     assert "task_outbox_lag_seconds" in backlog_alert_expr()
-    depths = [d for d, _ in backlog]
-    lags = [lag for _, lag in backlog]
-    assert depths[-1] > depths[0] and max(depths) > 10, backlog
-    assert lags[-1] > lags[0], backlog
+    (first_depth, first_lag), (last_depth, last_lag) = backlog.samples[0], backlog.samples[-1]
+    assert last_depth > first_depth and last_depth > 10, backlog
+    assert last_lag > first_lag, backlog
     # Once back, every change delivered once, in each task's order; the chain verifies.
     assert_ledger_clean(report)
