@@ -205,16 +205,20 @@ class Database:
         """
         if self._pool is None:
             return False
+        acquired = False
         try:
             async with asyncio.timeout(timeout):
                 conn = await self._pool.acquire()
+                acquired = True
                 try:
                     await conn.fetchval("SELECT 1")
                 finally:
                     await self._pool.release(conn)
         except TimeoutError:
+            # Waiting for a connection while every one is checked out is load, not an outage;
+            # a statement the server does not answer is.
             busy: bool = self._pool.get_size() > 0 and self._pool.get_idle_size() == 0
-            return busy
+            return busy and not acquired
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
             return False
         return True
