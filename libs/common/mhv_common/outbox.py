@@ -51,8 +51,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF_SECONDS = 5.0
 # While our own database is away, a round fails at once without reaching the audit service;
-# retrying at the pace of readiness resumes delivery within a second of the database's return.
-_MAX_BACKOFF_OWN_DATABASE_SECONDS = 1.0
+# retrying at the pace of readiness resumes delivery as soon as the database is back.
+_MAX_BACKOFF_OWN_DATABASE_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
