@@ -79,9 +79,10 @@ def show(
         )
     if seen is not None:
         answers = ", ".join(f"{s} {c} retry in {d} s" for s, c, d in seen.answers)
+        hooks = ", ".join(f"HTTP {s} {c} Retry-After {r}" for s, c, r in seen.deliveries)
         print(
             f"  while down    : {len(seen.not_serving)} replicas NOT_SERVING; "
-            f"a CreateTask got {answers}"
+            f"a CreateTask got {answers}; a webhook delivery {hooks}"
         )
     if backlog is not None and backlog.samples:
         depth, lag = backlog.peak()

@@ -95,6 +95,19 @@ class Ledger:
     rejected: list[str] = field(default_factory=list)
 
 
+def issue_opened(secret: str, issue: int, delivery: str) -> tuple[bytes, dict[str, str]]:
+    """A signed GitHub "issue opened" delivery: its body and headers."""
+    body = json.dumps(
+        {
+            "action": "opened",
+            "issue": {"number": issue, "title": f"cluster hook {delivery}"},
+            "repository": {"full_name": "example/demo"},
+            "sender": {"login": "cluster-sender"},
+        }
+    ).encode()
+    return body, github_headers(secret, body, delivery=delivery)
+
+
 class Load:
     """CreateTask from several clients and webhook deliveries, until `stop` is set.
 
@@ -226,15 +239,7 @@ class Load:
             while not stop.is_set():
                 self._issue += 1
                 delivery = str(uuid.uuid4())
-                body = json.dumps(
-                    {
-                        "action": "opened",
-                        "issue": {"number": self._issue, "title": f"cluster hook {delivery}"},
-                        "repository": {"full_name": "example/demo"},
-                        "sender": {"login": "cluster-sender"},
-                    }
-                ).encode()
-                headers = github_headers(secret, body, delivery=delivery)
+                body, headers = issue_opened(secret, self._issue, delivery)
                 give_up = time.monotonic() + RETRY_BUDGET
                 while True:
                     # Client-side balancing: each attempt goes to the next gateway in turn.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+import httpx
 from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.client import service_channel
-from tests.cluster.drill import CALL_TIMEOUT, Fault
+from tests.cluster.drill import CALL_TIMEOUT, Fault, issue_opened
 from tests.cluster.system import Replica, System
 from tests.harness import bearer, detail, mhv_code, rich_status
 
@@ -62,6 +64,8 @@ class Outage:
     not_serving: list[str] = field(default_factory=list)  # replicas seen NOT_SERVING
     # CreateTask during the outage: status, MHV code, RetryInfo delay in seconds (or None)
     answers: list[tuple[str, str, float | None]] = field(default_factory=list)
+    # A webhook delivery during the outage: HTTP status, MHV code, Retry-After (or None)
+    deliveries: list[tuple[int, str, str | None]] = field(default_factory=list)
 
 
 async def create_during_outage(system: System) -> tuple[str, str, float | None]:
@@ -83,11 +87,28 @@ async def create_during_outage(system: System) -> tuple[str, str, float | None]:
     return "OK", "", None
 
 
+async def deliver_during_outage(system: System) -> tuple[int, str, str | None]:
+    """One webhook delivery while the database is away: status, MHV code, Retry-After."""
+    secret = system.hooks["MHV_WEBHOOK_SECRETS_GITHUB"]
+    context = ssl.create_default_context(cafile=system.hooks["MHV_WEBHOOK_TLS_CERT_FILE"])
+    body, headers = issue_opened(secret, 0, str(uuid.uuid4()))
+    async with httpx.AsyncClient(verify=context, timeout=CALL_TIMEOUT) as client:
+        response = await client.post(
+            system.https_urls()[0],
+            content=body,
+            headers=headers,
+            extensions={"sni_hostname": "localhost"},
+        )
+    code = str(response.json().get("error_code", "")) if response.content else ""
+    return response.status_code, code, response.headers.get("retry-after")
+
+
 def postgres_restart(system: System, *, mode: str, seen: Outage) -> Fault:
     """PostgreSQL stopped with ``pg_ctl -m <mode>`` and started again.
 
     While it is down, every replica must say NOT_SERVING, and a CreateTask must be refused
-    with UNAVAILABLE, MHV-002 and a retry delay; after, every replica SERVING again.
+    with UNAVAILABLE, MHV-002 and a retry delay, and a webhook delivery with 503, MHV-002 and
+    Retry-After; after, every replica SERVING again.
     """
     postgres = system.postgres
     assert postgres is not None
@@ -102,6 +123,7 @@ def postgres_restart(system: System, *, mode: str, seen: Outage) -> Fault:
         await wait_health(system.replicas, NOT_SERVING)
         seen.not_serving = [r.target for r in system.replicas]
         seen.answers.append(await create_during_outage(system))
+        seen.deliveries.append(await deliver_during_outage(system))
 
     async def serving() -> None:
         await wait_health(system.replicas, SERVING)

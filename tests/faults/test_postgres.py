@@ -53,6 +53,10 @@ async def test_postgres_restarted_under_load(system: System, mode: str) -> None:
     ((status, code, delay),) = seen.answers
     assert (status, code) == ("UNAVAILABLE", "MHV-002"), seen
     assert delay is not None and delay > 0, seen
+    # A webhook delivery meanwhile: 503, MHV-002, Retry-After, for the sender to try again.
+    ((http_status, http_code, retry_after),) = seen.deliveries
+    assert (http_status, http_code) == (503, "MHV-002"), seen
+    assert retry_after is not None and int(retry_after) > 0, seen
     # The load saw nothing else, before, during or after.
     assert report.calls_during_outage > 0, report
     assert {e.split(" ", 1)[1] for e in report.errors} <= RETRYABLE_OUTCOMES, report
