@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import asyncpg
 from google.protobuf import struct_pb2
+from grpc import aio
 
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_common import context
@@ -246,14 +247,16 @@ class AuditSink(Protocol):
     async def record(self, events: Sequence[PendingEvent], *, timeout: float | None) -> None:
         """Record `events`, idempotently by event id, within `timeout`."""
 
+    async def reachable(self, *, timeout: float) -> bool:
+        """Whether the audit service can be reached (connected) within `timeout`."""
+
 
 class AuditClient:
     """AuditService.RecordEvents over one channel, as the service that owns the outbox."""
 
-    def __init__(
-        self, stub: audit_pb2_grpc.AuditServiceStub, credentials: ServiceCredentials
-    ) -> None:
-        self._stub = stub
+    def __init__(self, channel: aio.Channel, credentials: ServiceCredentials) -> None:
+        self._channel = channel
+        self._stub = audit_pb2_grpc.AuditServiceStub(channel)
         self._credentials = credentials
 
     @classmethod
@@ -263,7 +266,7 @@ class AuditClient:
     ) -> AsyncIterator[AuditClient]:
         """A client on a channel to `peer`, closed on exit."""
         async with service_channel(peer) as channel:
-            yield cls(audit_pb2_grpc.AuditServiceStub(channel), credentials)
+            yield cls(channel, credentials)
 
     async def record(self, events: Sequence[PendingEvent], *, timeout: float | None) -> None:
         """Record `events` (the audit service ignores those it has already).
@@ -276,6 +279,14 @@ class AuditClient:
             metadata=self._credentials.metadata(),
             wait_for_ready=True,
         )
+
+    async def reachable(self, *, timeout: float) -> bool:
+        """Whether the channel to the audit service connects within `timeout`."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 def _ignore(*_: int) -> None:
@@ -327,14 +338,22 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until stopped."""
         backoff = 0.0
+        audit_failed = False
         async with self._connect() as audit:
             while not self._stop.is_set():
+                # After a failed send, wait for the audit service before claiming again: a
+                # round that waits for it inside its transaction holds a pool connection and
+                # the claimed rows' locks for the whole RPC timeout, round after round.
+                if audit_failed and not await self._audit_reachable(audit):
+                    continue
                 try:
                     sent = await self.relay_once(audit)
                 except Exception as exc:  # any failure is retried
                     self._on_failed()
+                    own_database = isinstance(exc, DatabaseConnectionError)
+                    audit_failed = not own_database
                     ceiling = _MAX_BACKOFF_SECONDS
-                    if isinstance(exc, DatabaseConnectionError):
+                    if own_database:
                         ceiling = _MAX_BACKOFF_OWN_DATABASE_SECONDS
                     backoff = min(max(backoff * 2, 0.1), ceiling)
                     logger.warning(
@@ -344,8 +363,21 @@ class OutboxRelay:
                     await self._pause(backoff * random.uniform(0.5, 1.0))  # noqa: S311
                     continue
                 backoff = 0.0
+                audit_failed = False
                 if sent < self._batch:
                     await self._pause(self._poll)
+
+    async def _audit_reachable(self, audit: AuditSink) -> bool:
+        """Whether the audit service connects within the RPC timeout; False once stopping."""
+        reachable = asyncio.ensure_future(audit.reachable(timeout=self._rpc_timeout))
+        stopping = asyncio.ensure_future(self._stop.wait())
+        done, pending = await asyncio.wait(
+            {reachable, stopping}, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return reachable in done and reachable.result()
 
     async def relay_once(self, audit: AuditSink) -> int:
         """Claim, send and mark one batch; returns how many events were delivered."""
