@@ -180,6 +180,9 @@ class Backlog:
     """The outbox as the task service reported it while the audit service was down."""
 
     samples: list[tuple[float, float]] = field(default_factory=list)  # (depth, lag seconds)
+    # (seconds into the outage, sessions of the task service holding claimed outbox rows in
+    # an open transaction): a relay waiting for the audit service inside its transaction
+    held: list[tuple[float, int]] = field(default_factory=list)
 
     def peak(self) -> tuple[float, float]:
         """The largest depth and lag seen."""
@@ -190,18 +193,30 @@ def audit_down(system: System, backlog: Backlog, *, seconds: float) -> Fault:
     """The audit service SIGKILLed and kept down; recovered once the outbox has caught up.
 
     While it is down, `backlog` samples every second the gauges the TaskOutboxBacklog alert
-    reads.
+    reads, and whether the relay holds claimed rows in an open transaction.
     """
     (task,) = system.replicas_of("task")
 
     async def sample() -> None:
         backlog.samples.clear()
-        ends = time.monotonic() + seconds
-        while time.monotonic() < ends:
-            depth = await task.metric("task_outbox_depth")
-            lag = await task.metric("task_outbox_lag_seconds")
-            backlog.samples.append((depth, lag))
-            await asyncio.sleep(1.0)
+        backlog.held.clear()
+        began = time.monotonic()
+        conn = await asyncpg.connect(system.admin_url)
+        try:
+            while time.monotonic() < began + seconds:
+                depth = await task.metric("task_outbox_depth")
+                lag = await task.metric("task_outbox_lag_seconds")
+                backlog.samples.append((depth, lag))
+                held = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                    " AND application_name = 'mahavishnu-task'"
+                    " AND state LIKE 'idle in transaction%' AND query LIKE '%WITH claimed AS%'"
+                )
+                backlog.held.append((time.monotonic() - began, int(held)))
+                await asyncio.sleep(1.0)
+        finally:
+            await conn.close()
 
     async def caught_up() -> None:
         # The oldest undelivered event is young again (the gauges refresh every 2 s).
