@@ -205,6 +205,10 @@ class Database:
         """
         if self._pool is None:
             return False
+        if self._pool.get_size() >= self._max_size and self._pool.get_idle_size() == 0:
+            # Every connection is checked out and alive: load, not an outage. Not queueing
+            # behind the requests keeps the probe from taking a connection they wait for.
+            return True
         acquired = False
         try:
             async with asyncio.timeout(timeout):
