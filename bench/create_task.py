@@ -1,7 +1,7 @@
 """CreateTask throughput and latency over gRPC, beside pgbench running the same INSERT.
 
     python -m bench.create_task [--clients 50] [--seconds 20] [--processes 4] [--replicas 1]
-                                [--tls] [--log-level INFO]
+                                [--tls] [--log-level INFO] [--breakdown] [--profile FILE]
 
 Starts a throw-away database and the task service as a real process (or several on one port),
 then drives CreateTask from several client processes so the client is not the bottleneck.
@@ -9,6 +9,11 @@ In the same run, pgbench executes the very statement the service sends per Creat
 row and its outbox event, one statement) with as many clients: that is the database's own
 limit for this work, and the service's figures are printed as a ratio of it. With --tls the
 service and the gRPC floor serve TLS, as deployed, and the clients verify their certificates.
+
+With --breakdown the service is measured once more without each concern in turn (tracing,
+access log, metrics, deadline, auth, rate limit, pool wrapper, the whole interceptor chain; see
+`bench._task_variant`), and the full chain again at the end: the difference against the full
+chain is what the concern costs per call, and the two full runs show the run's noise.
 
 CPU per call is the servers' CPU time inside the measured window (after the warm-up, read from
 /proc at the window's edges) over the calls started in that window; the clients start together
@@ -45,6 +50,7 @@ from bench._env import (
     summary,
 )
 from bench._grpc_floor import METHOD as FLOOR_METHOD
+from bench._task_variant import CONCERNS
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
@@ -154,6 +160,7 @@ async def drive(
     tmp: Path,
     *,
     floor: bool,
+    profile: Path | None = None,
 ) -> Load:
     """Run the client processes against `target` and measure them and the servers.
 
@@ -204,11 +211,15 @@ async def drive(
             proc.stdin.flush()
         await asyncio.sleep(max(start + args.warmup - time.monotonic(), 0))
         cpu_before = sum(_cpu_seconds(pid) for pid in server_pids)
+        # py-spy samples the first server over the window without stopping it.
+        profiler = None if profile is None else _profiler(server_pids[0], args.seconds, profile)
         await asyncio.sleep(max(start + args.warmup + args.seconds - time.monotonic(), 0))
         server_cpu = sum(_cpu_seconds(pid) for pid in server_pids) - cpu_before
         for proc in procs:
             if await asyncio.to_thread(proc.wait) != 0:
                 raise RuntimeError("a bench client failed")
+        if profiler is not None and await asyncio.to_thread(profiler.wait) != 0:
+            print(f"py-spy could not profile the service; no {profile}", file=sys.stderr)
     finally:
         for proc in procs:
             proc.kill()
@@ -221,6 +232,54 @@ async def drive(
         summary(latencies),
         server_cpu / count * 1e6,
         client_cpu / count * 1e6,
+    )
+
+
+def _profiler(pid: int, seconds: int, out: Path) -> subprocess.Popen[str]:
+    """py-spy recording `pid` for `seconds`: a flame graph (.svg) or speedscope (.json)."""
+    fmt = "speedscope" if out.suffix == ".json" else "flamegraph"
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("py-spy")),
+            "record",
+            "--nonblocking",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(seconds),
+            "--format",
+            fmt,
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _print_breakdown(first: Load, last: Load, variants: dict[str, Load], floor: Load) -> None:
+    """What each concern costs: the full chain's CPU per call minus the variant's without it."""
+    full = (first.server_cpu_us + last.server_cpu_us) / 2
+    print(
+        f"\nBreakdown: server CPU per CreateTask without one concern, against the full chain "
+        f"({first.server_cpu_us:.0f} us/call first, {last.server_cpu_us:.0f} us/call last, "
+        f"mean {full:.0f}; floor {floor.server_cpu_us:.0f} us/call); load average {_load()}"
+    )
+    print(
+        f"  {'without':<11} {'CPU us/call':>11} {'saves us':>9} {'floor x':>8} "
+        f"{'creates/s':>9} {'p95 ms':>7}  what is taken out"
+    )
+    for concern, load in variants.items():
+        saved = full - load.server_cpu_us
+        print(
+            f"  {concern:<11} {load.server_cpu_us:11.0f} {saved:9.0f} "
+            f"{saved / floor.server_cpu_us:8.2f} {load.rps:9.0f} {load.latency_ms['p95']:7.1f}"
+            f"  {CONCERNS[concern]}"
+        )
+    print(
+        f"  (noise: the two full-chain runs differ by "
+        f"{abs(first.server_cpu_us - last.server_cpu_us):.0f} us/call)"
     )
 
 
@@ -270,29 +329,52 @@ async def run(args: argparse.Namespace) -> None:
             **tls_env,
         },
     )
-    replicas = [
-        ServiceProcess(
-            "mhv_task",
-            {**env, "MHV_TASK_METRICS_PORT": str(free_port())},
-            ports["task_grpc"],
-            0,
-            tmp / f"task{i}.log",
-            ca_file=Path(args.ca) if args.ca else None,
-        )
-        for i in range(args.replicas)
-    ]
+    ca_file = Path(args.ca) if args.ca else None
+
+    async def measure(without: str = "") -> Load:
+        # The service as deployed, or (breakdown) with the concern `without` taken out.
+        replicas = [
+            ServiceProcess(
+                "bench._task_variant" if without else "mhv_task",
+                {
+                    **env,
+                    "MHV_TASK_METRICS_PORT": str(free_port()),
+                    "BENCH_WITHOUT": without,
+                    "BENCH_SUBJECT": user_id,
+                },
+                ports["task_grpc"],
+                0,
+                tmp / f"task-{without or 'full'}-{i}.log",
+                ca_file=ca_file,
+            )
+            for i in range(args.replicas)
+        ]
+        try:
+            for replica in replicas:
+                await replica.start()
+            pids = [r.process.pid for r in replicas if r.process]
+            profile = None if without or not args.profile else Path(args.profile)
+            return await drive(
+                args, replicas[0].target, token, pids, tmp, floor=False, profile=profile
+            )
+        finally:
+            for replica in replicas:
+                replica.stop()
+
+    token = keys.token(Role.MEMBER, subject=user_id, ttl_seconds=3600)
     floor_port = free_port()
     floor_server = subprocess.Popen(
         [sys.executable, "-m", "bench._grpc_floor", "serve", str(floor_port), *floor_tls]
     )
     try:
-        for replica in replicas:
-            await replica.start()
-        token = keys.token(Role.MEMBER, subject=user_id, ttl_seconds=3600)
-        pids = [r.process.pid for r in replicas if r.process]
-        service = await drive(args, replicas[0].target, token, pids, tmp, floor=False)
-        for replica in replicas:
-            replica.stop()
+        service = await measure()
+        variants: dict[str, Load] = {}
+        again = service
+        if args.breakdown:
+            for concern in CONCERNS:
+                variants[concern] = await measure(concern)
+            # The full chain again at the end: the spread of the two is the run's noise.
+            again = await measure()
         floor = await drive(
             args, f"127.0.0.1:{floor_port}", token, [floor_server.pid], tmp, floor=True
         )
@@ -336,10 +418,10 @@ async def run(args: argparse.Namespace) -> None:
             f"(goal >= 0.5x), {service.rps / pg_tps:.2f}x pgbench; p99 "
             f"{lat['p99'] / pg['p99']:.2f}x pgbench's; p95 {lat['p95']:.1f} ms (SLO < 100 ms)"
         )
+        if args.breakdown:
+            _print_breakdown(service, again, variants, floor)
     finally:
         floor_server.kill()
-        for replica in replicas:
-            replica.stop()
         await deployment.drop()
         await cluster.close()
 
@@ -355,6 +437,16 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="serve and call over TLS")
     parser.add_argument(
         "--log-level", default="INFO", help="the service's MHV_LOG_LEVEL (production: INFO)"
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also measure the service without each concern in turn (bench._task_variant)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy flame graph of the full service over the window (.svg; .json: speedscope)",
     )
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
