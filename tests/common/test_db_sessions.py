@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import pytest
 
 from mhv_common.db import Database
@@ -35,5 +38,39 @@ async def test_session_state_and_open_transactions_on_release(
             assert not conn.is_in_transaction()
         # Session settings are reset only when asked to.
         assert (name == "changed-by-a-caller") is (not reset_sessions)
+    finally:
+        await db.close()
+
+
+async def test_connections_go_back_to_the_pool_after_success_failure_and_cancellation(
+    deployment: Deployment,
+) -> None:
+    # One connection: every checkout below gets it only if the one before gave it back.
+    db = Database(deployment.role_url("webhook"), name="returns", min_size=1, max_size=1)
+    await db.open()
+    try:
+        async with db.connection(timeout=30) as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+        with pytest.raises(asyncpg.exceptions.UndefinedTableError):
+            async with db.connection(timeout=30) as conn:
+                await conn.fetchval("SELECT * FROM no_such_table")
+        started = asyncio.Event()
+
+        async def stuck() -> None:
+            async with db.connection(timeout=30) as conn:
+                started.set()
+                await conn.execute("SELECT pg_sleep(60)")
+
+        task = asyncio.create_task(stuck())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The cancelled statement was cancelled in the server too: the connection is usable.
+        async with db.connection(timeout=30) as conn:
+            assert await conn.fetchval("SELECT 2") == 2
+        async with db.transaction(timeout=30) as conn:
+            assert await conn.fetchval("SELECT 3") == 3
+        assert db.pool.get_idle_size() == 1
     finally:
         await db.close()

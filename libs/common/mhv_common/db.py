@@ -174,7 +174,10 @@ class Database:
         deadline_bound = left is not None and left < self._acquire_timeout
         wait = left if deadline_bound and left is not None else self._acquire_timeout
         try:
-            conn = await self.pool.acquire(timeout=wait)
+            # asyncio.timeout rather than acquire(timeout=): asyncpg bounds that with
+            # wait_for, one more task per checkout.
+            async with asyncio.timeout(wait):
+                conn = await self.pool.acquire()
         except TimeoutError as exc:
             if deadline_bound:
                 raise DeadlineExceededError() from exc
@@ -243,16 +246,21 @@ class Database:
         conn = await self._acquire(timeout)
         try:
             yield conn
-        except asyncpg.exceptions.DataError as exc:
-            raise _bad_value(exc) from exc
-        except Exception as exc:
-            if _lost(conn, exc):
+        except BaseException as exc:
+            # Judged before the release: a connection asyncpg has taken back is gone.
+            lost = isinstance(exc, Exception) and _lost(conn, exc)
+            # asyncpg cancels a statement interrupted by cancellation and waits for the server
+            # to confirm before the connection is reused; after a failure (cancellation
+            # included) the release is shielded for that, even if this task is cancelled
+            # again. A block that ended normally left no statement running, and
+            # asyncpg's own release still finishes if we are cancelled during it.
+            await asyncio.shield(self._release(conn))
+            if isinstance(exc, asyncpg.exceptions.DataError):
+                raise _bad_value(exc) from exc
+            if lost:
                 raise DatabaseConnectionError(retry_after=1.0) from exc
             raise
-        finally:
-            # asyncpg cancels a statement interrupted by cancellation and waits for the server
-            # to confirm before the connection is reused; release is shielded for that.
-            await asyncio.shield(self._release(conn))
+        await self._release(conn)
 
     @asynccontextmanager
     async def transaction(
@@ -299,7 +307,8 @@ class Database:
                 raise _bad_value(exc) from exc
             raise
         else:
-            await asyncio.shield(self._release(conn))
+            # Committed: nothing runs on the connection, the release needs no shield.
+            await self._release(conn)
 
     async def _rollback_and_release(
         self, conn: asyncpg.Connection, tx: asyncpg.transaction.Transaction
