@@ -23,7 +23,7 @@ from mhv_common.errors import (
     RateLimitExceededError,
     RateLimitStorageUnavailableError,
 )
-from mhv_common.ratelimit import RateLimiter
+from mhv_common.ratelimit import LocalWindows, RateLimiter
 from tests.draining import assert_refused, private_service
 from tests.harness import Deployment, Keys, bearer, metric, rpc_error
 from tests.task.conftest import make_user
@@ -243,3 +243,60 @@ async def test_the_task_service_keeps_serving_through_a_redis_outage(
             assert await metric(process.metrics_port, "rate_limit_storage_up", up) == 1
     finally:
         process.stop()
+
+
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_local_windows_slide_as_the_weighted_two_bucket_approximation() -> None:
+    # 10 per minute, starting at the beginning of a window.
+    clock = _Clock(600_000.0)
+    windows = LocalWindows(clock=clock)
+    assert [windows.hit("k", 10, 60) for _ in range(11)] == [True] * 10 + [False]
+    assert not windows.test("k", 10, 60)
+    # Refused at the start of the window: the count drops when the window ends.
+    assert windows.retry_after("k", 60) == pytest.approx(60.0)
+    # Another key has a budget of its own.
+    assert windows.hit("other", 10, 60)
+    # Half-way through the next window the previous one still counts for half: 5 of 10.
+    clock.now += 90.0
+    assert windows.test("k", 10, 60)
+    assert [windows.hit("k", 10, 60) for _ in range(6)] == [True] * 5 + [False]
+    # Two windows later nothing counts any more.
+    clock.now += 120.0
+    assert [windows.hit("k", 10, 60) for _ in range(10)] == [True] * 10
+
+
+def test_local_windows_forget_callers_that_went_away() -> None:
+    clock = _Clock(600_000.0)
+    windows = LocalWindows(clock=clock)
+    for caller in range(100):
+        assert windows.hit(f"caller-{caller}", 5, 60)
+    assert len(windows) == 100
+    clock.now += 180.0
+    # The sweep runs now and then while hits come in; the old callers' windows are gone.
+    for _ in range(LocalWindows._SWEEP_EVERY):
+        windows.hit("busy", 10**9, 60)
+    assert len(windows) == 1
+
+
+async def test_concurrent_hits_never_exceed_the_limit_in_memory() -> None:
+    limiter = RateLimiter(
+        {"create": "10/minute"}, storage_uri="memory://", service=f"test-{uuid.uuid4().hex}"
+    )
+    decisions = await asyncio.gather(
+        *(limiter.hit(key="c", method_class="create", roles=["member"]) for _ in range(50))
+    )
+    assert sum(d.allowed for d in decisions) == 10
+    refused = next(d for d in decisions if not d.allowed)
+    assert 0 < refused.retry_after <= 60
+    assert not await limiter.peek(key="c", method_class="create", roles=["member"])
+    await limiter.reset()
+    assert await limiter.peek(key="c", method_class="create", roles=["member"])

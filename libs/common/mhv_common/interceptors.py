@@ -331,7 +331,7 @@ class RateLimitInterceptor(_Interceptor):
         req = context.current()
         principal: Principal | None = req.principal if req else None
         key = principal.subject if principal else (ctx.peer() or "anonymous")
-        roles = [str(r) for r in principal.roles] if principal else []
+        roles = principal.roles if principal else frozenset()
         await self._limiter.enforce(key=key, method_class=policy.rate_class, roles=roles)
         return await self._call(method, request, ctx)
 

@@ -12,13 +12,19 @@ stays up) or, if listed in ``MHV_RATE_LIMIT_FAIL_CLOSED``, refuses its requests 
 alone for `STORAGE_RETRY_SECONDS`, so an outage costs one failed round trip per interval, not
 one per request. ``rate_limit_storage_up`` says which state a process is in
 (docs/operations/shutdown-and-overload.md).
+
+Counts kept in this process (the ``memory://`` storage, and every storage's fail-over) are our
+own `LocalWindows`, the same arithmetic as the `limits` storages: `limits`' memory storage takes
+an asyncio lock and schedules an expiry task on every hit, which cost more than the rest of the
+check; one event loop needs neither.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
@@ -92,6 +98,81 @@ def _storage_options(uri: str) -> dict[str, float | bool]:
     return options
 
 
+class LocalWindows:
+    """Sliding-window counters of one process, for the ``memory://`` storage.
+
+    Each key counts hits in fixed windows of the rule's length, aligned on the clock like the
+    `limits` storages; a hit is allowed while ``previous * (share of the previous window still
+    inside the sliding one) + current`` stays within the limit. No method awaits, so on one
+    event loop no other call can come between reading a count and adding to it: no lock is
+    needed. Keys whose windows have passed are swept now and then, so callers that went away
+    do not grow the table.
+    """
+
+    _SWEEP_EVERY = 4096
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # key -> [index of its current window, hits in the window before, hits in it, length]
+        self._counts: dict[str, list[int]] = {}
+        self._hits_since_sweep = 0
+
+    def _window(self, key: str, expiry: int, now: float) -> tuple[int, int, float]:
+        """(previous count, current count, weight of the previous window) at `now`."""
+        index = int(now // expiry)
+        weight = 1.0 - (now / expiry) % 1.0
+        entry = self._counts.get(key)
+        if entry is None or entry[0] < index - 1:
+            return 0, 0, weight
+        if entry[0] == index - 1:
+            return entry[2], 0, weight
+        return entry[1], entry[2], weight
+
+    def hit(self, key: str, limit: int, expiry: int) -> bool:
+        """Count one hit on `key` if `limit` hits per `expiry` seconds allow it."""
+        now = self._clock()
+        previous, current, weight = self._window(key, expiry, now)
+        if math.floor(previous * weight + current) + 1 > limit:
+            return False
+        self._counts[key] = [int(now // expiry), previous, current + 1, expiry]
+        self._hits_since_sweep += 1
+        if self._hits_since_sweep >= self._SWEEP_EVERY:
+            self._sweep(now)
+        return True
+
+    def test(self, key: str, limit: int, expiry: int) -> bool:
+        """Whether one more hit on `key` would be allowed now, without counting it."""
+        previous, current, weight = self._window(key, expiry, self._clock())
+        return previous * weight + current < limit
+
+    def retry_after(self, key: str, expiry: int) -> float:
+        """Seconds until the weighted count of `key` next drops, as `limits` computes it."""
+        now = self._clock()
+        previous, current, weight = self._window(key, expiry, now)
+        waits = [math.inf]
+        if previous:
+            waits.append((weight * expiry) % (expiry / previous))
+        if current:
+            waits.append((1.0 - (now / expiry) % 1.0) * expiry)
+        wait = min(waits)
+        return 0.0 if math.isinf(wait) else wait
+
+    def _sweep(self, now: float) -> None:
+        # An entry counts until two of its windows have passed (then it is neither the
+        # current nor the previous window).
+        self._hits_since_sweep = 0
+        self._counts = {
+            key: entry for key, entry in self._counts.items() if now < (entry[0] + 2) * entry[3]
+        }
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def reset(self) -> None:
+        """Forget every count."""
+        self._counts.clear()
+
+
 class RateLimiter:
     """Checks and counts hits against configured limits.
 
@@ -131,9 +212,12 @@ class RateLimiter:
         self._storage = storage
         self._limiter = SlidingWindowCounterRateLimiter(self._storage)
         self._service = service
-        # Counts kept in this process while the shared storage is out of reach.
-        self._local = SlidingWindowCounterRateLimiter(MemoryStorage())
+        # Counts kept in this process: all of them with the memory storage, and those taken
+        # while the shared storage is out of reach.
+        self._local = LocalWindows()
         self._shared = not isinstance(storage, MemoryStorage)
+        # (method class, roles) -> its rule: the same few combinations come on every call.
+        self._rule_cache: dict[tuple[str, frozenset[str]], RateLimitItem | None] = {}
         self._fail_closed = frozenset(fail_closed)
         self._storage_retry_at = 0.0
         self._storage_is_up = True
@@ -142,15 +226,24 @@ class RateLimiter:
 
     def rule_for(self, method_class: str, roles: Iterable[str]) -> RateLimitItem | None:
         """The most generous rule that applies to a caller with `roles` on `method_class`."""
+        cache_key = (method_class, roles if isinstance(roles, frozenset) else frozenset(roles))
+        try:
+            return self._rule_cache[cache_key]
+        except KeyError:
+            pass
         candidates = [
             self._rules[key]
-            for role in roles
+            for role in cache_key[1]
             for key in (f"{role}:{method_class}", f"{role}:*")
             if key in self._rules
         ]
         if candidates:
-            return max(candidates, key=lambda r: r.amount / r.get_expiry())
-        return self._rules.get(method_class) or self._rules.get("general")
+            rule: RateLimitItem | None = max(candidates, key=lambda r: r.amount / r.get_expiry())
+        else:
+            rule = self._rules.get(method_class) or self._rules.get("general")
+        if len(self._rule_cache) < 1024:
+            self._rule_cache[cache_key] = rule
+        return rule
 
     async def hit(self, *, key: str, method_class: str, roles: Iterable[str]) -> RateDecision:
         """Count one request by `key` (the caller) and say whether it is allowed.
@@ -162,26 +255,31 @@ class RateLimiter:
         rule = self.rule_for(method_class, roles)
         if rule is None:
             return RateDecision(True, "unlimited", 0.0)
+        if not self._shared:
+            return self._hit_local(rule, method_class, key)
         if self._storage_usable():
             try:
-                decision = await self._hit(self._limiter, rule, method_class, key)
+                decision = await self._hit_shared(rule, method_class, key)
             except StorageError as exc:
                 self._storage_failed(exc)
             else:
                 self._storage_answered()
                 return decision
-        return await self._hit(self._degraded(method_class), rule, method_class, key)
+        self._degraded(method_class)
+        return self._hit_local(rule, method_class, key)
 
-    async def _hit(
-        self,
-        limiter: SlidingWindowCounterRateLimiter,
-        rule: RateLimitItem,
-        method_class: str,
-        key: str,
-    ) -> RateDecision:
-        if await limiter.hit(rule, self._service, method_class, key):
+    def _hit_local(self, rule: RateLimitItem, method_class: str, key: str) -> RateDecision:
+        counter = f"{method_class}/{rule.amount}/{rule.get_expiry()}/{key}"
+        if self._local.hit(counter, rule.amount, rule.get_expiry()):
             return RateDecision(True, str(rule), 0.0)
-        reset_at, _remaining = await limiter.get_window_stats(
+        RATE_LIMIT_REJECTIONS.labels(service=self._service, method_class=method_class).inc()
+        retry_after = self._local.retry_after(counter, rule.get_expiry())
+        return RateDecision(False, str(rule), max(retry_after, 0.001))
+
+    async def _hit_shared(self, rule: RateLimitItem, method_class: str, key: str) -> RateDecision:
+        if await self._limiter.hit(rule, self._service, method_class, key):
+            return RateDecision(True, str(rule), 0.0)
+        reset_at, _remaining = await self._limiter.get_window_stats(
             rule, self._service, method_class, key
         )
         RATE_LIMIT_REJECTIONS.labels(service=self._service, method_class=method_class).inc()
@@ -196,7 +294,7 @@ class RateLimiter:
         rule = self.rule_for(method_class, roles)
         if rule is None:
             return True
-        if self._storage_usable():
+        if self._shared and self._storage_usable():
             try:
                 allowed = await self._limiter.test(rule, self._service, method_class, key)
             except StorageError as exc:
@@ -204,8 +302,10 @@ class RateLimiter:
             else:
                 self._storage_answered()
                 return bool(allowed)
-        local = self._degraded(method_class)
-        return bool(await local.test(rule, self._service, method_class, key))
+        if self._shared:
+            self._degraded(method_class)
+        counter = f"{method_class}/{rule.amount}/{rule.get_expiry()}/{key}"
+        return self._local.test(counter, rule.amount, rule.get_expiry())
 
     @property
     def storage_up(self) -> bool:
@@ -235,13 +335,12 @@ class RateLimiter:
         self._storage_is_up = True
         self._storage_up.set(1)
 
-    def _degraded(self, method_class: str) -> SlidingWindowCounterRateLimiter:
-        """The limiter to use while the shared storage is out of reach, or MHV-018."""
+    def _degraded(self, method_class: str) -> None:
+        """Count in this process while the shared storage is out of reach, or MHV-018."""
         if method_class in self._fail_closed:
             RATE_LIMIT_DEGRADED.labels(self._service, method_class, "refused").inc()
             raise RateLimitStorageUnavailableError(retry_after=STORAGE_RETRY_SECONDS)
         RATE_LIMIT_DEGRADED.labels(self._service, method_class, "local").inc()
-        return self._local
 
     async def enforce(self, *, key: str, method_class: str, roles: Iterable[str]) -> None:
         """Like `hit`, but raise MHV-006 when the request is over the limit."""
@@ -262,4 +361,5 @@ class RateLimiter:
 
     async def reset(self) -> None:
         """Forget all counts (tests and operators clearing a lock-out)."""
+        self._local.reset()
         await self._storage.reset()
