@@ -172,11 +172,26 @@ class EdgeInterceptor(_Interceptor):
 class TelemetryInterceptor(_Interceptor):
     """One access-log line and the RPC metrics per call, labelled with the final code."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Per method: its labels and the series every successful call updates, looked up once.
+        self._series: dict[str, tuple[str, str, Any, Any]] = {}
+
     async def intercept(
         self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
     ) -> Any:
         """Time the call and record how it ended."""
-        service, rpc = split_method(name)
+        series = self._series.get(name)
+        if series is None:
+            service, rpc = split_method(name)
+            series = (
+                service,
+                rpc,
+                GRPC_HANDLED.labels(service, rpc, "OK"),
+                GRPC_LATENCY.labels(service, rpc),
+            )
+            self._series[name] = series
+        service, rpc, handled_ok, latency = series
         started = time.perf_counter()
         error: MahavishnuError | None = None
         try:
@@ -186,10 +201,13 @@ class TelemetryInterceptor(_Interceptor):
             raise
         finally:
             elapsed = time.perf_counter() - started
-            code = error.grpc_status.name if error else "OK"
-            GRPC_HANDLED.labels(service, rpc, code).inc()
-            GRPC_LATENCY.labels(service, rpc).observe(elapsed)
-            if error is not None:
+            latency.observe(elapsed)
+            if error is None:
+                code = "OK"
+                handled_ok.inc()
+            else:
+                code = error.grpc_status.name
+                GRPC_HANDLED.labels(service, rpc, code).inc()
                 GRPC_ERRORS.labels(service, rpc, error.code).inc()
                 if security.is_refusal(error):
                     security.record_refusal(error, service=service, method=rpc, peer=ctx.peer())
