@@ -75,11 +75,7 @@ def _without(kind: type) -> Callable[..., list[Any]]:
 
 def _apply(concern: str) -> None:
     if concern == "tracing":
-        from opentelemetry.instrumentation.grpc._aio_server import (
-            OpenTelemetryAioServerInterceptor,
-        )
-
-        server.build_interceptors = _without(OpenTelemetryAioServerInterceptor)
+        server.build_interceptors = _without(interceptors.OpenTelemetryInterceptor)
     elif concern == "access_log":
         logging.getLogger("mhv.access").setLevel(logging.WARNING)
     elif concern == "metrics":
