@@ -79,21 +79,26 @@ class _Observed:
         raise NotImplementedError
 
 
+# One repository's series: the count by outcome, and the duration.
+_CreationSeries = tuple[dict[str, Counter], Histogram]
+
+
 class _Creation(_Observed):
     """Counts and times one CreateTask call."""
 
-    __slots__ = ("_label", "_started")
+    __slots__ = ("_series", "_started")
 
-    def __init__(self, label: str) -> None:
-        self._label = label
+    def __init__(self, series: _CreationSeries) -> None:
+        self._series = series
         self._started = 0.0
 
     def __enter__(self) -> None:
         self._started = time.perf_counter()
 
     def _record(self, result: str) -> None:
-        TASK_CREATION_TOTAL.labels(self._label, result).inc()
-        TASK_CREATION_DURATION.labels(self._label).observe(time.perf_counter() - self._started)
+        totals, duration = self._series
+        totals[result].inc()
+        duration.observe(time.perf_counter() - self._started)
 
 
 class _Search(_Observed):
@@ -114,17 +119,21 @@ class RequestMetrics:
     """
 
     def __init__(self, repositories: Iterable[str]) -> None:
-        self._known = frozenset(repositories)
-        for repository in [*self._known, UNKNOWN_REPOSITORY_LABEL]:
-            TASK_CREATION_DURATION.labels(repository)
-            for status in OUTCOMES:
-                TASK_CREATION_TOTAL.labels(repository, status)
+        # Each label set's series, looked up here once rather than on every call.
+        self._creation: dict[str, _CreationSeries] = {
+            repository: (
+                {status: TASK_CREATION_TOTAL.labels(repository, status) for status in OUTCOMES},
+                TASK_CREATION_DURATION.labels(repository),
+            )
+            for repository in [*repositories, UNKNOWN_REPOSITORY_LABEL]
+        }
+        self._unknown = self._creation[UNKNOWN_REPOSITORY_LABEL]
         for status in OUTCOMES:
             SEMANTIC_SEARCH_TOTAL.labels(status)
 
     def creation(self, repository: str) -> _Creation:
         """Count and time the enclosed CreateTask work under the repository's label."""
-        return _Creation(repository if repository in self._known else UNKNOWN_REPOSITORY_LABEL)
+        return _Creation(self._creation.get(repository, self._unknown))
 
     def search(self) -> _Search:
         """Count the enclosed SearchTasks work by outcome."""
