@@ -2,6 +2,7 @@
 
     python -m bench.create_task [--clients 50] [--seconds 20] [--processes 4] [--replicas 1]
                                 [--tls] [--log-level INFO] [--breakdown] [--profile FILE]
+                                [--rounds 1] [--against REV]
 
 Starts a throw-away database and the task service as a real process (or several on one port),
 then drives CreateTask from several client processes so the client is not the bottleneck.
@@ -12,8 +13,10 @@ service and the gRPC floor serve TLS, as deployed, and the clients verify their 
 
 With --breakdown the service is measured once more without each concern in turn (tracing,
 access log, metrics, deadline, auth, rate limit, pool wrapper, the whole interceptor chain; see
-`bench._task_variant`), and the full chain again at the end: the difference against the full
-chain is what the concern costs per call, and the two full runs show the run's noise.
+`bench._task_variant`): the difference against the full chain is what the concern costs per
+call. With --against REV the service as of that git revision runs beside this tree's. Each of
+--rounds rounds measures everything once; differences and ratios are taken within a round (the
+same moment's load on a shared machine) and the median over the rounds is printed.
 
 CPU per call is the servers' CPU time inside the measured window (after the warm-up, read from
 /proc at the window's edges) over the calls started in that window; the clients start together
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +60,8 @@ from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
 from mhv_task import _store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PGBENCH_SCRIPT = """
 \\set n random(1, 1000000000)
@@ -258,29 +264,65 @@ def _profiler(pid: int, seconds: int, out: Path) -> subprocess.Popen[str]:
     )
 
 
-def _print_breakdown(first: Load, last: Load, variants: dict[str, Load], floor: Load) -> None:
+def _median_load(rounds: list[dict[str, Load]], name: str) -> Load:
+    """The median over the rounds of each of one measurement's figures."""
+    loads = [r[name] for r in rounds]
+    return Load(
+        statistics.median(x.rps for x in loads),
+        {q: statistics.median(x.latency_ms[q] for x in loads) for q in loads[0].latency_ms},
+        statistics.median(x.server_cpu_us for x in loads),
+        statistics.median(x.client_cpu_us for x in loads),
+    )
+
+
+def _median_ratio(rounds: list[dict[str, Load]], top: str, bottom: str, figure: str) -> float:
+    """The median over the rounds of top/bottom for one figure, each from the same round."""
+    return statistics.median(getattr(r[top], figure) / getattr(r[bottom], figure) for r in rounds)
+
+
+def _print_breakdown(rounds: list[dict[str, Load]]) -> None:
     """What each concern costs: the full chain's CPU per call minus the variant's without it."""
-    full = (first.server_cpu_us + last.server_cpu_us) / 2
+    full = [r["service"].server_cpu_us for r in rounds]
+    floor = statistics.median(r["floor"].server_cpu_us for r in rounds)
     print(
         f"\nBreakdown: server CPU per CreateTask without one concern, against the full chain "
-        f"({first.server_cpu_us:.0f} us/call first, {last.server_cpu_us:.0f} us/call last, "
-        f"mean {full:.0f}; floor {floor.server_cpu_us:.0f} us/call); load average {_load()}"
+        f"of the same round (full chain {', '.join(f'{x:.0f}' for x in full)} us/call; floor "
+        f"{floor:.0f} us/call); medians of {len(rounds)} round(s); load average {_load()}"
     )
     print(
         f"  {'without':<11} {'CPU us/call':>11} {'saves us':>9} {'floor x':>8} "
         f"{'creates/s':>9} {'p95 ms':>7}  what is taken out"
     )
-    for concern, load in variants.items():
-        saved = full - load.server_cpu_us
+    for concern in CONCERNS:
+        load = _median_load(rounds, concern)
+        saved = statistics.median(
+            r["service"].server_cpu_us - r[concern].server_cpu_us for r in rounds
+        )
         print(
             f"  {concern:<11} {load.server_cpu_us:11.0f} {saved:9.0f} "
-            f"{saved / floor.server_cpu_us:8.2f} {load.rps:9.0f} {load.latency_ms['p95']:7.1f}"
+            f"{saved / floor:8.2f} {load.rps:9.0f} {load.latency_ms['p95']:7.1f}"
             f"  {CONCERNS[concern]}"
         )
-    print(
-        f"  (noise: the two full-chain runs differ by "
-        f"{abs(first.server_cpu_us - last.server_cpu_us):.0f} us/call)"
-    )
+    if len(full) > 1:
+        print(f"  (noise: the full chain's rounds span {max(full) - min(full):.0f} us/call)")
+
+
+def _checkout(revision: str, folder: Path) -> Path:
+    """This repository's code and settings as of `revision`, extracted into `folder`."""
+    folder.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", revision, "libs", "services", "settings"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def _source_paths(tree: Path) -> list[str]:
+    """Import roots of a source tree's packages (they come before the installed ones)."""
+    return [str(tree / "libs" / "common"), str(tree / "services" / "task")]
 
 
 def _load() -> str:
@@ -330,21 +372,26 @@ async def run(args: argparse.Namespace) -> None:
         },
     )
     ca_file = Path(args.ca) if args.ca else None
+    against = _checkout(args.against, tmp / "against") if args.against else None
 
-    async def measure(without: str = "") -> Load:
-        # The service as deployed, or (breakdown) with the concern `without` taken out.
+    async def measure(without: str = "", *, source: Path | None = None) -> Load:
+        # The service as deployed, with the concern `without` taken out (breakdown), or run
+        # from another revision's source (`--against`).
+        extra = {"PYTHONPATH": os.pathsep.join(_source_paths(source))} if source else {}
+        name = without or ("against" if source else "full")
         replicas = [
             ServiceProcess(
                 "bench._task_variant" if without else "mhv_task",
                 {
                     **env,
+                    **extra,
                     "MHV_TASK_METRICS_PORT": str(free_port()),
                     "BENCH_WITHOUT": without,
                     "BENCH_SUBJECT": user_id,
                 },
                 ports["task_grpc"],
                 0,
-                tmp / f"task-{without or 'full'}-{i}.log",
+                tmp / f"task-{name}-{i}.log",
                 ca_file=ca_file,
             )
             for i in range(args.replicas)
@@ -353,7 +400,7 @@ async def run(args: argparse.Namespace) -> None:
             for replica in replicas:
                 await replica.start()
             pids = [r.process.pid for r in replicas if r.process]
-            profile = None if without or not args.profile else Path(args.profile)
+            profile = None if without or source or not args.profile else Path(args.profile)
             return await drive(
                 args, replicas[0].target, token, pids, tmp, floor=False, profile=profile
             )
@@ -367,17 +414,20 @@ async def run(args: argparse.Namespace) -> None:
         [sys.executable, "-m", "bench._grpc_floor", "serve", str(floor_port), *floor_tls]
     )
     try:
-        service = await measure()
-        variants: dict[str, Load] = {}
-        again = service
-        if args.breakdown:
-            for concern in CONCERNS:
-                variants[concern] = await measure(concern)
-            # The full chain again at the end: the spread of the two is the run's noise.
-            again = await measure()
-        floor = await drive(
-            args, f"127.0.0.1:{floor_port}", token, [floor_server.pid], tmp, floor=True
-        )
+        # Each round measures everything once, one after the other: a comparison is made
+        # within a round (the same moment's load), and the rounds' median is reported.
+        rounds: list[dict[str, Load]] = []
+        for _ in range(args.rounds):
+            got = {"service": await measure()}
+            if against is not None:
+                got["against"] = await measure(source=against)
+            if args.breakdown:
+                for concern in CONCERNS:
+                    got[concern] = await measure(concern)
+            got["floor"] = await drive(
+                args, f"127.0.0.1:{floor_port}", token, [floor_server.pid], tmp, floor=True
+            )
+            rounds.append(got)
         floor_server.kill()
         clients = max(1, args.clients // args.processes) * args.processes
         script = PGBENCH_SCRIPT.format(insert=_pgbench_statement(user_id))
@@ -390,12 +440,14 @@ async def run(args: argparse.Namespace) -> None:
             seconds=args.seconds,
         )
         pg = summary(pg_latencies)
+        service, floor = _median_load(rounds, "service"), _median_load(rounds, "floor")
         lat = service.latency_ms
         print(
             f"CreateTask over gRPC, {clients} clients in {args.processes} processes, "
             f"{args.replicas} service process(es), {'TLS' if args.tls else 'plaintext'}, "
             f"log level {args.log_level}, {args.seconds}s after {args.warmup}s warm-up, "
-            f"all on this machine's cores; load average {_load()}"
+            f"{args.rounds} round(s) (medians), all on this machine's cores; "
+            f"load average {_load()}"
         )
         print(
             f"  service      : {service.rps:7.0f} creates/s  p50 {lat['p50']:6.1f} ms  "
@@ -403,6 +455,13 @@ async def run(args: argparse.Namespace) -> None:
             f"server CPU {service.server_cpu_us:5.0f} us/call  "
             f"client CPU {service.client_cpu_us:4.0f} us/call"
         )
+        if against is not None:
+            old = _median_load(rounds, "against")
+            print(
+                f"  {args.against[:12]:<13}: {old.rps:7.0f} creates/s  p50 "
+                f"{old.latency_ms['p50']:6.1f} ms  p95 {old.latency_ms['p95']:6.1f} ms  p99 "
+                f"{old.latency_ms['p99']:6.1f} ms  server CPU {old.server_cpu_us:5.0f} us/call"
+            )
         print(
             f"  gRPC floor   : {floor.rps:7.0f} empty calls/s  p50 {floor.latency_ms['p50']:6.1f}"
             f" ms  p99 {floor.latency_ms['p99']:6.1f} ms  server CPU "
@@ -412,14 +471,28 @@ async def run(args: argparse.Namespace) -> None:
             f"  pgbench      : {pg_tps:7.0f} inserts/s  p50 {pg['p50']:6.1f} ms  "
             f"p95 {pg['p95']:6.1f} ms  p99 {pg['p99']:6.1f} ms  (the service's statement)"
         )
+        cpu_x = _median_ratio(rounds, "service", "floor", "server_cpu_us")
+        rps_x = _median_ratio(rounds, "service", "floor", "rps")
         print(
-            f"  ratio        : server CPU {service.server_cpu_us / floor.server_cpu_us:.2f}x the "
-            f"floor's (goal <= 2x); throughput {service.rps / floor.rps:.2f}x the floor "
-            f"(goal >= 0.5x), {service.rps / pg_tps:.2f}x pgbench; p99 "
+            f"  ratio        : server CPU {cpu_x:.2f}x the floor's (goal <= 2x); throughput "
+            f"{rps_x:.2f}x the floor (goal >= 0.5x), {service.rps / pg_tps:.2f}x pgbench; p99 "
             f"{lat['p99'] / pg['p99']:.2f}x pgbench's; p95 {lat['p95']:.1f} ms (SLO < 100 ms)"
         )
+        if against is not None:
+            old_x = _median_ratio(rounds, "against", "floor", "server_cpu_us")
+            change = _median_ratio(rounds, "service", "against", "server_cpu_us")
+            print(
+                f"  against      : {args.against} at {old_x:.2f}x the floor's CPU, "
+                f"{_median_ratio(rounds, 'against', 'floor', 'rps'):.2f}x its throughput; this "
+                f"tree's CPU per call is {change:.2f}x {args.against}'s (per round: "
+                + ", ".join(
+                    f"{r['service'].server_cpu_us:.0f}/{r['against'].server_cpu_us:.0f}"
+                    for r in rounds
+                )
+                + " us)"
+            )
         if args.breakdown:
-            _print_breakdown(service, again, variants, floor)
+            _print_breakdown(rounds)
     finally:
         floor_server.kill()
         await deployment.drop()
@@ -447,6 +520,14 @@ def main() -> None:
         "--profile",
         metavar="FILE",
         help="py-spy flame graph of the full service over the window (.svg; .json: speedscope)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure everything this many times; medians"
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also measure the service as of this git revision, in the same rounds",
     )
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
