@@ -242,8 +242,9 @@ async def drive(
 
 
 def _profiler(pid: int, seconds: int, out: Path) -> subprocess.Popen[str]:
-    """py-spy recording `pid` for `seconds`: a flame graph (.svg) or speedscope (.json)."""
-    fmt = "speedscope" if out.suffix == ".json" else "flamegraph"
+    """py-spy recording `pid` for `seconds`: flame graph (.svg), speedscope (.json) or
+    collapsed stacks (.txt)."""
+    fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
     return subprocess.Popen(
         [
             str(Path(sys.executable).with_name("py-spy")),
@@ -519,7 +520,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         metavar="FILE",
-        help="py-spy flame graph of the full service over the window (.svg; .json: speedscope)",
+        help="py-spy profile of the service over the window: .svg flame graph, .json "
+        "speedscope, .txt collapsed stacks",
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="measure everything this many times; medians"
