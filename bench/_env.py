@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +38,9 @@ __all__ = [
     "scrape",
     "service_env",
     "start_order_ports",
+    "start_together",
     "summary",
+    "wait_for_start",
 ]
 
 
@@ -141,3 +146,27 @@ async def pgvector_task_connection(database_url: str | None) -> AsyncIterator[as
     finally:
         await deployment.drop()
         await cluster.close()
+
+
+async def start_together(procs: Sequence[subprocess.Popen[str]]) -> float:
+    """Wait until each client process has said it is ready, then send all one start time.
+
+    The start is a `time.monotonic` instant a moment ahead: that clock is the same for every
+    process on Linux, so the clients' measured windows and the driver's coincide.
+    """
+    for proc in procs:
+        assert proc.stdout is not None
+        if (await asyncio.to_thread(proc.stdout.readline)).strip() != "ready":
+            raise RuntimeError("a bench client could not connect")
+    start = time.monotonic() + 0.1
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start}\n")
+        proc.stdin.flush()
+    return start
+
+
+async def wait_for_start() -> float:
+    """A client process's side of `start_together`: say ready, return the start time."""
+    print("ready", flush=True)
+    return float(await asyncio.to_thread(sys.stdin.readline))

@@ -51,7 +51,9 @@ from bench._env import (
     pgbench,
     service_env,
     start_order_ports,
+    start_together,
     summary,
+    wait_for_start,
 )
 from bench._grpc_floor import METHOD as FLOOR_METHOD
 from bench._task_variant import CONCERNS
@@ -116,8 +118,7 @@ async def _client(args: argparse.Namespace, ca: bytes | None) -> dict[str, Any]:
         await channel.channel_ready()
         # Every client process starts at the same moment, which the driver sends once all are
         # connected: the measured window is then the same for them and for the server's CPU.
-        print("ready", flush=True)
-        start = float(await asyncio.to_thread(sys.stdin.readline))
+        start = await wait_for_start()
         window_start = start + args.warmup
         stop_at = window_start + args.seconds
         cpu: dict[str, float] = {}
@@ -205,16 +206,7 @@ async def drive(
         for out in outs
     ]
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            line = await asyncio.to_thread(proc.stdout.readline)
-            if line.strip() != "ready":
-                raise RuntimeError("a bench client could not connect")
-        start = time.monotonic() + 0.1
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(f"{start}\n")
-            proc.stdin.flush()
+        start = await start_together(procs)
         await asyncio.sleep(max(start + args.warmup - time.monotonic(), 0))
         cpu_before = sum(_cpu_seconds(pid) for pid in server_pids)
         # py-spy samples the first server over the window without stopping it.

@@ -52,7 +52,9 @@ from bench._env import (
     admin_execute,
     service_env,
     start_order_ports,
+    start_together,
     summary,
+    wait_for_start,
 )
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_cli.devstate import DevState
@@ -181,8 +183,7 @@ async def _client(args: argparse.Namespace, tokens: list[str], ca: bytes) -> dic
     ):
         await channel.channel_ready()
         stub = task_pb2_grpc.TaskServiceStub(channel)
-        print("ready", flush=True)
-        start = float(await asyncio.to_thread(sys.stdin.readline))
+        start = await wait_for_start()
         stop_at = start + args.duration
 
         async def user(token: str) -> None:
@@ -205,6 +206,25 @@ async def _client(args: argparse.Namespace, tokens: list[str], ca: bytes) -> dic
 
 
 # --- the run ------------------------------------------------------------------------------
+
+
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(peak, current) resident memory of a process, in MB."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "VmRSS"))  # type: ignore[return-value]
+
+
+def _revision() -> str:
+    """The checked-out commit (with -dirty when the tree has changes)."""
+    result = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return result.stdout.strip() or "unknown"
 
 
 def _load() -> str:
@@ -251,15 +271,7 @@ async def _drive(args: argparse.Namespace, tokens: list[str], tmp: Path) -> dict
             )
         )
     try:
-        for proc in procs:
-            assert proc.stdout is not None
-            if (await asyncio.to_thread(proc.stdout.readline)).strip() != "ready":
-                raise RuntimeError("a load-test client could not connect")
-        start = time.monotonic() + 0.1
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write(f"{start}\n")
-            proc.stdin.flush()
+        await start_together(procs)
         for proc in procs:
             if await asyncio.to_thread(proc.wait) != 0:
                 raise RuntimeError("a load-test client failed")
@@ -325,6 +337,7 @@ def _report(args: argparse.Namespace, result: dict[str, Any], load_before: str) 
 
 async def run(args: argparse.Namespace) -> bool:
     """Start the system, run the users, print the report; whether both thresholds were met."""
+    revision = _revision()  # what the services are about to load
     cluster = await Cluster.find()
     deployment = await Deployment.create(cluster)
     tmp = Path(tempfile.mkdtemp(prefix="mhv-load-"))
@@ -379,7 +392,14 @@ async def run(args: argparse.Namespace) -> bool:
         args.github_secret = hooks["MHV_WEBHOOK_SECRETS_GITHUB"]
         load_before = _load()
         result = await _drive(args, tokens, tmp)
-        return _report(args, result, load_before)
+        met = _report(args, result, load_before)
+        memory = {s.module: _memory_mb(s.process.pid) for s in services if s.process}
+        print(
+            "  memory (peak RSS / RSS now, MB): "
+            + ", ".join(f"{m} {peak:.0f} / {now:.0f}" for m, (peak, now) in memory.items())
+        )
+        print(f"  code: {revision}")
+        return met
     finally:
         for service in reversed(services):
             service.stop()
