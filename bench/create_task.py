@@ -2,7 +2,7 @@
 
     python -m bench.create_task [--clients 50] [--seconds 20] [--processes 4] [--replicas 1]
                                 [--tls] [--log-level INFO] [--breakdown] [--profile FILE]
-                                [--rounds 1] [--against REV]
+                                [--rounds 1] [--against REV] [--rpc create|get|list]
 
 Starts a throw-away database and the task service as a real process (or several on one port),
 then drives CreateTask from several client processes so the client is not the bottleneck.
@@ -17,6 +17,9 @@ access log, metrics, deadline, auth, rate limit, pool wrapper, the whole interce
 call. With --against REV the service as of that git revision runs beside this tree's. Each of
 --rounds rounds measures everything once; differences and ratios are taken within a round (the
 same moment's load on a shared machine) and the median over the rounds is printed.
+
+With --rpc get or list the clients drive the read path instead (GetTask of one of 20 tasks they
+made beforehand, ListTasks of the repository's first 20); pgbench still runs the INSERT.
 
 CPU per call is the servers' CPU time inside the measured window (after the warm-up, read from
 /proc at the window's edges) over the calls started in that window; the clients start together
@@ -64,6 +67,9 @@ from mhv_common.auth import Role
 from mhv_task import _store
 
 ROOT = Path(__file__).resolve().parents[1]
+RPC_NAMES = {"create": "CreateTask", "get": "GetTask", "list": "ListTasks (20 tasks a page)"}
+# Issue 17's goals: server CPU per call against the gRPC floor's.
+CPU_GOALS = {"create": 2.0, "get": 1.6, "list": 1.6}
 
 PGBENCH_SCRIPT = """
 \\set n random(1, 1000000000)
@@ -116,6 +122,16 @@ async def _client(args: argparse.Namespace, ca: bytes | None) -> dict[str, Any]:
         stub = task_pb2_grpc.TaskServiceStub(channel)
         empty = channel.unary_unary(FLOOR_METHOD)
         await channel.channel_ready()
+        # The read path reads tasks that exist: a few of the client's own, made beforehand.
+        seeded = [
+            (
+                await stub.CreateTask(
+                    task_pb2.CreateTaskRequest(title=f"seed {n}", repository="demo"),
+                    metadata=metadata,
+                )
+            ).id
+            for n in range(20 if args.rpc != "create" and not args.floor else 0)
+        ]
         # Every client process starts at the same moment, which the driver sends once all are
         # connected: the measured window is then the same for them and for the server's CPU.
         start = await wait_for_start()
@@ -135,6 +151,15 @@ async def _client(args: argparse.Namespace, ca: bytes | None) -> dict[str, Any]:
             while (t0 := time.monotonic()) < stop_at:
                 if args.floor:
                     await empty(b"")
+                elif args.rpc == "get":
+                    await stub.GetTask(
+                        task_pb2.GetTaskRequest(id=seeded[i % len(seeded)]), metadata=metadata
+                    )
+                elif args.rpc == "list":
+                    await stub.ListTasks(
+                        task_pb2.ListTasksRequest(repository="demo", page_size=20),
+                        metadata=metadata,
+                    )
                 else:
                     await stub.CreateTask(
                         task_pb2.CreateTaskRequest(title=f"bench {n}-{i}", repository="demo"),
@@ -198,6 +223,8 @@ async def drive(
                 str(out),
                 *(["--ca", str(args.ca)] if args.ca else []),
                 *(["--floor"] if floor else []),
+                "--rpc",
+                args.rpc,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -436,14 +463,14 @@ async def run(args: argparse.Namespace) -> None:
         service, floor = _median_load(rounds, "service"), _median_load(rounds, "floor")
         lat = service.latency_ms
         print(
-            f"CreateTask over gRPC, {clients} clients in {args.processes} processes, "
+            f"{RPC_NAMES[args.rpc]} over gRPC, {clients} clients in {args.processes} processes, "
             f"{args.replicas} service process(es), {'TLS' if args.tls else 'plaintext'}, "
             f"log level {args.log_level}, {args.seconds}s after {args.warmup}s warm-up, "
             f"{args.rounds} round(s) (medians), all on this machine's cores; "
             f"load average {_load()}"
         )
         print(
-            f"  service      : {service.rps:7.0f} creates/s  p50 {lat['p50']:6.1f} ms  "
+            f"  service      : {service.rps:7.0f} calls/s  p50 {lat['p50']:6.1f} ms  "
             f"p95 {lat['p95']:6.1f} ms  p99 {lat['p99']:6.1f} ms  "
             f"server CPU {service.server_cpu_us:5.0f} us/call  "
             f"client CPU {service.client_cpu_us:4.0f} us/call"
@@ -451,7 +478,7 @@ async def run(args: argparse.Namespace) -> None:
         if against is not None:
             old = _median_load(rounds, "against")
             print(
-                f"  {args.against[:12]:<13}: {old.rps:7.0f} creates/s  p50 "
+                f"  {args.against[:12]:<13}: {old.rps:7.0f} calls/s  p50 "
                 f"{old.latency_ms['p50']:6.1f} ms  p95 {old.latency_ms['p95']:6.1f} ms  p99 "
                 f"{old.latency_ms['p99']:6.1f} ms  server CPU {old.server_cpu_us:5.0f} us/call"
             )
@@ -467,7 +494,8 @@ async def run(args: argparse.Namespace) -> None:
         cpu_x = _median_ratio(rounds, "service", "floor", "server_cpu_us")
         rps_x = _median_ratio(rounds, "service", "floor", "rps")
         print(
-            f"  ratio        : server CPU {cpu_x:.2f}x the floor's (goal <= 2x); throughput "
+            f"  ratio        : server CPU {cpu_x:.2f}x the floor's (goal <= "
+            f"{CPU_GOALS[args.rpc]}x); throughput "
             f"{rps_x:.2f}x the floor (goal >= 0.5x), {service.rps / pg_tps:.2f}x pgbench; p99 "
             f"{lat['p99'] / pg['p99']:.2f}x pgbench's; p95 {lat['p95']:.1f} ms (SLO < 100 ms)"
         )
@@ -501,6 +529,12 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=10)
     parser.add_argument("--replicas", type=int, default=1, help="task service processes")
     parser.add_argument("--tls", action="store_true", help="serve and call over TLS")
+    parser.add_argument(
+        "--rpc",
+        choices=sorted(RPC_NAMES),
+        default="create",
+        help="the call to drive: CreateTask, or the read path's GetTask / ListTasks",
+    )
     parser.add_argument(
         "--log-level", default="INFO", help="the service's MHV_LOG_LEVEL (production: INFO)"
     )
