@@ -15,6 +15,7 @@ EXPECTED = {
     "marks",
     "migrate",
     "pgcluster",
+    "reindex",
     "restore",
     "up",
     "verify",

@@ -43,6 +43,15 @@ EXPECTED = {
     "UserRef",
     "UserServicer",
     "Users",
+    "EmbeddingError",
+    "EmbeddingSettings",
+    "Embeddings",
+    "Embedder",
+    "FallbackEmbedder",
+    "SearchMode",
+    "SearchPage",
+    "SemanticSearch",
+    "build_embedder",
     "validate",
 }
 PACKAGE = Path(mhv_task.__file__).parent

@@ -1,4 +1,7 @@
-"""SearchTasks: the plan's query rules, then ranked PostgreSQL full-text search."""
+"""SearchTasks: the plan's query rules, then ranked PostgreSQL full-text search (keyword mode).
+
+Semantic and hybrid mode: tests/task/test_semantic_search.py.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from tests.conftest import Services
 from tests.harness import metric, mhv_code, rpc_error, violations
 from tests.task.conftest import People, new_task
+
+KEYWORD = task_pb2.SEARCH_MODE_KEYWORD
 
 
 async def _search_count(services: Services, status: str) -> float:
@@ -29,14 +34,15 @@ async def test_search_ranks_title_matches_first_and_filters(
         tasks, people.alice, title=f"{word} elsewhere", repository="mahavishnu"
     )
     reply = await tasks.SearchTasks(
-        task_pb2.SearchTasksRequest(query=word, repository="demo"), metadata=people.viewer.md()
+        task_pb2.SearchTasksRequest(query=word, repository="demo", mode=KEYWORD),
+        metadata=people.viewer.md(),
     )
     ids = [r.task.id for r in reply.results]
     assert ids == [in_title.id, in_body.id]
     assert reply.results[0].rank > reply.results[1].rank
     assert other_repo.id not in ids
     both = await tasks.SearchTasks(
-        task_pb2.SearchTasksRequest(query=word), metadata=people.viewer.md()
+        task_pb2.SearchTasksRequest(query=word, mode=KEYWORD), metadata=people.viewer.md()
     )
     assert {r.task.id for r in both.results} == {in_title.id, in_body.id, other_repo.id}
 
@@ -51,7 +57,9 @@ async def test_web_search_syntax_and_paging(
     token = ""
     while True:
         page = await tasks.SearchTasks(
-            task_pb2.SearchTasksRequest(query=f"{word} -legacy", page_size=2, page_token=token),
+            task_pb2.SearchTasksRequest(
+                query=f"{word} -legacy", page_size=2, page_token=token, mode=KEYWORD
+            ),
             metadata=people.viewer.md(),
         )
         seen.extend(r.task.id for r in page.results)
@@ -61,7 +69,8 @@ async def test_web_search_syntax_and_paging(
     assert sorted(seen) == sorted(t.id for t in made)
     assert excluded.id not in seen
     phrase = await tasks.SearchTasks(
-        task_pb2.SearchTasksRequest(query=f'"{word} item legacy"'), metadata=people.viewer.md()
+        task_pb2.SearchTasksRequest(query=f'"{word} item legacy"', mode=KEYWORD),
+        metadata=people.viewer.md(),
     )
     assert [r.task.id for r in phrase.results] == [excluded.id]
 
@@ -70,9 +79,14 @@ async def test_web_search_syntax_and_paging(
 async def test_plan_forbidden_sequences_are_rejected(
     tasks: task_pb2_grpc.TaskServiceStub, people: People, services: Services, query: str
 ) -> None:
+    # Validation comes before anything else, so a hybrid search is refused the same way on a
+    # server without pgvector, and counts as a rejected semantic search.
     before = await _search_count(services, "rejected")
     error = await rpc_error(
-        tasks.SearchTasks(task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md())
+        tasks.SearchTasks(
+            task_pb2.SearchTasksRequest(query=query, mode=task_pb2.SEARCH_MODE_HYBRID),
+            metadata=people.viewer.md(),
+        )
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert mhv_code(error) == "MHV-003"
@@ -96,7 +110,9 @@ async def test_hostile_looking_but_legal_queries_are_plain_text(
     before = await _search_count(services, "success")
     for query in ("' OR '1'='1", "1' UNION SELECT * FROM users", "<script>", "\x00drop"):
         reply = await tasks.SearchTasks(
-            task_pb2.SearchTasksRequest(query=query), metadata=people.viewer.md()
+            task_pb2.SearchTasksRequest(query=query, mode=KEYWORD), metadata=people.viewer.md()
         )
         assert isinstance(reply, task_pb2.SearchTasksResponse)
-    assert await _search_count(services, "success") == before + 4
+        assert reply.mode == KEYWORD
+    # semantic_search_total counts semantic and hybrid searches only.
+    assert await _search_count(services, "success") == before

@@ -15,6 +15,7 @@ marks        count marks: row counts under write locks with a restore point, aft
 verify       backup verification (``scripts/verify-backups.py``): restore and check
 anchors      audit chain anchors kept outside the database; ``mhv audit``
 credentials  rotating signing keys, webhook secrets, database passwords (``mhv keys/secrets``)
+reindex      semantic search: whether a database offers it; ``mhv reindex`` (backfill, model switch)
 ===========  =====================================================================================
 """
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         marks,
         migrate,
         pgcluster,
+        reindex,
         restore,
         up,
         verify,
@@ -50,6 +52,7 @@ __all__ = [
     "marks",
     "migrate",
     "pgcluster",
+    "reindex",
     "restore",
     "up",
     "verify",

@@ -140,6 +140,13 @@ def _validate_config(_args: argparse.Namespace) -> int:
         f"({', '.join(s.name for s in sources)})"
     )
     print("environment: ok")
+    from mhv_cli.reindex import provider_chain, semantic_search_status
+    from mhv_task._embedding import EmbeddingSettings
+
+    embedding = load_settings(EmbeddingSettings)
+    print(f"embeddings: {provider_chain(embedding)}")
+    task = load_settings(TaskSettings)
+    print(asyncio.run(semantic_search_status(task.task_database_url)))
     return 0
 
 

@@ -442,6 +442,32 @@ CATALOG: tuple[ErrorSpec, ...] = (
             "Or delete the tasks they created first.",
         ),
     ),
+    ErrorSpec(
+        "MHV-118",
+        "SEMANTIC_SEARCH_UNAVAILABLE",
+        _S.FAILED_PRECONDITION,
+        409,
+        "Semantic search is not available on this server.",
+        (
+            "Search with mode SEARCH_MODE_KEYWORD, or leave the mode unspecified: keyword search "
+            "keeps working.",
+            "Operators: install pgvector on the PostgreSQL server, run `mhv migrate` (it applies "
+            "the held-back semantic search migrations), then restart the task service; "
+            "`mhv validate-config` says whether semantic search is available.",
+        ),
+    ),
+    ErrorSpec(
+        "MHV-119",
+        "QUERY_EMBEDDING_FAILED",
+        _S.UNAVAILABLE,
+        503,
+        "The search query could not be embedded.",
+        (
+            "Retry after the delay in RetryInfo.",
+            "Search with mode SEARCH_MODE_KEYWORD meanwhile.",
+        ),
+        retryable=True,
+    ),
     # --- Repository errors (200-299) --------------------------------------------------------
     ErrorSpec(
         "MHV-200",

@@ -309,6 +309,14 @@ class UserHasTasksError(MahavishnuError, code="MHV-113"):
     """MHV-113: The user created tasks and cannot be deleted."""
 
 
+class SemanticSearchUnavailableError(MahavishnuError, code="MHV-118"):
+    """MHV-118: Semantic search is not available on this server."""
+
+
+class QueryEmbeddingFailedError(MahavishnuError, code="MHV-119"):
+    """MHV-119: The search query could not be embedded."""
+
+
 class RepositoryNotFoundError(MahavishnuError, code="MHV-200"):
     """MHV-200: The repository is not configured."""
 
@@ -436,6 +444,7 @@ __all__ = [
     "MahavishnuError",
     "MigrationWouldLoseDataError",
     "NotImplementedRpcError",
+    "QueryEmbeddingFailedError",
     "RateLimitExceededError",
     "RateLimitStorageUnavailableError",
     "RepositoryNotConfiguredError",
@@ -443,6 +452,7 @@ __all__ = [
     "RequestCancelledError",
     "RestoreDestinationInUseError",
     "RestoreTargetOutOfRangeError",
+    "SemanticSearchUnavailableError",
     "ServerDrainingError",
     "ServerOverloadedError",
     "ServiceUnavailableError",

@@ -3,12 +3,22 @@
 Layers, top to bottom: `_edge` (gRPC, with `_edge_codec` translating protobuf to the typed
 requests of `_models` and back), the domain (`_tasks`, `_users`, `_lifecycle`, `_authz`,
 `_events`, and the outbox `_relay`, the shared `mhv_common.outbox` relay), and `_store`
-(SQL). `_metrics` holds every metric of the service; `app` wires it all into a running service.
+(SQL; `_store_embeddings` for the vectors). Semantic search is `_semantic`, with the
+embedding providers (`_embedding*`). `_metrics` holds every metric of the service; `app`
+wires it all into a running service.
 """
 
 from mhv_common.outbox import PendingEvent
 from mhv_task._authz import ActiveUsers, Actor
 from mhv_task._edge import TaskServicer, UserServicer
+from mhv_task._embedding import (
+    Embedder,
+    EmbeddingError,
+    Embeddings,
+    EmbeddingSettings,
+    FallbackEmbedder,
+    build_embedder,
+)
 from mhv_task._events import EventType, OutboxEvent
 from mhv_task._lifecycle import Action, Status, Transition
 from mhv_task._metrics import RequestMetrics
@@ -19,6 +29,8 @@ from mhv_task._models import (
     QualityCheck,
     QualityGate,
     SearchHit,
+    SearchMode,
+    SearchPage,
     Task,
     TaskAssignRequest,
     TaskChanges,
@@ -36,6 +48,7 @@ from mhv_task._models import (
     validate,
 )
 from mhv_task._relay import OutboxMonitor, OutboxRelay
+from mhv_task._semantic import SemanticSearch
 from mhv_task._tasks import Tasks
 from mhv_task._users import Users
 
@@ -44,8 +57,13 @@ __all__ = [
     "Action",
     "ActiveUsers",
     "Actor",
+    "Embedder",
+    "EmbeddingError",
+    "EmbeddingSettings",
+    "Embeddings",
     "EventType",
     "FTSSearchQuery",
+    "FallbackEmbedder",
     "OutboxEvent",
     "OutboxMonitor",
     "OutboxRelay",
@@ -55,6 +73,9 @@ __all__ = [
     "QualityGate",
     "RequestMetrics",
     "SearchHit",
+    "SearchMode",
+    "SearchPage",
+    "SemanticSearch",
     "Status",
     "Task",
     "TaskAssignRequest",
@@ -75,5 +96,6 @@ __all__ = [
     "UserRef",
     "UserServicer",
     "Users",
+    "build_embedder",
     "validate",
 ]

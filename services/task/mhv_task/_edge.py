@@ -81,16 +81,13 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def SearchTasks(
         self, request: task_pb2.SearchTasksRequest, context: aio.ServicerContext
     ) -> task_pb2.SearchTasksResponse:
-        """Full-text search."""
-        with self._metrics.search():
+        """Keyword, semantic or hybrid search."""
+        # Resolved first (unspecified: hybrid when the server offers it), so that a refused
+        # semantic or hybrid search counts in the search metrics like an answered one.
+        mode = self._tasks.resolve_search_mode(codec.search_mode(request.mode))
+        with self._metrics.search(mode):
             page = await self._tasks.search(codec.search_tasks(request))
-        return task_pb2.SearchTasksResponse(
-            results=[
-                task_pb2.SearchResult(task=codec.task_message(hit.task), rank=hit.rank)
-                for hit in page.items
-            ],
-            next_page_token=page.next_page_token,
-        )
+        return codec.search_response(page)
 
     async def AssignTask(
         self, request: task_pb2.AssignTaskRequest, context: aio.ServicerContext

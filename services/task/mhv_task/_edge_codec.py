@@ -22,6 +22,9 @@ from mhv_common.timestamps import set_micros, to_micros
 from mhv_task._lifecycle import Status
 from mhv_task._models import (
     FTSSearchQuery,
+    SearchHit,
+    SearchMode,
+    SearchPage,
     Task,
     TaskAssignRequest,
     TaskCreateRequest,
@@ -132,12 +135,30 @@ def list_tasks(request: task_pb2.ListTasksRequest) -> TaskListRequest:
     )
 
 
+SEARCH_MODE_FROM_PB: dict[task_pb2.SearchMode, SearchMode] = {
+    task_pb2.SEARCH_MODE_KEYWORD: SearchMode.KEYWORD,
+    task_pb2.SEARCH_MODE_SEMANTIC: SearchMode.SEMANTIC,
+    task_pb2.SEARCH_MODE_HYBRID: SearchMode.HYBRID,
+}
+SEARCH_MODE_TO_PB: dict[SearchMode, task_pb2.SearchMode] = {
+    mode: number for number, mode in SEARCH_MODE_FROM_PB.items()
+}
+
+
+def search_mode(value: int) -> SearchMode | int | None:
+    """The requested mode (None: unspecified; an unknown number is left for validation)."""
+    if value == task_pb2.SEARCH_MODE_UNSPECIFIED:
+        return None
+    return SEARCH_MODE_FROM_PB.get(task_pb2.SearchMode.ValueType(value), value)
+
+
 def search_tasks(request: task_pb2.SearchTasksRequest) -> FTSSearchQuery:
     """SearchTasks."""
     return validate(
         FTSSearchQuery,
         {
             "query": request.query,
+            "mode": search_mode(request.mode),
             "repository": request.repository or None,
             "status": _status(request.status),
             "page_size": request.page_size,
@@ -285,6 +306,25 @@ def task_message(task: Task) -> task_pb2.Task:
             result.checks.add(name=check.name, passed=check.passed, detail=check.detail)
         result.SetInParent()
     return message
+
+
+def search_response(page: SearchPage) -> task_pb2.SearchTasksResponse:
+    """A page of search results as the API's SearchTasksResponse."""
+    return task_pb2.SearchTasksResponse(
+        results=[_search_result(hit) for hit in page.items],
+        next_page_token=page.next_page_token,
+        mode=SEARCH_MODE_TO_PB[page.mode],
+    )
+
+
+def _search_result(hit: SearchHit) -> task_pb2.SearchResult:
+    return task_pb2.SearchResult(
+        task=task_message(hit.task),
+        rank=hit.rank,
+        matched=[SEARCH_MODE_TO_PB[mode] for mode in hit.matched],
+        score=hit.score,
+        similarity=hit.similarity,
+    )
 
 
 def user_message(user: User) -> task_pb2.User:

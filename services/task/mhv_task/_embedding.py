@@ -146,6 +146,12 @@ class EmbeddingSettings(BaseSettings):
     # Time kept back from the remote provider for the local fallback to still answer in time.
     fallback_reserve_seconds: float = Field(default=0.25, ge=0)
 
+    # The task service's embedding worker: tasks per round, how long a claim holds against
+    # other processes, and the pause after a round that emptied the backlog.
+    worker_batch_size: int = Field(default=32, ge=1, le=1000)
+    worker_lease_seconds: float = Field(default=120.0, gt=0)
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+
     @model_validator(mode="after")
     def _remote_needs_a_model(self) -> Self:
         if self.remote_url is not None and not self.remote_model:

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from mhv_common.db import DATABASE_SIZE_BYTES
 from mhv_common.edge import SERVICE_FAULTS
 from mhv_common.errors import MahavishnuError
+from mhv_task._embedding import OUTCOMES as PROVIDER_OUTCOMES
 
 TASK_CREATION_TOTAL = Counter(
     "task_creation_total", "CreateTask calls by outcome.", ["repository", "status"]
@@ -27,8 +28,40 @@ TASK_CREATION_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.5, 1.0, 5.0),
 )
 SEMANTIC_SEARCH_TOTAL = Counter(
-    "semantic_search_total", "SearchTasks calls by outcome.", ["status"]
+    "semantic_search_total",
+    "SearchTasks calls in semantic or hybrid mode (the mode asked for, or resolved from an "
+    "unspecified one), by outcome.",
+    ["status"],
 )
+EMBEDDING_DURATION = Histogram(
+    "task_embedding_duration_seconds",
+    "Time to embed texts: a search query, or a batch of tasks by the embedding worker.",
+    ["purpose"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+EMBEDDING_REQUESTS = Counter(
+    "task_embedding_requests_total",
+    "Embedding calls by purpose and by provider outcome: remote (the remote provider "
+    "answered), local_fallback (the local model answered: no remote configured, or it "
+    "failed), error (no provider could).",
+    ["purpose", "outcome"],
+)
+EMBEDDING_REMOTE_CONFIGURED = Gauge(
+    "task_embedding_remote_configured",
+    "1 when a remote embeddings provider is configured (local_fallback then means it failed).",
+    multiprocess_mode="livemax",
+)
+EMBEDDING_BACKLOG = Gauge(
+    "task_embedding_backlog",
+    "Tasks whose title or description changed since they were last embedded.",
+    multiprocess_mode="livemostrecent",
+)
+EMBEDDING_BACKLOG_AGE = Gauge(
+    "task_embedding_backlog_age_seconds",
+    "Time the oldest task in the embedding backlog has waited (0 when none).",
+    multiprocess_mode="livemostrecent",
+)
+EMBEDDED_TASKS = Counter("task_embedded_total", "Tasks the embedding worker embedded and stored.")
 # Every process of the service samples the same outbox: the newest sample stands.
 OUTBOX_DEPTH = Gauge(
     "task_outbox_depth",
@@ -48,6 +81,8 @@ OUTBOX_FAILURES = Counter(
 TASK_SCHEMA = "task"
 UNKNOWN_REPOSITORY_LABEL = "_unknown"
 OUTCOMES = ("success", "rejected", "error")
+SEMANTIC_MODES = frozenset({"semantic", "hybrid"})
+EMBEDDING_PURPOSES = ("query", "index", "reindex")
 
 
 def outcome(exc: BaseException | None) -> str:
@@ -102,12 +137,16 @@ class _Creation(_Observed):
 
 
 class _Search(_Observed):
-    """Counts one SearchTasks call by outcome."""
+    """Counts one semantic or hybrid SearchTasks call by outcome (keyword ones are not)."""
 
-    __slots__ = ()
+    __slots__ = ("_counted",)
+
+    def __init__(self, counted: bool) -> None:
+        self._counted = counted
 
     def _record(self, result: str) -> None:
-        SEMANTIC_SEARCH_TOTAL.labels(result).inc()
+        if self._counted:
+            SEMANTIC_SEARCH_TOTAL.labels(result).inc()
 
 
 class RequestMetrics:
@@ -135,9 +174,9 @@ class RequestMetrics:
         """Count and time the enclosed CreateTask work under the repository's label."""
         return _Creation(self._creation.get(repository, self._unknown))
 
-    def search(self) -> _Search:
-        """Count the enclosed SearchTasks work by outcome."""
-        return _Search()
+    def search(self, mode: str | None) -> _Search:
+        """Count the enclosed SearchTasks work by outcome, when `mode` is semantic or hybrid."""
+        return _Search(mode in SEMANTIC_MODES)
 
 
 def outbox_backlog(depth: int, lag_seconds: float) -> None:
@@ -159,3 +198,29 @@ def outbox_round_failed() -> None:
 def schema_size(size: int) -> None:
     """Record the bytes the task schema uses on disk."""
     DATABASE_SIZE_BYTES.labels(schema=TASK_SCHEMA).set(size)
+
+
+def embedding_series(*, remote_configured: bool) -> None:
+    """Every embedding series at zero from the start, and whether a remote one is configured."""
+    EMBEDDING_REMOTE_CONFIGURED.set(1 if remote_configured else 0)
+    for purpose in EMBEDDING_PURPOSES:
+        EMBEDDING_DURATION.labels(purpose)
+        for provider_outcome in PROVIDER_OUTCOMES:
+            EMBEDDING_REQUESTS.labels(purpose, provider_outcome)
+
+
+def embedded(*, purpose: str, outcome: str, seconds: float) -> None:
+    """Record one embedding call: its provider outcome and its time."""
+    EMBEDDING_REQUESTS.labels(purpose, outcome).inc()
+    EMBEDDING_DURATION.labels(purpose).observe(seconds)
+
+
+def tasks_embedded(count: int) -> None:
+    """Count tasks whose vectors the worker stored."""
+    EMBEDDED_TASKS.inc(count)
+
+
+def embedding_backlog(depth: int, age_seconds: float) -> None:
+    """Record the tasks waiting to be embedded and the age of the oldest."""
+    EMBEDDING_BACKLOG.set(depth)
+    EMBEDDING_BACKLOG_AGE.set(age_seconds)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import enum
 import hashlib
 import json
 import math
@@ -353,10 +354,19 @@ class TaskListRequest(_Strict):
         }
 
 
+class SearchMode(enum.StrEnum):
+    """How SearchTasks finds tasks (SEARCH_MODE_UNSPECIFIED is resolved before the domain)."""
+
+    KEYWORD = "keyword"
+    SEMANTIC = "semantic"
+    HYBRID = "hybrid"
+
+
 class FTSSearchQuery(_Strict):
-    """SearchTasks: the plan's query rules, filters and a page."""
+    """SearchTasks: the plan's query rules, filters, a page, and the mode (None: unspecified)."""
 
     query: SearchText
+    mode: SearchMode | None = None
     repository: RepositoryName | None = None
     status: StatusFilter = None
     page_size: int = 0
@@ -641,10 +651,32 @@ class User(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
-    """A task that matched a search, and how well (``ts_rank_cd``; higher is better)."""
+    """A task that matched a search, and how well.
+
+    Attributes:
+        task: The task.
+        rank: ``ts_rank_cd`` of the full-text match (0: keyword search did not find it).
+        score: What results are ordered by: `rank` in keyword mode, the reciprocal rank fusion
+            score in semantic and hybrid mode. Higher is better.
+        similarity: Cosine similarity of the query's and task's embeddings (0: not found by
+            semantic search).
+        matched: The searches that found it (`SearchMode.KEYWORD`, `SearchMode.SEMANTIC`).
+    """
 
     task: Task
     rank: float
+    score: float = 0.0
+    similarity: float = 0.0
+    matched: tuple[SearchMode, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SearchPage:
+    """One page of search results, the next page's token, and the mode the search ran in."""
+
+    items: list[SearchHit]
+    next_page_token: str
+    mode: SearchMode
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ _SETTABLE: dict[str, str] = {
 }
 
 
-def _task(row: asyncpg.Record) -> Task:
+def task_from_row(row: asyncpg.Record) -> Task:
     gate = row["quality_gate"]
     before = row["status_before_block"]
     return Task(
@@ -136,7 +136,7 @@ async def insert_task(
         event.event_type.value,
         timeout=timeout,
     )
-    return None if row is None else _task(row)
+    return None if row is None else task_from_row(row)
 
 
 async def task_by_request_key(
@@ -146,7 +146,7 @@ async def task_by_request_key(
     row: asyncpg.Record | None = await conn.fetchrow(
         f"SELECT {TASK_COLUMNS} FROM tasks WHERE request_key = $1", key, timeout=timeout
     )
-    return None if row is None else (_task(row), row["request_fingerprint"])
+    return None if row is None else (task_from_row(row), row["request_fingerprint"])
 
 
 async def get_task(
@@ -157,7 +157,7 @@ async def get_task(
     row: asyncpg.Record | None = await conn.fetchrow(
         f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1{lock}", task_id, timeout=timeout
     )
-    return None if row is None else _task(row)
+    return None if row is None else task_from_row(row)
 
 
 async def update_task(
@@ -199,7 +199,7 @@ async def update_task(
     SELECT {TASK_COLUMNS} FROM t
     """
     row: asyncpg.Record = await conn.fetchrow(sql, *args, timeout=timeout)
-    return _task(row)
+    return task_from_row(row)
 
 
 async def delete_task(
@@ -257,7 +257,7 @@ async def list_tasks(
         *args,
         timeout=timeout,
     )
-    return [_task(row) for row in rows]
+    return [task_from_row(row) for row in rows]
 
 
 async def search_tasks(
@@ -268,14 +268,26 @@ async def search_tasks(
     after: tuple[float, int] | None,
     limit: int,
     timeout: float | None,
+    not_embedded_by: str | None = None,
 ) -> list[tuple[Task, float]]:
-    """Full-text matches for `query` and their rank, best first (rank, then newest)."""
+    """Full-text matches for `query` and their rank, best first (rank, then newest).
+
+    With `not_embedded_by` (a model name), only tasks that have no vector of that model or
+    wait in the embedding backlog (semantic search cannot see their current text yet).
+    """
     args: list[Any] = [query]
     where = ["search_vector @@ q"]
     for name in ("repository", "status"):
         if filters.get(name) is not None:
             args.append(filters[name])
             where.append(_LIST_FILTERS[name].format(len(args)))
+    if not_embedded_by is not None:
+        args.append(not_embedded_by)
+        where.append(
+            "(EXISTS (SELECT 1 FROM embedding_backlog b WHERE b.task_id = tasks.id)"
+            " OR NOT EXISTS (SELECT 1 FROM task_embeddings e"
+            f" WHERE e.task_id = tasks.id AND e.model = ${len(args)}))"
+        )
     rank = "ts_rank_cd(search_vector, q)"
     if after is not None:
         args.extend(after)
@@ -292,7 +304,7 @@ async def search_tasks(
         *args,
         timeout=timeout,
     )
-    return [(_task(row), float(row["rank"])) for row in rows]
+    return [(task_from_row(row), float(row["rank"])) for row in rows]
 
 
 # --- users ------------------------------------------------------------------------------------

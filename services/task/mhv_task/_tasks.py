@@ -41,6 +41,8 @@ from mhv_task._models import (
     FTSSearchQuery,
     Page,
     SearchHit,
+    SearchMode,
+    SearchPage,
     Task,
     TaskAssignRequest,
     TaskCreateRequest,
@@ -50,6 +52,7 @@ from mhv_task._models import (
     TaskUpdateRequest,
     unknown_repository,
 )
+from mhv_task._semantic import SemanticSearch
 
 # What a change writes, given the locked task: columns -> new values, and its event (None:
 # nothing changes, so nothing is written and the version stays).
@@ -72,12 +75,20 @@ class Tasks:
         db: The task service's pool.
         repositories: Repositories tasks may be filed against.
         active: The cache of callers known to be active users.
+        semantic: Semantic and hybrid search.
     """
 
-    def __init__(self, db: Database, repositories: RepositoryCatalog, active: ActiveUsers) -> None:
+    def __init__(
+        self,
+        db: Database,
+        repositories: RepositoryCatalog,
+        active: ActiveUsers,
+        semantic: SemanticSearch,
+    ) -> None:
         self._db = db
         self._repos = repositories
         self._active = active
+        self._semantic = semantic
 
     def _check_configured(self, name: str, *, field: str) -> None:
         if self._repos.get(name) is None:
@@ -167,9 +178,23 @@ class Tasks:
             token = paging.encode_token({"before_id": tasks[-1].id}, filters=filters)
         return Page(tasks, token)
 
-    async def search(self, request: FTSSearchQuery) -> Page[SearchHit]:
-        """Ranked full-text matches and the next page's token."""
+    def resolve_search_mode(self, mode: SearchMode | int | None) -> SearchMode | None:
+        """The mode a search asking for `mode` runs in (None: an unknown mode, refused later)."""
+        if isinstance(mode, int) and not isinstance(mode, SearchMode):
+            return None
+        return self._semantic.resolve(mode)
+
+    async def search(self, request: FTSSearchQuery) -> SearchPage:
+        """A page of results in the requested mode (unspecified: hybrid where available).
+
+        Raises:
+            SemanticSearchUnavailableError: Semantic or hybrid without pgvector (MHV-118).
+            QueryEmbeddingFailedError: The query could not be embedded (MHV-119).
+        """
         await self._active.ensure_caller_active()
+        mode = self._semantic.resolve(request.mode)
+        if mode is not SearchMode.KEYWORD:
+            return await self._semantic.search(request, mode)
         filters = request.filters()
         size = paging.page_size(request.page_size)
         scope = {**filters, "query": request.query}
@@ -191,7 +216,10 @@ class Tasks:
             found = found[:size]
             last, rank = found[-1]
             token = paging.encode_token({"rank": rank, "id": last.id}, filters=scope)
-        return Page([SearchHit(task, rank) for task, rank in found], token)
+        hits = [
+            SearchHit(task, rank, score=rank, matched=(SearchMode.KEYWORD,)) for task, rank in found
+        ]
+        return SearchPage(hits, token, SearchMode.KEYWORD)
 
     # --- changes ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role, ServiceCredentials
-from mhv_common.config import TaskSettings, load_repositories
+from mhv_common.config import TaskSettings, load_repositories, load_settings
 from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.outbox import AuditClient
@@ -17,8 +17,10 @@ from mhv_common.server import ServiceDefinition, Worker, run_service
 from mhv_common.tls import peer
 from mhv_task._authz import ActiveUsers
 from mhv_task._edge import TaskServicer, UserServicer
+from mhv_task._embedding import EmbeddingSettings
 from mhv_task._metrics import RequestMetrics
 from mhv_task._relay import OutboxMonitor, OutboxRelay
+from mhv_task._semantic import SemanticSearch
 from mhv_task._tasks import Tasks
 from mhv_task._users import Users
 
@@ -50,12 +52,25 @@ POLICIES: dict[str, MethodPolicy] = {
 }
 
 
+async def _start(db: Database, semantic: SemanticSearch) -> None:
+    await db.open()
+    # Before the first call: whether semantic search is available decides unspecified modes.
+    await semantic.start()
+
+
+async def _stop(db: Database, semantic: SemanticSearch) -> None:
+    await semantic.close()
+    await db.close()
+
+
 def build(settings: TaskSettings) -> ServiceDefinition:
     """Assemble the task service."""
     db = Database.for_service(settings, dsn=settings.task_database_url, name="task")
     repositories = load_repositories(settings.repos_file)
     active = ActiveUsers(db)
-    tasks = Tasks(db, repositories, active)
+    embedding = load_settings(EmbeddingSettings)
+    semantic = SemanticSearch(db, embedding)
+    tasks = Tasks(db, repositories, active, semantic)
     users = Users(db, active)
     metrics = RequestMetrics(repositories.names())
     workers: list[Worker] = [OutboxMonitor(db)]
@@ -87,8 +102,8 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         metrics_port=settings.task_metrics_port,
         register=register,
         policies=POLICIES,
-        startup=db.open,
-        cleanup=db.close,
+        startup=partial(_start, db, semantic),
+        cleanup=partial(_stop, db, semantic),
         workers=workers,
         processes=settings.task_processes,
         databases=[db],

@@ -23,6 +23,13 @@ class TaskStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATUS_CANCELLED: _ClassVar[TaskStatus]
     TASK_STATUS_BLOCKED: _ClassVar[TaskStatus]
 
+class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEARCH_MODE_UNSPECIFIED: _ClassVar[SearchMode]
+    SEARCH_MODE_KEYWORD: _ClassVar[SearchMode]
+    SEARCH_MODE_SEMANTIC: _ClassVar[SearchMode]
+    SEARCH_MODE_HYBRID: _ClassVar[SearchMode]
+
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRIORITY_UNSPECIFIED: _ClassVar[Priority]
@@ -36,6 +43,10 @@ TASK_STATUS_IN_PROGRESS: TaskStatus
 TASK_STATUS_COMPLETED: TaskStatus
 TASK_STATUS_CANCELLED: TaskStatus
 TASK_STATUS_BLOCKED: TaskStatus
+SEARCH_MODE_UNSPECIFIED: SearchMode
+SEARCH_MODE_KEYWORD: SearchMode
+SEARCH_MODE_SEMANTIC: SearchMode
+SEARCH_MODE_HYBRID: SearchMode
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_LOW: Priority
 PRIORITY_MEDIUM: Priority
@@ -171,34 +182,44 @@ class DeleteTaskRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class SearchTasksRequest(_message.Message):
-    __slots__ = ("query", "repository", "status", "page_size", "page_token")
+    __slots__ = ("query", "repository", "status", "page_size", "page_token", "mode")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     REPOSITORY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     query: str
     repository: str
     status: TaskStatus
     page_size: int
     page_token: str
-    def __init__(self, query: _Optional[str] = ..., repository: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    mode: SearchMode
+    def __init__(self, query: _Optional[str] = ..., repository: _Optional[str] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class SearchResult(_message.Message):
-    __slots__ = ("task", "rank")
+    __slots__ = ("task", "rank", "matched", "score", "similarity")
     TASK_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     task: Task
     rank: float
-    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., rank: _Optional[float] = ...) -> None: ...
+    matched: _containers.RepeatedScalarFieldContainer[SearchMode]
+    score: float
+    similarity: float
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., rank: _Optional[float] = ..., matched: _Optional[_Iterable[_Union[SearchMode, str]]] = ..., score: _Optional[float] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class SearchTasksResponse(_message.Message):
-    __slots__ = ("results", "next_page_token")
+    __slots__ = ("results", "next_page_token", "mode")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SearchResult]
     next_page_token: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    mode: SearchMode
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class AssignTaskRequest(_message.Message):
     __slots__ = ("id", "assigned_to", "etag")

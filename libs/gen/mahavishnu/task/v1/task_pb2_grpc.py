@@ -147,7 +147,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchTasks(self, request, context):
-        """Full-text search over title and description, ranked.
+        """Searches title and description by keyword (full text), by meaning (nearest neighbours
+        of sentence embeddings), or both fused (hybrid), ranked and paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
