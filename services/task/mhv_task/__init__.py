@@ -4,8 +4,8 @@ Layers, top to bottom: `_edge` (gRPC, with `_edge_codec` translating protobuf to
 requests of `_models` and back), the domain (`_tasks`, `_users`, `_lifecycle`, `_authz`,
 `_events`, and the outbox `_relay`, the shared `mhv_common.outbox` relay), and `_store`
 (SQL; `_store_embeddings` for the vectors). Semantic search is `_semantic`, with the
-embedding providers (`_embedding*`). `_metrics` holds every metric of the service; `app`
-wires it all into a running service.
+embedding providers (`_embedding*`) and the `_embedding_worker`. `_metrics` holds every metric
+of the service; `app` wires it all into a running service.
 """
 
 from mhv_common.outbox import PendingEvent
@@ -19,6 +19,7 @@ from mhv_task._embedding import (
     FallbackEmbedder,
     build_embedder,
 )
+from mhv_task._embedding_worker import EmbeddingMonitor, EmbeddingWorker
 from mhv_task._events import EventType, OutboxEvent
 from mhv_task._lifecycle import Action, Status, Transition
 from mhv_task._metrics import RequestMetrics
@@ -59,7 +60,9 @@ __all__ = [
     "Actor",
     "Embedder",
     "EmbeddingError",
+    "EmbeddingMonitor",
     "EmbeddingSettings",
+    "EmbeddingWorker",
     "Embeddings",
     "EventType",
     "FTSSearchQuery",

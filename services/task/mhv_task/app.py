@@ -18,6 +18,7 @@ from mhv_common.tls import peer
 from mhv_task._authz import ActiveUsers
 from mhv_task._edge import TaskServicer, UserServicer
 from mhv_task._embedding import EmbeddingSettings
+from mhv_task._embedding_worker import EmbeddingMonitor, EmbeddingWorker
 from mhv_task._metrics import RequestMetrics
 from mhv_task._relay import OutboxMonitor, OutboxRelay
 from mhv_task._semantic import SemanticSearch
@@ -73,7 +74,17 @@ def build(settings: TaskSettings) -> ServiceDefinition:
     tasks = Tasks(db, repositories, active, semantic)
     users = Users(db, active)
     metrics = RequestMetrics(repositories.names())
-    workers: list[Worker] = [OutboxMonitor(db)]
+    workers: list[Worker] = [
+        OutboxMonitor(db),
+        EmbeddingMonitor(db, semantic),
+        EmbeddingWorker(
+            db,
+            semantic,
+            batch_size=embedding.worker_batch_size,
+            lease_seconds=embedding.worker_lease_seconds,
+            poll_interval=embedding.worker_poll_seconds,
+        ),
+    ]
     if settings.relay_enabled:
         # The relay authenticates to the audit service as the "task" service.
         audit = peer(settings, settings.audit_target, settings.audit_tls_name)
