@@ -1,4 +1,5 @@
-"""Session fixtures: one PostgreSQL cluster, one migrated throw-away database, one key pair."""
+"""Session fixtures: one PostgreSQL cluster, one migrated throw-away database, one key pair;
+for semantic search the local model (loaded once per run) and a cluster that offers pgvector."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 from hypothesis import settings
 
 from mhv_cli.devstate import DevState
+from mhv_task._embedding_local import LocalEmbedder
 from tests.harness import (
     Cluster,
     Deployment,
@@ -111,3 +114,39 @@ async def services(
         await process.start()
     yield running
     stop_all([running.webhook, running.task, running.audit])
+
+
+@pytest.fixture(scope="session")
+async def local_embedder() -> AsyncIterator[LocalEmbedder]:
+    """all-MiniLM-L6-v2 from the installed package (a few seconds to load; shared)."""
+    embedder = LocalEmbedder.load()
+    yield embedder
+    await embedder.aclose()
+
+
+@pytest.fixture(scope="session")
+async def vector_cluster(cluster: Cluster) -> AsyncIterator[Cluster]:
+    """A cluster that offers pgvector: the run's own, else a private one (which ships it)."""
+    conn = await asyncpg.connect(cluster.admin_url)
+    try:
+        offered = await conn.fetchval(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
+        )
+    finally:
+        await conn.close()
+    if offered:
+        yield cluster
+        return
+    private = await Cluster.start_private()
+    try:
+        yield private
+    finally:
+        await private.close()
+
+
+@pytest.fixture(scope="session")
+async def vector_deployment(vector_cluster: Cluster) -> AsyncIterator[Deployment]:
+    """A migrated database with pgvector enabled, dropped at the end of the run."""
+    created = await Deployment.create(vector_cluster)
+    yield created
+    await created.drop()

@@ -1,5 +1,7 @@
-"""Fixtures for the task service tests: people with roles, stubs, a database handle, and for
-semantic search the local model (loaded once per run) and a cluster that offers pgvector."""
+"""Fixtures for the task service tests: people with roles, stubs, and a database handle.
+
+Semantic search's fixtures (the local model, a cluster with pgvector) are in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +16,8 @@ from grpc import aio
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role
 from mhv_common.config import load_repositories
-from mhv_task._embedding_local import LocalEmbedder
 from tests.conftest import Services
-from tests.harness import ROOT, Cluster, Deployment, Keys, bearer, grpc_channel
+from tests.harness import ROOT, Deployment, Keys, bearer, grpc_channel
 
 # The repositories the test services are configured with.
 REPOSITORIES = load_repositories(ROOT / "settings" / "repos.yaml")
@@ -119,39 +120,3 @@ async def new_task(
     )
     task: task_pb2.Task = await tasks.CreateTask(request, metadata=who.md())
     return task
-
-
-@pytest.fixture(scope="session")
-async def local_embedder() -> AsyncIterator[LocalEmbedder]:
-    """all-MiniLM-L6-v2 from the installed package (a few seconds to load; shared)."""
-    embedder = LocalEmbedder.load()
-    yield embedder
-    await embedder.aclose()
-
-
-@pytest.fixture(scope="session")
-async def vector_cluster(cluster: Cluster) -> AsyncIterator[Cluster]:
-    """A cluster that offers pgvector: the run's own, else a private one (which ships it)."""
-    conn = await asyncpg.connect(cluster.admin_url)
-    try:
-        offered = await conn.fetchval(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-        )
-    finally:
-        await conn.close()
-    if offered:
-        yield cluster
-        return
-    private = await Cluster.start_private()
-    try:
-        yield private
-    finally:
-        await private.close()
-
-
-@pytest.fixture(scope="session")
-async def vector_deployment(vector_cluster: Cluster) -> AsyncIterator[Deployment]:
-    """A migrated database with pgvector enabled, dropped at the end of the run."""
-    created = await Deployment.create(vector_cluster)
-    yield created
-    await created.drop()

@@ -183,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "validate-config", help="check settings/*.yaml and the MHV_* environment"
     ).set_defaults(func=_validate_config)
-    from mhv_cli import _backup_commands, anchors, credentials
+    from mhv_cli import _backup_commands, anchors, credentials, reindex
 
     _backup_commands.add_commands(sub)
     anchors.add_commands(sub)
     credentials.add_commands(sub)
+    reindex.add_commands(sub)
     return parser
 
 

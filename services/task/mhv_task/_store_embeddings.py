@@ -255,8 +255,19 @@ async def tasks_missing_vectors(
 async def ensure_model_index(
     conn: asyncpg.Connection, *, model: str, dimensions: int, timeout: float | None
 ) -> str:
-    """Create `model`'s partial HNSW index unless it exists (concurrently: writes go on)."""
+    """Create `model`'s partial HNSW index unless it exists (concurrently: writes go on).
+
+    An interrupted concurrent build leaves an invalid index behind; it is dropped and built
+    again.
+    """
     name = index_name(model, dimensions)
+    valid = await conn.fetchval(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+        name,
+        timeout=timeout,
+    )
+    if valid is False:
+        await conn.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}", timeout=timeout)
     await conn.execute(
         f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON task_embeddings"
         f" USING hnsw ((embedding::vector({int(dimensions)})) vector_cosine_ops)"
