@@ -115,6 +115,23 @@ CONTRACT: tuple[Metric, ...] = (
     Metric("webhook_outbox_lag_seconds", "gauge", {}, ("webhook",)),
     Metric("webhook_outbox_delivered_total", "counter", {}, ("webhook",)),
     Metric("webhook_outbox_delivery_failures_total", "counter", {}, ("webhook",)),
+    Metric("task_embedding_backlog", "gauge", {}, ("task",)),
+    Metric("task_embedding_backlog_age_seconds", "gauge", {}, ("task",)),
+    Metric("task_embedding_remote_configured", "gauge", {}, ("task",)),
+    Metric(
+        "task_embedding_requests_total",
+        "counter",
+        {"purpose": ("query", "index"), "outcome": ("remote", "local_fallback", "error")},
+        ("task",),
+    ),
+    Metric("task_embedded_total", "counter", {}, ("task",)),
+    Metric(
+        "task_embedding_duration_seconds",
+        "histogram",
+        {"purpose": ("query",)},
+        ("task",),
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+    ),
     # Audit service.
     Metric(
         "audit_events_recorded_total", "counter", {"result": ("recorded", "duplicate")}, ("audit",)

@@ -465,6 +465,7 @@ CATALOG: tuple[ErrorSpec, ...] = (
         (
             "Retry after the delay in RetryInfo.",
             "Search with mode SEARCH_MODE_KEYWORD meanwhile.",
+            "Operators: see docs/runbooks/embedding-provider-failing.md.",
         ),
         retryable=True,
     ),

@@ -410,8 +410,8 @@ def operational_health_dashboard() -> dashboard.Dashboard:
         .with_panel(
             series_panel(
                 "Searches by status",
-                "SearchTasks outcomes per second: success, rejected (the caller's query) and "
-                "error (counted against the search SLO).",
+                "Semantic and hybrid SearchTasks outcomes per second: success, rejected (the "
+                "caller's query, or no pgvector) and error (counted against the search SLO).",
                 [
                     Query(
                         f"sum by (status) (rate(semantic_search_total{{{TASK}}}[{RATE}]))",
@@ -419,6 +419,50 @@ def operational_health_dashboard() -> dashboard.Dashboard:
                     )
                 ],
                 unit="reqps",
+            )
+        )
+        .with_row(dashboard.Row("Semantic search"))
+        .with_panel(
+            series_panel(
+                "Embeddings by provider",
+                "Embedding calls per second by purpose (query, index: the worker) and by which "
+                "provider answered: remote, local_fallback, error. EmbeddingRemoteProviderFailing "
+                "fires when a configured remote provider loses more than half of them.",
+                [
+                    Query(
+                        "sum by (purpose, outcome) (rate(task_embedding_requests_total"
+                        f"{{{TASK}}}[{RATE}]))",
+                        "{{purpose}} {{outcome}}",
+                    ),
+                    Query(f"max(task_embedding_remote_configured{{{TASK}}})", "remote configured"),
+                ],
+                unit="ops",
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Embedding latency p95",
+                "Time to embed a search query and a worker batch (fallback included).",
+                [
+                    Query(
+                        "histogram_quantile(0.95, sum by (le, purpose) "
+                        f"(rate(task_embedding_duration_seconds_bucket{{{TASK}}}[{RATE}])))",
+                        "{{purpose}}",
+                    )
+                ],
+                unit="s",
+            )
+        )
+        .with_panel(
+            series_panel(
+                "Embedding backlog",
+                "Tasks waiting to be embedded, the wait of the oldest (TaskEmbeddingBacklog "
+                "at 10 minutes for 15 minutes) and tasks embedded per second.",
+                [
+                    Query(f"max(task_embedding_backlog{{{TASK}}})", "waiting"),
+                    Query(f"max(task_embedding_backlog_age_seconds{{{TASK}}})", "oldest (s)"),
+                    Query(f"sum(rate(task_embedded_total{{{TASK}}}[{RATE}]))", "embedded/s"),
+                ],
             )
         )
         .with_row(dashboard.Row("Requests and errors"))

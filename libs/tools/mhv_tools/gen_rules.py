@@ -551,6 +551,39 @@ def platform_alerts(spec: Spec) -> dict[str, Any]:
             runbook_url=spec.runbook_url("docs/runbooks/authorization-refusals.md"),
         ),
         alert(
+            "TaskEmbeddingBacklog",
+            f'max by (job) (task_embedding_backlog_age_seconds{{job="{JOBS["task"]}"}}) > 600',
+            for_="15m",
+            severity="warning",
+            summary="Tasks are not being embedded for semantic search",
+            description=(
+                "The oldest task waiting to be embedded has waited "
+                "{{ $value | humanizeDuration }}: new and edited tasks are found by keyword "
+                "only until the embedding worker catches up."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/embedding-backlog.md"),
+        ),
+        alert(
+            "EmbeddingRemoteProviderFailing",
+            "(\n"
+            "  sum by (job) (rate(task_embedding_requests_total"
+            f'{{job="{JOBS["task"]}",outcome=~"local_fallback|error"}}[10m]))\n'
+            "  /\n"
+            f'  sum by (job) (rate(task_embedding_requests_total{{job="{JOBS["task"]}"}}[10m]))\n'
+            ") > 0.5\n"
+            "and on (job)\n"
+            f'max by (job) (task_embedding_remote_configured{{job="{JOBS["task"]}"}}) == 1',
+            for_="10m",
+            severity="warning",
+            summary="The remote embeddings provider keeps failing",
+            description=(
+                "{{ $value | humanizePercentage }} of embedding calls were answered by the "
+                "local fallback model or not at all: the remote provider is failing, and "
+                "queries wait for its timeout before falling back."
+            ),
+            runbook_url=spec.runbook_url("docs/runbooks/embedding-provider-failing.md"),
+        ),
+        alert(
             "WebhookInboxBacklog",
             f'max by (job) (webhook_inbox_lag_seconds{{job="{JOBS["webhook"]}"}}) > 300',
             for_="10m",

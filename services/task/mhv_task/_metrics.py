@@ -82,7 +82,7 @@ TASK_SCHEMA = "task"
 UNKNOWN_REPOSITORY_LABEL = "_unknown"
 OUTCOMES = ("success", "rejected", "error")
 SEMANTIC_MODES = frozenset({"semantic", "hybrid"})
-EMBEDDING_PURPOSES = ("query", "index", "reindex")
+EMBEDDING_PURPOSES = ("query", "index")
 
 
 def outcome(exc: BaseException | None) -> str:

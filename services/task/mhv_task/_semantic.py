@@ -114,6 +114,8 @@ class SemanticSearch:
 
     async def start(self) -> None:
         """Find out whether the server offers semantic search; if so, load the providers."""
+        # Every embedding series exists from the start, at zero where nothing is embedded.
+        metrics.embedding_series(remote_configured=self._settings.remote_url is not None)
         async with self._db.connection() as conn:
             self._available = await vectors.semantic_search_ready(conn, timeout=10.0)
         if not self._available:
@@ -127,7 +129,6 @@ class SemanticSearch:
         # Reading the model's weights takes a second or two: off the event loop.
         self._embedder = await asyncio.to_thread(build_embedder, self._settings)
         remote = self._embedder.remote
-        metrics.embedding_series(remote_configured=remote is not None)
         logger.info(
             "semantic search available",
             extra={
