@@ -8,10 +8,13 @@ the tasks into a throw-away database migrated like production (a private Postgre
 pgserver build, which ships pgvector, unless --database-url names an administrator URL of a
 server that has it), embeds them with the local model, and runs every query three ways:
 
-- keyword: the task service's SearchTasks statement itself (`search_tasks` of the task store:
+- keyword: SearchTasks in keyword mode (`search_tasks` of the task store:
   websearch_to_tsquery('english'), the weighted title/description tsvector, ts_rank_cd);
-- semantic: cosine nearest neighbours among the tasks' vectors (pgvector, HNSW index);
-- hybrid: reciprocal rank fusion (k = 60) of the keyword and semantic lists (top 50 each).
+- semantic: SearchTasks in semantic mode: the task store's `search_semantic` (cosine nearest
+  neighbours through the model's HNSW index, as the service runs it), with the keyword
+  matches of tasks not embedded (none here: every task is embedded) fused in;
+- hybrid: SearchTasks in hybrid mode: the service's reciprocal rank fusion (`fuse`, k = 60)
+  of the keyword and semantic lists (top 50 each here).
 
 Two more rows show where the keyword arm loses: "keyword (any word)" matches tasks sharing any
 query lexeme instead of all of them, and "hybrid (any word)" fuses that list instead.
@@ -36,18 +39,15 @@ import numpy as np
 
 from bench._env import pgvector_task_connection
 from mhv_task._embedding_local import LocalEmbedder
+from mhv_task._models import Task
+from mhv_task._semantic import fuse
 from mhv_task._store import search_tasks
+from mhv_task._store_embeddings import search_semantic
 
 EVAL_SET = Path(__file__).resolve().parent / "data" / "search_eval.json"
 DEPTH = 50
 RRF_K = 60
 
-_SEMANTIC = """
-SELECT task_id FROM task_embeddings
-WHERE model = '{model}'
-ORDER BY embedding::vector({dims}) <=> $1::vector({dims})
-LIMIT $2
-"""
 # The keyword statement with OR between the query's lexemes instead of AND.
 _ANY_WORD = """
 SELECT id FROM tasks,
@@ -74,12 +74,12 @@ def vector_literal(vector: np.ndarray) -> str:
 
 
 def rrf(*rankings: Sequence[int], k: int = RRF_K) -> list[int]:
-    """Reciprocal rank fusion: sum of 1/(k + rank) over the lists each id appears in."""
+    """Reciprocal rank fusion of id lists (for the any-word row, which the service lacks)."""
     scores: dict[int, float] = {}
     for ranking in rankings:
         for rank, item in enumerate(ranking, start=1):
             scores[item] = scores.get(item, 0.0) + 1.0 / (k + rank)
-    return sorted(scores, key=lambda item: (-scores[item], item))
+    return sorted(scores, key=lambda item: (-scores[item], -item))
 
 
 async def load(
@@ -140,26 +140,43 @@ async def report(
     queries = data["queries"]
     texts = [str(q["query"]) for q in queries]
     vectors = (await embedder.embed(texts)).vectors
-    semantic_sql = _SEMANTIC.format(model=embedder.model, dims=embedder.dimensions)
 
-    async def keyword(query: str, _v: np.ndarray) -> list[int]:
-        found = await search_tasks(
+    async def keyword_hits(query: str) -> list[tuple[Task, float]]:
+        return await search_tasks(
             conn, query=query, filters={}, after=None, limit=DEPTH, timeout=None
         )
-        return [task.id for task, _rank in found]
+
+    async def semantic_hits(vector: np.ndarray) -> list[tuple[Task, float]]:
+        return await search_semantic(
+            conn, vector=vector, model=embedder.model, filters={}, limit=DEPTH, timeout=None
+        )
+
+    async def keyword(query: str, _v: np.ndarray) -> list[int]:
+        return [task.id for task, _rank in await keyword_hits(query)]
 
     async def any_word(query: str, _v: np.ndarray) -> list[int]:
         return [r["id"] for r in await conn.fetch(_ANY_WORD, query, DEPTH)]
 
-    async def semantic(_q: str, vector: np.ndarray) -> list[int]:
-        rows = await conn.fetch(semantic_sql, vector_literal(vector), DEPTH)
-        return [r["task_id"] for r in rows]
+    async def semantic(query: str, vector: np.ndarray) -> list[int]:
+        # Semantic mode also fuses the keyword matches of tasks not embedded: none here.
+        unembedded = await search_tasks(
+            conn,
+            query=query,
+            filters={},
+            after=None,
+            limit=DEPTH,
+            timeout=None,
+            not_embedded_by=embedder.model,
+        )
+        return [hit.task.id for hit in fuse(unembedded, await semantic_hits(vector))]
 
     async def hybrid(query: str, vector: np.ndarray) -> list[int]:
-        return rrf(await keyword(query, vector), await semantic(query, vector))
+        hits = fuse(await keyword_hits(query), await semantic_hits(vector))
+        return [hit.task.id for hit in hits]
 
     async def hybrid_any(query: str, vector: np.ndarray) -> list[int]:
-        return rrf(await any_word(query, vector), await semantic(query, vector))
+        nearest = [task.id for task, _ in await semantic_hits(vector)]
+        return rrf(await any_word(query, vector), nearest)
 
     modes: dict[str, Ranker] = {
         "keyword": keyword,

@@ -18,7 +18,12 @@ it (m = 16, ef_construction = 64; timed). Queries are the evaluation queries' re
   index saves, printed as a ratio;
 - the index's recall@10 against that exact answer.
 
-The service's search will add the task rows and filters on top of these statements.
+Then SearchTasks as the service runs it, through the task store's own functions and fusion
+(`search_semantic` with its ef_search, `search_tasks`, `fuse`): semantic, hybrid, hybrid in one
+repository (half the tasks), and keyword for comparison, each including the query's embedding
+by the local model; and the backfill: the embedding worker's own rounds (claim 32, embed with
+the local model, store, finish) over the backlog the inserts filled, for --backfill-seconds,
+with the time 100k tasks would take at that rate.
 """
 
 from __future__ import annotations
@@ -36,6 +41,15 @@ import numpy as np
 
 from bench._env import percentile, pgvector_task_connection
 from mhv_task._embedding_local import LocalEmbedder
+from mhv_task._semantic import DEPTH, fuse
+from mhv_task._store import search_tasks
+from mhv_task._store_embeddings import (
+    claim_backlog,
+    finish_backlog,
+    search_semantic,
+    semantic_statement,
+    store_vectors,
+)
 
 EVAL_SET = Path(__file__).resolve().parent / "data" / "search_eval.json"
 INDEX = "task_embeddings_hnsw_all_minilm_l6_v2"
@@ -96,8 +110,111 @@ async def measure_model(embedder_factory: type[LocalEmbedder], data: dict) -> Lo
     return embedder
 
 
+async def measure_service_search(
+    conn: asyncpg.Connection, embedder: LocalEmbedder, data: dict
+) -> dict[str, list[float]]:
+    """Latency of semantic and hybrid SearchTasks through the service's own store and fusion."""
+    results: dict[str, list[float]] = {
+        "semantic": [],
+        "hybrid": [],
+        "hybrid, one repository": [],
+        "keyword (for comparison)": [],
+    }
+    sql, args, _ = semantic_statement(
+        vector=(await embedder.embed(["probe"])).vectors[0],
+        model=embedder.model,
+        filters={},
+        limit=DEPTH,
+    )
+    plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+    if INDEX not in plan:
+        raise SystemExit(f"the service's statement does not use the HNSW index:\n{plan}")
+    sql, args, _ = semantic_statement(
+        vector=(await embedder.embed(["probe"])).vectors[0],
+        model=embedder.model,
+        filters={"repository": "bench-b"},
+        limit=DEPTH,
+    )
+    plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+    print(
+        "  the service's statement for one repository (half the tasks) "
+        + ("uses the HNSW index" if INDEX in plan else "filters first, then sorts exactly")
+    )
+    results["semantic statement only"] = []
+    for query in data["queries"][:120]:
+        text = query["query"]
+        vector = (await embedder.embed([text])).vectors[0]
+        started = time.perf_counter()
+        await search_semantic(
+            conn, vector=vector, model=embedder.model, filters={}, limit=DEPTH, timeout=None
+        )
+        results["semantic statement only"].append(time.perf_counter() - started)
+        for name, latencies in results.items():
+            if name == "semantic statement only":
+                continue
+            filters = {"repository": "bench-b"} if "repository" in name else {}
+            started = time.perf_counter()
+            if name.startswith("keyword"):
+                await search_tasks(
+                    conn, query=text, filters=filters, after=None, limit=DEPTH, timeout=None
+                )
+            else:
+                vector = (await embedder.embed([text])).vectors[0]
+                nearest = await search_semantic(
+                    conn,
+                    vector=vector,
+                    model=embedder.model,
+                    filters=filters,
+                    limit=DEPTH,
+                    timeout=None,
+                )
+                keyword = await search_tasks(
+                    conn,
+                    query=text,
+                    filters=filters,
+                    after=None,
+                    limit=DEPTH,
+                    timeout=None,
+                    not_embedded_by=embedder.model if name == "semantic" else None,
+                )
+                fuse(keyword, nearest)
+            latencies.append(time.perf_counter() - started)
+    return results
+
+
+async def measure_backfill(
+    conn: asyncpg.Connection, embedder: LocalEmbedder, *, seconds: float
+) -> tuple[int, float, float]:
+    """The embedding worker's rounds over the backlog the inserts filled, for `seconds`."""
+    done = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - started < seconds:
+        claimed = await claim_backlog(conn, limit=32, lease_seconds=120, timeout=None)
+        if not claimed:
+            break
+        texts = [text for _, _, text in claimed]
+        embedded = await embedder.embed(texts)
+        async with conn.transaction():
+            await store_vectors(
+                conn,
+                task_ids=[t for t, _, _ in claimed],
+                texts=texts,
+                vectors=embedded.vectors,
+                model=embedded.model,
+                timeout=None,
+            )
+            await finish_backlog(conn, claimed=[(t, g) for t, g, _ in claimed], timeout=None)
+        done += len(claimed)
+    return done, time.perf_counter() - started, time.process_time() - cpu
+
+
 async def measure_pgvector(
-    conn: asyncpg.Connection, embedder: LocalEmbedder, data: dict, n: int
+    conn: asyncpg.Connection,
+    embedder: LocalEmbedder,
+    data: dict,
+    n: int,
+    *,
+    backfill_seconds: float = 60.0,
 ) -> None:
     await conn.set_type_codec(
         "vector", schema="task", encoder=_encode_vector, decoder=_decode_vector, format="binary"
@@ -111,19 +228,29 @@ async def measure_pgvector(
         "INSERT INTO users (username, email) VALUES ('speed', 'speed@example.com') RETURNING id"
     )
     started = time.perf_counter()
+    # Task g has the text of corpus task g mod 221 (numbered), so keyword search has real
+    # text to match; every other one is in a second repository, for the filtered searches.
+    titles = [t["title"] for t in data["tasks"]]
+    descriptions = [t["description"] for t in data["tasks"]]
     first = await conn.fetchval(
         "WITH t AS (INSERT INTO tasks (title, description, repository, created_by)"
-        " SELECT 'synthetic ' || g, '', 'bench', $2 FROM generate_series(1, $1) AS g"
+        " SELECT ($3::text[])[1 + g % cardinality($3::text[])] || ' #' || g,"
+        " ($4::text[])[1 + g % cardinality($3::text[])],"
+        " CASE WHEN g % 2 = 0 THEN 'bench' ELSE 'bench-b' END, $2"
+        " FROM generate_series(0, $1 - 1) AS g ORDER BY g"
         " RETURNING id) SELECT min(id) FROM t",
         n,
         user,
+        titles,
+        descriptions,
     )
     await conn.execute(f"DROP INDEX {INDEX}")
     digest = bytes(32)
     batch = 20_000
     for start in range(0, n, batch):
         count = min(batch, n - start)
-        picks = centres[rng.integers(0, len(centres), count)]
+        # The vector of the task's own corpus text, plus noise.
+        picks = centres[(np.arange(start, start + count)) % len(centres)]
         noisy = picks + rng.normal(0, 0.03, picks.shape).astype(np.float32)
         noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
         await conn.copy_records_to_table(
@@ -143,7 +270,7 @@ async def measure_pgvector(
         f" WHERE model = '{embedder.model}'"
     )
     build_s = time.perf_counter() - started
-    await conn.execute("ANALYZE task_embeddings")
+    await conn.execute("ANALYZE task_embeddings; ANALYZE tasks")
     sql = (
         f"SELECT task_id FROM task_embeddings WHERE model = '{embedder.model}'"
         f" ORDER BY embedding::vector({embedder.dimensions}) <=> $1::vector({embedder.dimensions})"
@@ -180,6 +307,8 @@ async def measure_pgvector(
         rows = await conn.fetch(exact_sql, vector)
         exact.append(time.perf_counter() - t)
         agreement.append(len({r["task_id"] for r in rows} & set(answers[i])) / 10)
+    service = await measure_service_search(conn, embedder, data)
+    backfill = await measure_backfill(conn, embedder, seconds=backfill_seconds)
     size = await conn.fetchval(f"SELECT pg_size_pretty(pg_relation_size('{INDEX}'))")
     version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
     print(f"\npgvector {version}, {n} task vectors ({embedder.dimensions} dimensions)")
@@ -197,6 +326,19 @@ async def measure_pgvector(
         f"({percentile(exact, 50) / percentile(indexed, 50):.0f}x the index's p50); "
         f"HNSW recall@10 against it {statistics.fmean(agreement):.3f}"
     )
+    print("  SearchTasks as the service runs it (query embedding, statements, fusion; top 200):")
+    for name, latencies in service.items():
+        print(
+            f"    {name:<28} p50 {1000 * percentile(latencies, 50):6.1f} ms, "
+            f"p95 {1000 * percentile(latencies, 95):6.1f} ms"
+        )
+    done, elapsed, cpu = backfill
+    rate = done / elapsed
+    print(
+        f"  backfill (the embedding worker's rounds of 32, for {elapsed:.0f} s): {done} tasks, "
+        f"{rate:.1f} tasks/s ({done / cpu:.1f} per CPU second of this process); "
+        f"100000 tasks would take {100_000 / rate / 60:.0f} min at this rate"
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -205,7 +347,9 @@ async def run(args: argparse.Namespace) -> None:
     embedder = await measure_model(LocalEmbedder, data)
     try:
         async with pgvector_task_connection(args.database_url) as conn:
-            await measure_pgvector(conn, embedder, data, args.tasks)
+            await measure_pgvector(
+                conn, embedder, data, args.tasks, backfill_seconds=args.backfill_seconds
+            )
     finally:
         await embedder.aclose()
     print(f"load average: {_loadavg()}")
@@ -215,6 +359,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--database-url", help="administrator URL of a server with pgvector")
+    parser.add_argument(
+        "--backfill-seconds", type=float, default=60.0, help="how long to run the backfill"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

@@ -95,3 +95,22 @@ def test_unknown_webhook_scheme_is_reported(tmp_path: Path) -> None:
     result = _run(MHV_WEBHOOKS_FILE=str(path))
     assert result.returncode != 0
     assert "webhooks.yaml:5:" in result.stderr
+
+
+def test_embedding_settings_are_checked_and_the_provider_chain_printed() -> None:
+    shipped = _run()
+    assert "embeddings: local sentence-transformers/all-MiniLM-L6-v2" in shipped.stdout
+    assert "semantic search: not checked (MHV_TASK_DATABASE_URL is not set)" in shipped.stdout
+    remote = _run(
+        MHV_EMBEDDING_REMOTE_URL="https://embeddings.example/v1",
+        MHV_EMBEDDING_REMOTE_MODEL="example/minilm",
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert "embeddings: remote example/minilm (384 dimensions)" in remote.stdout
+    assert "then local sentence-transformers/all-MiniLM-L6-v2 when it fails" in remote.stdout
+    broken = _run(MHV_EMBEDDING_WORKER_BATCH_SIZE="0")
+    assert broken.returncode != 0
+    assert "[MHV-001] environment: MHV_EMBEDDING_WORKER_BATCH_SIZE:" in broken.stderr
+    no_model = _run(MHV_EMBEDDING_REMOTE_URL="https://embeddings.example/v1")
+    assert no_model.returncode != 0
+    assert "MHV_EMBEDDING_REMOTE_MODEL is not" in no_model.stderr

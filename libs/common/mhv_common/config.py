@@ -416,7 +416,10 @@ def load_settings(factory: Callable[[], S]) -> S:
     except PydanticValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise ConfigurationError(f"environment: MHV_{field.upper()}: {first['msg']}.") from exc
+        config = getattr(factory, "model_config", {})
+        prefix = str(config.get("env_prefix", "MHV_")) if isinstance(config, dict) else "MHV_"
+        where = f"{prefix}{field.upper()}: " if field else ""
+        raise ConfigurationError(f"environment: {where}{first['msg']}.") from exc
 
 
 def redact_dsn(dsn: str) -> str:

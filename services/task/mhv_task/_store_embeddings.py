@@ -73,16 +73,14 @@ async def semantic_search_ready(conn: asyncpg.Connection, *, timeout: float | No
     return ready
 
 
-async def search_semantic(
-    conn: asyncpg.Connection,
+def semantic_statement(
     *,
     vector: NDArray[np.float32],
     model: str,
     filters: Mapping[str, Any],
     limit: int,
-    timeout: float | None,
-) -> list[tuple[Task, float]]:
-    """The `limit` tasks nearest to `vector` among `model`'s vectors, and cosine similarity."""
+) -> tuple[str, list[Any], int]:
+    """The nearest-neighbour statement, its arguments, and the hnsw.ef_search it needs."""
     dims = len(vector)
     args: list[Any] = [vector_text(vector)]
     where = [f"e.model = {sql_literal(model)}"]
@@ -97,21 +95,35 @@ async def search_semantic(
     ef_search = min(
         max(limit * (_FILTERED_OVERFETCH if filtered else 1), _EF_SEARCH_MIN), _EF_SEARCH_MAX
     )
-    distance = f"e.embedding::vector({dims}) <=> $1::vector({dims})"
+    # The query as text, cast: the same statement whether or not a vector codec is set.
+    distance = f"e.embedding::vector({dims}) <=> $1::text::vector({dims})"
     columns = ", ".join(f"t.{c.strip()}" for c in TASK_COLUMNS.split(","))
+    sql = f"""
+        SELECT {columns}, {distance} AS distance
+        FROM task_embeddings e JOIN tasks t ON t.id = e.task_id
+        WHERE {" AND ".join(where)}
+        ORDER BY {distance}
+        LIMIT ${len(args)}
+        """
+    return sql, args, int(ef_search)
+
+
+async def search_semantic(
+    conn: asyncpg.Connection,
+    *,
+    vector: NDArray[np.float32],
+    model: str,
+    filters: Mapping[str, Any],
+    limit: int,
+    timeout: float | None,
+) -> list[tuple[Task, float]]:
+    """The `limit` tasks nearest to `vector` among `model`'s vectors, and cosine similarity."""
+    sql, args, ef_search = semantic_statement(
+        vector=vector, model=model, filters=filters, limit=limit
+    )
     async with conn.transaction():
-        await conn.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}", timeout=timeout)
-        rows: list[asyncpg.Record] = await conn.fetch(
-            f"""
-            SELECT {columns}, {distance} AS distance
-            FROM task_embeddings e JOIN tasks t ON t.id = e.task_id
-            WHERE {" AND ".join(where)}
-            ORDER BY {distance}
-            LIMIT ${len(args)}
-            """,
-            *args,
-            timeout=timeout,
-        )
+        await conn.execute(f"SET LOCAL hnsw.ef_search = {ef_search}", timeout=timeout)
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args, timeout=timeout)
     return [(task_from_row(row), 1.0 - float(row["distance"])) for row in rows]
 
 
