@@ -4,7 +4,9 @@ This machine cannot reach a real embeddings service, so the remote provider's te
 this stand-in over a real socket. It answers ``POST /v1/embeddings`` the way such APIs do, with
 vectors computed by the real local model (so the remote and local providers agree, as they do
 when the remote endpoint serves the same model), and fails, stalls or misbehaves on purpose
-when a test scripts it to.
+when a test scripts it to. It is the only stub of the semantic search tests (the provider tests
+here, the task service's tests in tests/task/test_semantic_search.py and the model switch in
+tests/cli/test_reindex.py); everything else is real.
 """
 
 from __future__ import annotations
