@@ -45,10 +45,9 @@ from mhv_task._semantic import DEPTH, fuse
 from mhv_task._store import search_tasks
 from mhv_task._store_embeddings import (
     claim_backlog,
-    finish_backlog,
     search_semantic,
     semantic_statement,
-    store_vectors,
+    store_claimed,
 )
 
 EVAL_SET = Path(__file__).resolve().parent / "data" / "search_eval.json"
@@ -192,18 +191,10 @@ async def measure_backfill(
         claimed = await claim_backlog(conn, limit=32, lease_seconds=120, timeout=None)
         if not claimed:
             break
-        texts = [text for _, _, text in claimed]
-        embedded = await embedder.embed(texts)
-        async with conn.transaction():
-            await store_vectors(
-                conn,
-                task_ids=[t for t, _, _ in claimed],
-                texts=texts,
-                vectors=embedded.vectors,
-                model=embedded.model,
-                timeout=None,
-            )
-            await finish_backlog(conn, claimed=[(t, g) for t, g, _ in claimed], timeout=None)
+        embedded = await embedder.embed([text for _, _, text in claimed])
+        await store_claimed(
+            conn, claimed=claimed, vectors=embedded.vectors, model=embedded.model, timeout=None
+        )
         done += len(claimed)
     return done, time.perf_counter() - started, time.process_time() - cpu
 

@@ -53,19 +53,10 @@ async def _store(
     embedder: LocalEmbedder,
     claimed: list[tuple[int, int, str]],
 ) -> int:
-    texts = [text for _, _, text in claimed]
-    embedded = await embedder.embed(texts)
-    async with conn.transaction():
-        stored = await vectors.store_vectors(
-            conn,
-            task_ids=[t for t, _, _ in claimed],
-            texts=texts,
-            vectors=embedded.vectors,
-            model=embedded.model,
-            timeout=30,
-        )
-        await vectors.finish_backlog(conn, claimed=[(t, g) for t, g, _ in claimed], timeout=30)
-    return stored
+    embedded = await embedder.embed([text for _, _, text in claimed])
+    return await vectors.store_claimed(
+        conn, claimed=claimed, vectors=embedded.vectors, model=embedded.model, timeout=30
+    )
 
 
 async def test_a_task_edited_while_embedding_is_embedded_again(

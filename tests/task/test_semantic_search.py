@@ -220,22 +220,34 @@ async def test_an_unknown_mode_is_refused(service: SemanticService) -> None:
     assert mhv_code(error) == "MHV-003"
 
 
-async def test_a_task_not_embedded_yet_is_found_by_keyword(
-    service: SemanticService, corpus: list[task_pb2.Task], db: asyncpg.Connection
-) -> None:
-    # The task's backlog row is held under a long lease (as if a worker were embedding it)
-    # from the transaction that creates it: the worker cannot embed it until it is released.
+async def _held_in_backlog(
+    db: asyncpg.Connection, service: SemanticService, title: str, description: str, *, waited: str
+) -> int:
+    """A new task whose backlog row is held under a long lease from the transaction that
+    creates it (as if a worker were embedding it): not embedded until it is released."""
     async with db.transaction():
-        task_id = await db.fetchval(
+        task_id: int = await db.fetchval(
             "INSERT INTO task.tasks (title, description, repository, created_by)"
-            " VALUES ('Quarterly okapi census', 'Count the okapis', 'demo', $1) RETURNING id",
+            " VALUES ($1, $2, 'demo', $3) RETURNING id",
+            title,
+            description,
             service.people["alice"].id,
         )
         await db.execute(
-            "UPDATE task.embedding_backlog SET claimed_until = now() + interval '1 hour'"
-            " WHERE task_id = $1",
+            "UPDATE task.embedding_backlog SET claimed_until = now() + interval '1 hour',"
+            " enqueued_at = now() - $2::text::interval WHERE task_id = $1",
             task_id,
+            waited,
         )
+    return task_id
+
+
+async def test_a_task_not_embedded_yet_is_found_by_keyword(
+    service: SemanticService, corpus: list[task_pb2.Task], db: asyncpg.Connection
+) -> None:
+    task_id = await _held_in_backlog(
+        db, service, "Quarterly okapi census", "Count the okapis", waited="0 seconds"
+    )
     for mode in (SEMANTIC, HYBRID):
         reply = await service.search("okapi census", mode)
         hit = next(r for r in reply.results if r.task.id == task_id)
@@ -262,17 +274,9 @@ async def test_a_task_not_embedded_yet_is_found_by_keyword(
 async def test_the_backlog_gauge_sees_waiting_tasks(
     service: SemanticService, corpus: list[task_pb2.Task], db: asyncpg.Connection
 ) -> None:
-    async with db.transaction():
-        task_id = await db.fetchval(
-            "INSERT INTO task.tasks (title, repository, created_by)"
-            " VALUES ('Held back for the gauge', 'demo', $1) RETURNING id",
-            service.people["alice"].id,
-        )
-        await db.execute(
-            "UPDATE task.embedding_backlog SET claimed_until = now() + interval '1 hour',"
-            " enqueued_at = now() - interval '10 minutes' WHERE task_id = $1",
-            task_id,
-        )
+    task_id = await _held_in_backlog(
+        db, service, "Held back for the gauge", "", waited="10 minutes"
+    )
     try:
         await _wait_for_metric(service, "task_embedding_backlog_age_seconds", lambda v: v >= 600)
         assert await _count(service, "task_embedding_backlog") >= 1

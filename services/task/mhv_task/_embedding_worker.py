@@ -111,18 +111,12 @@ class EmbeddingWorker:
             metrics.embedded(
                 purpose="index", outcome=embedded.outcome, seconds=time.perf_counter() - started
             )
-            async with self._db.transaction() as conn:
-                stored = await vectors.store_vectors(
+            async with self._db.connection() as conn:
+                stored = await vectors.store_claimed(
                     conn,
-                    task_ids=[task_id for task_id, _, _ in claimed],
-                    texts=texts,
+                    claimed=claimed,
                     vectors=embedded.vectors,
                     model=embedded.model,
-                    timeout=context.time_left(),
-                )
-                await vectors.finish_backlog(
-                    conn,
-                    claimed=[(task_id, generation) for task_id, generation, _ in claimed],
                     timeout=context.time_left(),
                 )
         metrics.tasks_embedded(stored)

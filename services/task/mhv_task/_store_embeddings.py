@@ -223,6 +223,35 @@ async def finish_backlog(
     )
 
 
+async def store_claimed(
+    conn: asyncpg.Connection,
+    *,
+    claimed: Sequence[tuple[int, int, str]],
+    vectors: NDArray[np.float32],
+    model: str,
+    timeout: float | None,
+) -> int:
+    """One transaction: the vectors of claimed (task id, generation, text) rows, then the rows.
+
+    Returns how many vectors were stored.
+    """
+    async with conn.transaction():
+        stored = await store_vectors(
+            conn,
+            task_ids=[task_id for task_id, _, _ in claimed],
+            texts=[text for _, _, text in claimed],
+            vectors=vectors,
+            model=model,
+            timeout=timeout,
+        )
+        await finish_backlog(
+            conn,
+            claimed=[(task_id, generation) for task_id, generation, _ in claimed],
+            timeout=timeout,
+        )
+    return stored
+
+
 async def backlog_state(conn: asyncpg.Connection, *, timeout: float | None) -> tuple[int, float]:
     """Tasks waiting to be embedded, and the seconds the oldest has waited (0 when none)."""
     row = await conn.fetchrow(
