@@ -413,3 +413,27 @@ async def test_tasks_are_embedded_while_the_remote_provider_is_down(
         )
         >= 1
     )
+
+
+async def test_a_model_that_cannot_load_fails_semantic_search_with_mhv119(
+    vector_deployment: Deployment, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = Path(tmp_path_factory.mktemp("broken-model"))
+    broken = {**embedding_env(None), "MHV_EMBEDDING_LOCAL_MODEL_DIR": str(folder / "missing")}
+    async with semantic_service(vector_deployment, keys, folder, extra=broken) as service:
+        port = service.process.metrics_port
+        before = await metric(port, "semantic_search_total", {"status": "error"})
+        for mode in (SEMANTIC, HYBRID, UNSPECIFIED):
+            error = await rpc_error(
+                service.tasks.SearchTasks(
+                    task_pb2.SearchTasksRequest(query=SAFARI, mode=mode),
+                    metadata=service.people["viewer"].md(),
+                )
+            )
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert mhv_code(error) == "MHV-119"
+        # Counted against the search SLO: the failure is the service's, not the caller's.
+        assert await metric(port, "semantic_search_total", {"status": "error"}) == before + 3
+        reply = await service.search(SAFARI, KEYWORD)
+        assert reply.mode == KEYWORD
+        assert "the embedding model could not be loaded" in service.process.logs()

@@ -87,8 +87,7 @@ class EmbeddingWorker:
 
     async def embed_once(self) -> int:
         """Claim, embed and store one batch; returns how many tasks were claimed."""
-        embedder = self._semantic.embedder
-        assert embedder is not None
+        embedder = await self._semantic.embedder()
         with context.deadline_scope(self._lease):
             async with self._db.connection() as conn:
                 claimed = await vectors.claim_backlog(

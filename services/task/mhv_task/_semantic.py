@@ -31,6 +31,7 @@ from mhv_common.context import time_left
 from mhv_common.db import Database
 from mhv_common.errors import (
     DeadlineExceededError,
+    MahavishnuError,
     QueryEmbeddingFailedError,
     SemanticSearchUnavailableError,
 )
@@ -100,20 +101,33 @@ class SemanticSearch:
         self._db = db
         self._settings = settings
         self._available = False
-        self._embedder: FallbackEmbedder | None = None
+        self._loading: asyncio.Task[FallbackEmbedder] | None = None
 
     @property
     def available(self) -> bool:
         """Whether semantic and hybrid search can run (known after `start`)."""
         return self._available
 
-    @property
-    def embedder(self) -> FallbackEmbedder | None:
-        """The provider chain (None where semantic search is unavailable)."""
-        return self._embedder
+    async def embedder(self) -> FallbackEmbedder:
+        """The provider chain, once loaded (waits for `start`'s load to finish).
+
+        Raises:
+            Exception: Loading failed (the model's files missing or unreadable).
+        """
+        if self._loading is None:
+            raise SemanticSearchUnavailableError(
+                "Semantic search is not available on this server (no pgvector); search with "
+                "mode SEARCH_MODE_KEYWORD."
+            )
+        # Shielded: a caller giving up (its deadline) must not cancel the load for everyone.
+        return await asyncio.shield(self._loading)
 
     async def start(self) -> None:
-        """Find out whether the server offers semantic search; if so, load the providers."""
+        """Find out whether the server offers semantic search; if so, start loading the model.
+
+        The service answers meanwhile (keyword searches at once); the first semantic search
+        and the embedding worker wait for the load, a second or two.
+        """
         # Every embedding series exists from the start, at zero where nothing is embedded.
         metrics.embedding_series(remote_configured=self._settings.remote_url is not None)
         async with self._db.connection() as conn:
@@ -125,25 +139,38 @@ class SemanticSearch:
                 "MHV-118",
             )
             return
+        self._loading = asyncio.create_task(self._load(), name="embedding-model-load")
+
+    async def _load(self) -> FallbackEmbedder:
         started = time.perf_counter()
-        # Reading the model's weights takes a second or two: off the event loop.
-        self._embedder = await asyncio.to_thread(build_embedder, self._settings)
-        remote = self._embedder.remote
+        try:
+            # Reading the model's weights takes a second or two: off the event loop.
+            embedder = await asyncio.to_thread(build_embedder, self._settings)
+        except Exception:
+            logger.exception("the embedding model could not be loaded; semantic search fails")
+            raise
+        remote = embedder.remote
         logger.info(
             "semantic search available",
             extra={
-                "model": self._embedder.model,
-                "dimensions": self._embedder.dimensions,
+                "model": embedder.model,
+                "dimensions": embedder.dimensions,
                 "remote": remote.model if remote is not None else None,
-                "local": self._embedder.local.model,
+                "local": embedder.local.model,
                 "load_s": round(time.perf_counter() - started, 2),
             },
         )
+        return embedder
 
     async def close(self) -> None:
-        """Release the providers."""
-        if self._embedder is not None:
-            await self._embedder.aclose()
+        """Release the providers (after the load, if it is still running)."""
+        if self._loading is None:
+            return
+        try:
+            embedder = await self._loading
+        except Exception:  # logged by the load; nothing to release
+            return
+        await embedder.aclose()
 
     def resolve(self, mode: SearchMode | None) -> SearchMode:
         """The mode a search runs in: unspecified means hybrid where available."""
@@ -159,7 +186,7 @@ class SemanticSearch:
             QueryEmbeddingFailedError: No provider could embed the query (MHV-119).
             DeadlineExceededError: The deadline passed while embedding (MHV-007).
         """
-        if not self._available or self._embedder is None:
+        if not self._available:
             raise SemanticSearchUnavailableError(
                 "Semantic search is not available on this server (no pgvector); search with "
                 "mode SEARCH_MODE_KEYWORD."
@@ -201,10 +228,22 @@ class SemanticSearch:
 
     async def embed_query(self, text: str) -> Embeddings:
         """The query's embedding, timed and counted by provider outcome."""
-        assert self._embedder is not None
+        try:
+            embedder = await asyncio.wait_for(self.embedder(), time_left())
+        except TimeoutError:
+            raise DeadlineExceededError(
+                "The deadline passed while the embedding model was loading."
+            ) from None
+        except MahavishnuError:
+            raise
+        except Exception:
+            raise QueryEmbeddingFailedError(
+                "The search query could not be embedded; retry, or search with mode "
+                "SEARCH_MODE_KEYWORD."
+            ) from None
         started = time.perf_counter()
         try:
-            embedded = await self._embedder.embed([text], timeout=time_left())
+            embedded = await embedder.embed([text], timeout=time_left())
         except EmbeddingError as exc:
             metrics.embedded(
                 purpose="query", outcome=exc.outcome, seconds=time.perf_counter() - started
