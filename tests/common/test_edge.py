@@ -21,7 +21,13 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from mhv_common.auth import Role, TokenIssuer, generate_signing_key
+from mhv_common.auth import (
+    MAX_PERSON_TOKEN_SECONDS,
+    MAX_SERVICE_TOKEN_SECONDS,
+    Role,
+    TokenIssuer,
+    generate_signing_key,
+)
 from mhv_common.config import CommonSettings
 from mhv_common.db import Database
 from mhv_common.edge import classify
@@ -82,6 +88,7 @@ class Probe:
     def register(self, server: aio.Server) -> Sequence[str]:
         handlers = {
             "Echo": self.echo,
+            "Lifetime": self.echo,
             "Boom": self.boom,
             "Invalid": self.invalid,
             "SlowWrite": self.slow_write,
@@ -89,13 +96,8 @@ class Probe:
             "HoldConnection": self.hold_connection,
             "UseConnection": self.use_connection,
         }
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    PROBE, {k: grpc.unary_unary_rpc_method_handler(v) for k, v in handlers.items()}
-                ),
-            )
-        )
+        methods = {k: grpc.unary_unary_rpc_method_handler(v) for k, v in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PROBE, methods),))
         return [PROBE]
 
 
@@ -104,6 +106,7 @@ POLICIES = {
     for name in ("Boom", "Invalid", "SlowWrite", "HoldConnection", "UseConnection")
 }
 POLICIES[f"/{PROBE}/Echo"] = MethodPolicy(frozenset({Role.ADMIN, Role.MEMBER}))
+POLICIES[f"/{PROBE}/Lifetime"] = MethodPolicy(frozenset({Role.MEMBER, Role.SERVICE}))
 POLICIES[f"/{PROBE}/TightDeadline"] = MethodPolicy(ANY_ROLE, max_deadline=0.5)
 
 
@@ -119,12 +122,18 @@ async def probe_table(deployment: Deployment) -> AsyncIterator[str]:
 
 
 async def _start(
-    deployment: Deployment, keys: Keys, *, limits: dict[str, str] | None = None, pool: int = 4
+    deployment: Deployment,
+    keys: Keys,
+    *,
+    limits: dict[str, str] | None = None,
+    pool: int = 4,
+    token_lifetime: float = MAX_PERSON_TOKEN_SECONDS,
 ) -> tuple[RunningService, Probe]:
     settings = CommonSettings(
         auth_jwks_file=keys.jwks,
         rate_limits=limits or {"general": "100000/minute"},
         shutdown_grace_seconds=2,
+        auth_max_token_lifetime_seconds=token_lifetime,
     )
     db = Database(
         deployment.role_url("task"), name="probe", min_size=1, max_size=pool, acquire_timeout=0.3
@@ -223,6 +232,17 @@ async def test_missing_token_is_unauthenticated_mhv004(channel: aio.Channel) -> 
             ),
             id="wrong-issuer",
         ),
+        pytest.param(
+            lambda k: k.token(Role.ADMIN, ttl_seconds=10 * 365 * 24 * 3600), id="ten-year-person"
+        ),
+        pytest.param(
+            lambda k: k.token(Role.MEMBER, ttl_seconds=MAX_PERSON_TOKEN_SECONDS + 1),
+            id="person-over-a-day",
+        ),
+        pytest.param(
+            lambda k: k.token(Role.SERVICE, subject="service:webhook", ttl_seconds=3600),
+            id="hour-long-service",
+        ),
         pytest.param(lambda k: k.token(Role.ADMIN)[:-4] + "AAAA", id="tampered-signature"),
         pytest.param(lambda k: "not-a-jwt", id="garbage"),
     ],
@@ -233,6 +253,36 @@ async def test_bad_tokens_are_unauthenticated(
     error = await _call_error(_method(channel, "Echo")(b"x", metadata=bearer(make_token(keys))))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details().startswith("[MHV-004]")
+
+
+@pytest.mark.parametrize(
+    ("role", "ttl"),
+    [(Role.MEMBER, MAX_PERSON_TOKEN_SECONDS), (Role.SERVICE, MAX_SERVICE_TOKEN_SECONDS)],
+    ids=["person-a-day", "service-fifteen-minutes"],
+)
+async def test_tokens_within_their_kinds_lifetime_pass(
+    channel: aio.Channel, keys: Keys, role: Role, ttl: int
+) -> None:
+    token = keys.token(
+        role, subject="service:webhook" if role == Role.SERVICE else "", ttl_seconds=ttl
+    )
+    reply = await _method(channel, "Lifetime")(b"ok", metadata=bearer(token))
+    assert reply == b"ok"
+
+
+async def test_peoples_token_lifetime_is_configurable(deployment: Deployment, keys: Keys) -> None:
+    running, _db = await _start(deployment, keys, token_lifetime=300)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as ch:
+            echo = _method(ch, "Echo")
+            assert await echo(b"1", metadata=bearer(keys.token(Role.MEMBER, ttl_seconds=300)))
+            error = await _call_error(
+                echo(b"2", metadata=bearer(keys.token(Role.MEMBER, ttl_seconds=301)))
+            )
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "lives longer than a person's token may (300 s)" in error.details()
+    finally:
+        await running.stop()
 
 
 async def test_role_gate_is_permission_denied_mhv005(channel: aio.Channel, keys: Keys) -> None:

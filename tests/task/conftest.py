@@ -6,7 +6,7 @@ Semantic search's fixtures (the local model, a cluster with pgvector) are in tes
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -14,7 +14,7 @@ import pytest
 from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
-from mhv_common.auth import Role
+from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import load_repositories
 from tests.conftest import Services
 from tests.harness import ROOT, Deployment, Keys, bearer, grpc_channel
@@ -25,12 +25,20 @@ REPOSITORIES = load_repositories(ROOT / "settings" / "repos.yaml")
 
 @dataclass(frozen=True)
 class Person:
-    """A user row and a token for it with one role."""
+    """A user row and a token for it with one role.
+
+    `credentials` gives the current token: a person's lasts the session, a service's is
+    re-minted before it expires (service tokens live minutes).
+    """
 
     id: str
     username: str
     role: Role
-    token: str
+    credentials: Callable[[], str]
+
+    @property
+    def token(self) -> str:
+        return self.credentials()
 
     def md(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         return (*bearer(self.token), *extra)
@@ -69,7 +77,8 @@ async def people(deployment: Deployment, keys: Keys) -> People:
 
     async def person(name: str, role: Role) -> Person:
         uid = await make_user(deployment, f"{name}-{suffix}")
-        return Person(uid, f"{name}-{suffix}", role, keys.token(role, subject=uid))
+        token = keys.token(role, subject=uid)
+        return Person(uid, f"{name}-{suffix}", role, lambda: token)
 
     return People(
         admin=await person("admin", Role.ADMIN),
@@ -81,7 +90,7 @@ async def people(deployment: Deployment, keys: Keys) -> People:
             "service:webhook",
             "service",
             Role.SERVICE,
-            keys.token(Role.SERVICE, subject="service:webhook"),
+            ServiceCredentials(keys.issuer, service_name="webhook").token,
         ),
     )
 

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
-from mhv_common.auth import Role
+from mhv_common.auth import MAX_PERSON_TOKEN_SECONDS, MAX_SERVICE_TOKEN_SECONDS, Role
 from tests.harness import Deployment, Keys, bearer, mhv_code, rpc_error, violations
 from tests.task.conftest import People, make_user, new_task
 
@@ -263,3 +263,25 @@ async def test_an_update_that_changes_nothing_writes_nothing(
         metadata=people.alice.md(),
     )
     assert changed.etag != task.etag
+
+
+@pytest.mark.parametrize(
+    ("role", "ttl"),
+    [
+        (Role.ADMIN, 10 * 365 * 24 * 3600),
+        (Role.MEMBER, MAX_PERSON_TOKEN_SECONDS + 60),
+        (Role.SERVICE, MAX_SERVICE_TOKEN_SECONDS + 60),
+    ],
+    ids=["ten-year-admin", "member-over-a-day", "service-over-fifteen-minutes"],
+)
+async def test_a_validly_signed_token_living_too_long_is_refused(
+    tasks: task_pb2_grpc.TaskServiceStub, people: People, keys: Keys, role: Role, ttl: int
+) -> None:
+    subject = "service:webhook" if role == Role.SERVICE else people.admin.id
+    token = keys.token(role, subject=subject, ttl_seconds=ttl)
+    error = await rpc_error(tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=bearer(token)))
+    assert (error.code(), mhv_code(error)) == (grpc.StatusCode.UNAUTHENTICATED, "MHV-004")
+    assert "lives longer than" in error.details()
+    # The same principal with a token inside its kind's limit is served.
+    fine = keys.token(role, subject=subject, ttl_seconds=min(ttl, 600))
+    await tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=bearer(fine))

@@ -12,7 +12,7 @@ import asyncpg
 
 from mhv_cli import devstate
 from mhv_cli.migrate import RoleNames, held_back, migrate_down, migrate_up
-from mhv_common.auth import Role, TokenIssuer
+from mhv_common.auth import MAX_PERSON_TOKEN_SECONDS, Role, TokenIssuer
 from mhv_common.config import (
     AuditSettings,
     CommonSettings,
@@ -59,7 +59,7 @@ def issuer(settings: CommonSettings) -> TokenIssuer:
 
 
 # People's tokens are short-lived: deactivating a user takes effect within this much time.
-MAX_TOKEN_TTL_SECONDS = 24 * 3600
+MAX_TOKEN_TTL_SECONDS = MAX_PERSON_TOKEN_SECONDS
 
 
 async def _token(args: argparse.Namespace) -> int:

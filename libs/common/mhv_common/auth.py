@@ -34,6 +34,14 @@ DEFAULT_AUDIENCE = "mahavishnu-api"
 LEEWAY_SECONDS = 30
 # A JWKS key member (our own) naming the only subject the key may sign tokens for.
 SUBJECT_MEMBER = "mhv_subject"
+# The longest a token may live (``exp - iat``), however validly signed: a stolen token is
+# worth at most this long, and a deactivated user is shut out by the revocation check
+# (`mhv_common.revocation`) well before. People's tokens are configurable
+# (``MHV_AUTH_MAX_TOKEN_LIFETIME_SECONDS``); services mint their own every few minutes.
+MAX_PERSON_TOKEN_SECONDS = 24 * 3600
+MAX_SERVICE_TOKEN_SECONDS = 15 * 60
+SERVICE_TOKEN_SECONDS = 600
+PERSON_TOKEN_SECONDS = 3600
 _CACHE_SIZE = 4096
 
 
@@ -98,6 +106,8 @@ class TokenVerifier:
         *,
         issuer: str = DEFAULT_ISSUER,
         audience: str = DEFAULT_AUDIENCE,
+        max_lifetime: float = MAX_PERSON_TOKEN_SECONDS,
+        max_service_lifetime: float = MAX_SERVICE_TOKEN_SECONDS,
     ) -> None:
         self._keys: dict[str, Any] = {}
         # kid -> the one subject that key may sign for (service keys), if restricted.
@@ -115,6 +125,8 @@ class TokenVerifier:
             raise ConfigurationError("No token verification keys are configured.")
         self._issuer = issuer
         self._audience = audience
+        self._max_lifetime = max_lifetime
+        self._max_service_lifetime = max_service_lifetime
         # Verified tokens, so a client reusing its token costs one signature check, not one
         # per call. Entries are dropped at the token's expiry; the dict is bounded.
         self._verified: dict[str, tuple[Principal, float]] = {}
@@ -127,6 +139,8 @@ class TokenVerifier:
         jwks_file: Path | None,
         issuer: str = DEFAULT_ISSUER,
         audience: str = DEFAULT_AUDIENCE,
+        max_lifetime: float = MAX_PERSON_TOKEN_SECONDS,
+        max_service_lifetime: float = MAX_SERVICE_TOKEN_SECONDS,
     ) -> TokenVerifier:
         """Build from the JWKS given inline or as a file (inline wins)."""
         if jwks_json:
@@ -140,15 +154,21 @@ class TokenVerifier:
             raise ConfigurationError(
                 "Set MHV_AUTH_JWKS or MHV_AUTH_JWKS_FILE to the token verification keys."
             )
-        return cls(document, issuer=issuer, audience=audience)
+        return cls(
+            document,
+            issuer=issuer,
+            audience=audience,
+            max_lifetime=max_lifetime,
+            max_service_lifetime=max_service_lifetime,
+        )
 
     def verify(self, token: str) -> Principal:
         """Check the token and return its principal.
 
         Raises:
             AuthenticationError: Malformed, unsigned, wrongly signed, expired, not yet
-                valid, or issued for another issuer or audience. The message says which,
-                without echoing the token.
+                valid, living longer than its principal kind may, or issued for another
+                issuer or audience. The message says which, without echoing the token.
         """
         cached = self._verified.get(token)
         if cached is not None:
@@ -203,6 +223,13 @@ class TokenVerifier:
                 roles.add(Role(name))
             except ValueError:
                 continue  # roles unknown to this release grant nothing
+        limit = self._max_service_lifetime if Role.SERVICE in roles else self._max_lifetime
+        if float(claims["exp"]) - float(claims["iat"]) > limit:
+            kind = "a service's" if Role.SERVICE in roles else "a person's"
+            raise AuthenticationError(
+                f"The bearer token lives longer than {kind} token may ({int(limit)} s); "
+                "ask for a shorter-lived token."
+            )
         bound = self._subjects.get(kid)
         if bound is not None and (str(claims["sub"]) != bound or roles - {Role.SERVICE}):
             # A service's own key signs only that service's service-role tokens: a stolen
@@ -252,11 +279,19 @@ class TokenIssuer:
         *,
         subject: str,
         roles: Iterable[Role | str],
-        ttl_seconds: int = 3600,
+        ttl_seconds: int | None = None,
         username: str = "",
         now: float | None = None,
     ) -> str:
-        """Return a signed token valid for `ttl_seconds`."""
+        """Return a signed token valid for `ttl_seconds`.
+
+        Without `ttl_seconds` a person's token lives an hour and a service's ten minutes, both
+        within what `TokenVerifier` accepts by default.
+        """
+        role_names = sorted(str(Role(r)) for r in roles)
+        if ttl_seconds is None:
+            service = str(Role.SERVICE) in role_names
+            ttl_seconds = SERVICE_TOKEN_SECONDS if service else PERSON_TOKEN_SECONDS
         issued = int(now if now is not None else time.time())
         claims = {
             "iss": self._issuer,
@@ -266,7 +301,7 @@ class TokenIssuer:
             "nbf": issued,
             "exp": issued + ttl_seconds,
             "jti": uuid.uuid4().hex,
-            "roles": sorted(str(Role(r)) for r in roles),
+            "roles": role_names,
         }
         if username:
             claims["username"] = username
@@ -296,7 +331,9 @@ class ServiceCredentials:
         )
         return cls(issuer, service_name=service_name)
 
-    def __init__(self, issuer: TokenIssuer, *, service_name: str, ttl_seconds: int = 600) -> None:
+    def __init__(
+        self, issuer: TokenIssuer, *, service_name: str, ttl_seconds: int = SERVICE_TOKEN_SECONDS
+    ) -> None:
         self._issuer = issuer
         self._subject = f"service:{service_name}"
         self._ttl = ttl_seconds

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mhv_common.auth import MAX_PERSON_TOKEN_SECONDS, MAX_SERVICE_TOKEN_SECONDS
 from mhv_common.errors import ConfigurationError
 
 REPOSITORY_NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
@@ -83,6 +84,11 @@ class CommonSettings(BaseSettings):
     auth_audience: str = "mahavishnu-api"
     auth_signing_key_file: Path | None = None
     auth_signing_key_id: str = "dev-1"
+    # The longest a token may live (exp - iat): people's tokens, and services' own.
+    auth_max_token_lifetime_seconds: float = Field(default=MAX_PERSON_TOKEN_SECONDS, gt=0)
+    auth_max_service_token_lifetime_seconds: float = Field(
+        default=MAX_SERVICE_TOKEN_SECONDS, gt=0, le=3600
+    )
 
     rate_limit_storage_uri: str = "memory://"
     rate_limits: dict[str, str] = Field(default_factory=dict)

@@ -156,6 +156,8 @@ class RunningService:
             jwks_file=s.auth_jwks_file,
             issuer=s.auth_issuer,
             audience=s.auth_audience,
+            max_lifetime=s.auth_max_token_lifetime_seconds,
+            max_service_lifetime=s.auth_max_service_token_lifetime_seconds,
         )
         limiter = RateLimiter(
             s.effective_rate_limits(),
