@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -85,6 +86,11 @@ class Probe:
             await conn.fetchval("SELECT 1")
         return b"done"
 
+    async def struct_keys(self, request: struct_pb2.Struct, _ctx: Any) -> struct_pb2.Struct:
+        reply = struct_pb2.Struct()
+        reply.update({"keys": sorted(request.fields)})
+        return reply
+
     def register(self, server: aio.Server) -> Sequence[str]:
         handlers = {
             "Echo": self.echo,
@@ -97,6 +103,12 @@ class Probe:
             "UseConnection": self.use_connection,
         }
         methods = {k: grpc.unary_unary_rpc_method_handler(v) for k, v in handlers.items()}
+        # One typed method, decoded by protobuf as the services' methods are.
+        methods["Keys"] = grpc.unary_unary_rpc_method_handler(
+            self.struct_keys,
+            request_deserializer=struct_pb2.Struct.FromString,
+            response_serializer=struct_pb2.Struct.SerializeToString,
+        )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PROBE, methods),))
         return [PROBE]
 
@@ -107,6 +119,7 @@ POLICIES = {
 }
 POLICIES[f"/{PROBE}/Echo"] = MethodPolicy(frozenset({Role.ADMIN, Role.MEMBER}))
 POLICIES[f"/{PROBE}/Lifetime"] = MethodPolicy(frozenset({Role.MEMBER, Role.SERVICE}))
+POLICIES[f"/{PROBE}/Keys"] = MethodPolicy(ANY_ROLE)
 POLICIES[f"/{PROBE}/TightDeadline"] = MethodPolicy(ANY_ROLE, max_deadline=0.5)
 
 
@@ -452,6 +465,38 @@ async def test_rate_limit_is_resource_exhausted_with_retry_info(
             assert 0 < delay.ToNanoseconds() <= 60 * 10**9
             # Budgets are per caller: someone else is unaffected.
             assert await _method(ch, "Echo")(b"4", metadata=other) == b"4"
+    finally:
+        await running.stop()
+
+
+async def test_undecodable_requests_without_a_token_are_limited_per_peer(
+    deployment: Deployment, keys: Keys
+) -> None:
+    running, _db = await _start(deployment, keys, limits={"general": "2/minute"})
+    corrupt = b"\x0a\xff\xff\xff\x0f"
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as ch:
+            keys_of = ch.unary_unary(f"/{PROBE}/Keys")
+            for _ in range(2):
+                error = await _call_error(keys_of(corrupt))
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert error.details().startswith("[MHV-003]")
+                bad = detail(rich_status(error), error_details_pb2.BadRequest)
+                assert "google.protobuf.Struct" in bad.field_violations[0].description
+            error = await _call_error(keys_of(corrupt))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.details().startswith("[MHV-006]")
+            # A caller with a token has its own budget, and its good requests decode.
+            token = bearer(keys.token(Role.MEMBER))
+            good = struct_pb2.Struct()
+            good.update({"b": 1, "a": 2})
+            reply = struct_pb2.Struct.FromString(
+                await keys_of(good.SerializeToString(), metadata=token)
+            )
+            assert list(reply["keys"]) == ["a", "b"]
+            # A token that does not verify is refused as such, whatever the bytes hold.
+            error = await _call_error(keys_of(corrupt, metadata=bearer("not-a-jwt")))
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await running.stop()
 

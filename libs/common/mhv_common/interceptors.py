@@ -2,7 +2,8 @@
 
     Admission (shed or draining: MHV-017, MHV-016)  ->  OpenTelemetry span
       ->  Edge (request context + error mapping, the catch-all)
-      ->  Telemetry (access log + metrics)  ->  Deadline  ->  Auth  ->  RateLimit  ->  handler
+      ->  Telemetry (access log + metrics)  ->  Deadline  ->  Auth  ->  RateLimit
+      ->  Decode  ->  handler
 
 Admission is outermost so that shedding costs as little as possible when a process is flooded:
 a refused call gets no span, no log line, no token check, and an answer encoded once; it is
@@ -14,6 +15,14 @@ INTERNAL/MHV-008 with none of its text. Telemetry sits inside it and labels its 
 metrics with `classify`, the same function the Edge uses, so they record the code the caller
 receives. Health and reflection pass through untouched: they must answer without a token, are
 never rate limited and never shed.
+
+grpc decodes a request before any interceptor runs, and a request that does not decode
+(corrupt bytes, a string that is not UTF-8, a Struct nested deeper than protobuf allows) would
+end there: UNKNOWN with the parser's text, a traceback logged, no metrics. The Decode
+interceptor, innermost, hands grpc a deserializer that cannot fail: what does not decode
+arrives as an `UndecodableRequest`, passes the chain like any request (counted, logged once,
+rate limited: per peer when it carries no token at all) and is refused with MHV-003 where the
+handler would have run.
 """
 
 from __future__ import annotations
@@ -41,11 +50,13 @@ from mhv_common.errors import (
     GRPC_DETAILS_METADATA_KEY,
     AuthenticationError,
     AuthorizationError,
+    FieldViolation,
     InternalError,
     MahavishnuError,
     RequestCancelledError,
     ServerDrainingError,
     ServerOverloadedError,
+    ValidationError,
 )
 from mhv_common.ratelimit import RateLimiter
 
@@ -129,6 +140,34 @@ class _Interceptor(AsyncServerInterceptor):
     async def _call(method: Callable[..., Any], request: Any, ctx: aio.ServicerContext) -> Any:
         response = method(request, ctx)
         return response if hasattr(response, "__aiter__") else await response
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """What the handler chain receives for request bytes that do not decode.
+
+    Attributes:
+        message: The protobuf message the bytes should have been (full name), or ``""``.
+    """
+
+    message: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, answering `UndecodableRequest` instead of raising."""
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    undecodable = UndecodableRequest(str(getattr(descriptor, "full_name", "")))
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any parser failure is the caller's bad bytes
+            return undecodable
+
+    return decode
 
 
 def _metadata(ctx: aio.ServicerContext) -> dict[str, str]:
@@ -350,6 +389,10 @@ class AuthInterceptor(_Interceptor):
         req = context.current()
         meta = req.metadata if req is not None else _metadata(ctx)
         header = meta.get("authorization", "")
+        if not header and isinstance(request, UndecodableRequest):
+            # Refused as undecodable whoever sent it; a caller without a token is counted
+            # against its peer address's budget (RateLimit) rather than told to sign in.
+            return await self._call(method, request, ctx)
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthenticationError("Missing bearer token in the 'authorization' metadata.")
@@ -399,6 +442,44 @@ class RateLimitInterceptor(_Interceptor):
         return await self._call(method, request, ctx)
 
 
+class DecodeInterceptor(_Interceptor):
+    """Innermost: gives grpc a deserializer that cannot fail, and refuses what did not decode."""
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        """Wrap the method's request deserializer (ungoverned methods keep grpc's)."""
+        handler = await super().intercept_service(continuation, handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(UNGOVERNED_PREFIXES):
+            return handler
+        if isinstance(handler, grpc.RpcMethodHandler) and hasattr(handler, "_replace"):
+            deserializer = handler.request_deserializer
+            if getattr(deserializer, "__wrapped__", None) is None:
+                tolerant = _tolerant(deserializer)
+                if tolerant is not None:
+                    tolerant.__wrapped__ = deserializer  # type: ignore[attr-defined]
+                    handler = handler._replace(request_deserializer=tolerant)
+                    self._handlers[method] = handler
+        return handler
+
+    async def intercept(
+        self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
+    ) -> Any:
+        """Refuse a request that did not decode with MHV-003; pass the rest on."""
+        if isinstance(request, UndecodableRequest):
+            what = f"a valid {request.message} message" if request.message else "decodable"
+            raise ValidationError(
+                "The request body could not be decoded.",
+                violations=[
+                    FieldViolation(
+                        "request",
+                        f"is not {what}: corrupt bytes, a string that is not UTF-8, or "
+                        "nesting deeper than protobuf allows",
+                    )
+                ],
+            )
+        return await self._call(method, request, ctx)
+
+
 def initialise_metrics(policies: Mapping[str, MethodPolicy]) -> None:
     """Create each governed method's OK count, latency and refusal series at zero."""
     for full in policies:
@@ -428,4 +509,5 @@ def build_interceptors(
         DeadlineInterceptor(policies, default),
         AuthInterceptor(verifier, policies),
         RateLimitInterceptor(limiter, policies, default),
+        DecodeInterceptor(),
     ]
