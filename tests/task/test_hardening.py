@@ -285,3 +285,86 @@ async def test_a_validly_signed_token_living_too_long_is_refused(
     # The same principal with a token inside its kind's limit is served.
     fine = keys.token(role, subject=subject, ttl_seconds=min(ttl, 600))
     await tasks.ListTasks(task_pb2.ListTasksRequest(), metadata=bearer(fine))
+
+
+def _not_finite(value: float) -> struct_pb2.Struct:
+    # Deep inside: a list within a nested object.
+    return _struct({"outer": {"ratios": [1.5, value]}})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+async def test_non_finite_numbers_in_any_struct_name_the_field(
+    tasks: task_pb2_grpc.TaskServiceStub,
+    users: task_pb2_grpc.UserServiceStub,
+    people: People,
+    value: float,
+) -> None:
+    task = await new_task(tasks, people.alice)
+    update = tasks.UpdateTask(
+        task_pb2.UpdateTaskRequest(
+            task=task_pb2.Task(id=task.id, metadata=_not_finite(value)),
+            update_mask=field_mask_pb2.FieldMask(paths=["metadata"]),
+        ),
+        metadata=people.alice.md(),
+    )
+    create_user = users.CreateUser(
+        task_pb2.CreateUserRequest(
+            username=f"nf-{uuid.uuid4().hex[:8]}", email="nf@x.test", metadata=_not_finite(value)
+        ),
+        metadata=people.admin.md(),
+    )
+    for call, field in ((update, "task.metadata"), (create_user, "metadata")):
+        error = await rpc_error(call)
+        assert (error.code(), mhv_code(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "MHV-003")
+        assert "finite" in violations(error).get(field, ""), violations(error)
+
+
+async def test_a_caller_without_rights_is_denied_whatever_the_body_holds(
+    tasks: task_pb2_grpc.TaskServiceStub,
+    users: task_pb2_grpc.UserServiceStub,
+    people: People,
+) -> None:
+    # Alice's task; Bob is a member who neither created it nor is assigned to it.
+    task = await new_task(tasks, people.alice, metadata=_struct({"kept": 1}))
+    nan = _not_finite(float("nan"))
+    calls = {
+        "UpdateTask": tasks.UpdateTask(
+            task_pb2.UpdateTaskRequest(
+                task=task_pb2.Task(id=task.id, title="x" * 500, metadata=nan),
+                update_mask=field_mask_pb2.FieldMask(paths=["metadata", "title", "no_such"]),
+            ),
+            metadata=people.bob.md(),
+        ),
+        "AssignTask": tasks.AssignTask(
+            task_pb2.AssignTaskRequest(id=task.id, assigned_to="not-a-uuid"),
+            metadata=people.bob.md(),
+        ),
+        "BlockTask": tasks.BlockTask(
+            task_pb2.BlockTaskRequest(id=task.id, reason="r" * 10_000), metadata=people.bob.md()
+        ),
+        "CompleteTask": tasks.CompleteTask(
+            task_pb2.CompleteTaskRequest(
+                id=task.id,
+                quality_gate=task_pb2.QualityGateResult(
+                    checks=[task_pb2.QualityCheck(name="n" * 10_000)]
+                ),
+            ),
+            metadata=people.bob.md(),
+        ),
+        "CreateTask (viewer)": tasks.CreateTask(
+            task_pb2.CreateTaskRequest(title="", repository="nowhere", metadata=nan),
+            metadata=people.viewer.md(),
+        ),
+        "CreateUser (member)": users.CreateUser(
+            task_pb2.CreateUserRequest(username="", email="bad", metadata=nan),
+            metadata=people.alice.md(),
+        ),
+    }
+    for name, call in calls.items():
+        error = await rpc_error(call)
+        assert (error.code(), mhv_code(error)) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "MHV-005",
+        ), name
+    unchanged = await tasks.GetTask(task_pb2.GetTaskRequest(id=task.id), metadata=people.bob.md())
+    assert unchanged.etag == task.etag

@@ -10,6 +10,8 @@ interceptors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from google.protobuf import empty_pb2
 from grpc import aio
 
@@ -21,6 +23,14 @@ from mhv_task._metrics import RequestMetrics
 from mhv_task._models import TaskTransitionRequest
 from mhv_task._tasks import Tasks
 from mhv_task._users import Users
+
+_Transition = (
+    task_pb2.StartTaskRequest
+    | task_pb2.CompleteTaskRequest
+    | task_pb2.CancelTaskRequest
+    | task_pb2.BlockTaskRequest
+    | task_pb2.UnblockTaskRequest
+)
 
 
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
@@ -68,8 +78,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.UpdateTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Change the fields named by the mask."""
-        update = codec.update_task(request, self._repositories)
-        return codec.task_message(await self._tasks.update(update))
+        ref = codec.task_ref(request.task.id, request.task.etag)
+        task = await self._tasks.update(ref, lambda: codec.update_task(request, self._repositories))
+        return codec.task_message(task)
 
     async def DeleteTask(
         self, request: task_pb2.DeleteTaskRequest, context: aio.ServicerContext
@@ -93,40 +104,49 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.AssignTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Assign or unassign."""
-        return codec.task_message(await self._tasks.assign(codec.assign_task(request)))
+        ref = codec.task_ref(request.id, request.etag)
+        task = await self._tasks.assign(ref, lambda: codec.assign_task(request))
+        return codec.task_message(task)
 
     async def StartTask(
         self, request: task_pb2.StartTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Move pending -> in_progress."""
-        return await self._transition(Action.START, codec.transition(request))
+        return await self._transition(Action.START, request, lambda: codec.transition(request))
 
     async def CompleteTask(
         self, request: task_pb2.CompleteTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Move in_progress -> completed, with the quality-gate result."""
-        return await self._transition(Action.COMPLETE, codec.complete_task(request))
+        return await self._transition(
+            Action.COMPLETE, request, lambda: codec.complete_task(request)
+        )
 
     async def CancelTask(
         self, request: task_pb2.CancelTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Cancel an open task."""
-        return await self._transition(Action.CANCEL, codec.transition(request))
+        return await self._transition(Action.CANCEL, request, lambda: codec.transition(request))
 
     async def BlockTask(
         self, request: task_pb2.BlockTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Block a pending or in-progress task."""
-        return await self._transition(Action.BLOCK, codec.transition(request))
+        return await self._transition(Action.BLOCK, request, lambda: codec.transition(request))
 
     async def UnblockTask(
         self, request: task_pb2.UnblockTaskRequest, context: aio.ServicerContext
     ) -> task_pb2.Task:
         """Return a blocked task to its previous status."""
-        return await self._transition(Action.UNBLOCK, codec.transition(request))
+        return await self._transition(Action.UNBLOCK, request, lambda: codec.transition(request))
 
-    async def _transition(self, action: Action, request: TaskTransitionRequest) -> task_pb2.Task:
-        return codec.task_message(await self._tasks.transition(action, request))
+    async def _transition(
+        self, action: Action, request: _Transition, decode: Callable[[], TaskTransitionRequest]
+    ) -> task_pb2.Task:
+        # Only the address is checked here; the domain decodes the rest once the caller may
+        # change the task.
+        ref = codec.task_ref(request.id, request.etag)
+        return codec.task_message(await self._tasks.transition(action, ref, decode))
 
 
 class UserServicer(task_pb2_grpc.UserServiceServicer):

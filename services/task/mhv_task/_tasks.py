@@ -9,7 +9,6 @@ committed change and never for a rolled-back one.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -223,17 +222,20 @@ class Tasks:
 
     # --- changes ------------------------------------------------------------------------
 
-    async def update(self, request: TaskUpdateRequest) -> Task:
+    async def update(self, ref: TaskRef, decode: Callable[[], TaskUpdateRequest]) -> Task:
         """Change the fields the mask names; a change to nothing writes nothing.
+
+        `decode` validates the caller's content; it runs only once the caller may change the
+        task, so a caller without rights is refused whatever the body holds.
 
         Raises:
             RepositoryNotFoundError: A new repository is not configured (MHV-200).
         """
-        values = request.changes()
-        if "repository" in values:
-            self._check_configured(values["repository"], field="task.repository")
 
         def plan(task: Task, actor: Actor) -> tuple[dict[str, Any], OutboxEvent | None]:
+            values = decode().changes()
+            if "repository" in values:
+                self._check_configured(values["repository"], field="task.repository")
             lifecycle.check(Action.UPDATE, task.status)
             diff = events.field_changes(task, values)
             if not diff:
@@ -241,26 +243,29 @@ class Tasks:
                 return {}, None
             return values, events.task_updated(actor.user_id, diff)
 
-        return await self._change(request.id, request.etag, plan)
+        return await self._change(ref, plan)
 
-    async def assign(self, request: TaskAssignRequest) -> Task:
+    async def assign(self, ref: TaskRef, decode: Callable[[], TaskAssignRequest]) -> Task:
         """Assign the task to an active user, or unassign it (None)."""
-        assignee = request.assigned_to
 
         def plan(task: Task, actor: Actor) -> tuple[dict[str, Any], OutboxEvent | None]:
+            assignee = decode().assigned_to
             lifecycle.check(Action.ASSIGN, task.status)
             event = events.task_assigned(
                 actor.user_id, assigned_to=assignee, previous=task.assigned_to
             )
             return {"assigned_to": assignee}, event
 
-        return await self._change(request.id, request.etag, plan, assignee=assignee)
+        return await self._change(ref, plan)
 
-    async def transition(self, action: Action, request: TaskTransitionRequest) -> Task:
+    async def transition(
+        self, action: Action, ref: TaskRef, decode: Callable[[], TaskTransitionRequest]
+    ) -> Task:
         """Move the task through its lifecycle (start, complete, cancel, block, unblock)."""
-        gate = request.quality_gate.stored() if request.quality_gate is not None else None
 
         def plan(task: Task, actor: Actor) -> tuple[dict[str, Any], OutboxEvent | None]:
+            request = decode()
+            gate = request.quality_gate.stored() if request.quality_gate is not None else None
             change = lifecycle.plan(
                 action,
                 task.status,
@@ -271,7 +276,7 @@ class Tasks:
             )
             return change.changes, events.task_transitioned(action, actor.user_id, change.details)
 
-        return await self._change(request.id, request.etag, plan)
+        return await self._change(ref, plan)
 
     async def delete(self, request: TaskRef) -> None:
         """Delete a task (administrators only, by method policy)."""
@@ -289,21 +294,22 @@ class Tasks:
                 timeout=time_left(),
             )
 
-    async def _change(
-        self, task_id: int, etag: str, plan: Plan, *, assignee: uuid.UUID | None = None
-    ) -> Task:
+    async def _change(self, ref: TaskRef, plan: Plan) -> Task:
+        # Authorization first, on the locked task; only then does `plan` decode the caller's
+        # content, so what a caller without rights sends is never looked at.
         actor = actor_for_change()
         async with self._db.transaction() as conn:
-            task = await store.get_task(conn, task_id, for_update=True, timeout=time_left())
+            task = await store.get_task(conn, ref.id, for_update=True, timeout=time_left())
             if task is None:
-                raise _not_found(task_id)
+                raise _not_found(ref.id)
             ensure_can_change(actor, created_by=task.created_by, assigned_to=task.assigned_to)
-            _check_etag(task, etag)
+            _check_etag(task, ref.etag)
             changes, event = plan(task, actor)
             await ensure_user_active(conn, actor.user_id, field="caller")
             if event is None:
                 return task
+            assignee = changes.get("assigned_to")
             if assignee is not None:
                 # Locked: a deactivation or deletion of the assignee waits for this commit.
                 await ensure_user_active(conn, assignee, field="assigned_to", lock=True)
-            return await store.update_task(conn, task_id, changes, event=event, timeout=time_left())
+            return await store.update_task(conn, ref.id, changes, event=event, timeout=time_left())
