@@ -57,7 +57,14 @@ from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
 from mhv_common.db import Database
 from mhv_common.timestamps import from_micros
-from tests.harness import Cluster, Deployment, Keys, ServiceProcess, bearer
+from tests.harness import (
+    Cluster,
+    Deployment,
+    Keys,
+    ServiceProcess,
+    bearer,
+    make_person,
+)
 
 EVENT_TYPES = ["task_created", "task_updated", "task_assigned", "task_started", "task_completed"]
 LIST_SQL = (
@@ -457,6 +464,27 @@ async def main(args: argparse.Namespace) -> None:
         await load(deployment.admin_url, rows=args.rows, tasks=args.tasks)
         with tempfile.TemporaryDirectory() as tmp:
             keys = Keys.create(Path(tmp) / "keys")
+            # The audit service checks the auditor's user with the task service: one that
+            # relays nothing, holding that user.
+            keys.people[str(Role.AUDITOR)] = await make_person(deployment, "bench-auditor")
+            task_port, task_metrics = free_port(), free_port()
+            directory = ServiceProcess(
+                "mhv_task",
+                service_env(
+                    deployment,
+                    keys,
+                    {
+                        "MHV_TASK_GRPC_PORT": str(task_port),
+                        "MHV_TASK_METRICS_PORT": str(task_metrics),
+                        "MHV_RELAY_ENABLED": "false",
+                        "MHV_LOG_LEVEL": "WARNING",
+                    },
+                ),
+                task_port,
+                task_metrics,
+                Path(tmp) / "task.log",
+            )
+            await directory.start()
             grpc_port, metrics_port = free_port(), free_port()
             env = service_env(
                 deployment,
@@ -464,6 +492,7 @@ async def main(args: argparse.Namespace) -> None:
                 {
                     "MHV_AUDIT_GRPC_PORT": str(grpc_port),
                     "MHV_AUDIT_METRICS_PORT": str(metrics_port),
+                    "MHV_TASK_TARGET": f"127.0.0.1:{task_port}",
                     "MHV_LOG_LEVEL": "WARNING",
                     "MHV_RATE_LIMITS": json.dumps(
                         {"general": "10000000/minute", "service:*": "10000000/minute"}
@@ -487,6 +516,7 @@ async def main(args: argparse.Namespace) -> None:
             )
             process.stop()
             process = None
+            directory.stop()
     finally:
         if process is not None:
             process.stop()

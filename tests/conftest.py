@@ -19,6 +19,7 @@ from tests.harness import (
     Keys,
     ServiceProcess,
     ports_env,
+    register_people,
     service_env,
     start_order_ports,
     stop_all,
@@ -77,6 +78,7 @@ async def services(
 ) -> AsyncIterator[Services]:
     """Task, audit and webhook services as real processes (started once per run)."""
     logs = Path(tmp_path_factory.mktemp("service-logs"))
+    await register_people(deployment, keys)
     state = DevState(Path(tmp_path_factory.mktemp("grpc-tls")))
     state.ensure_grpc_tls()
     ports = start_order_ports()

@@ -42,6 +42,7 @@ from mhv_cli.migrate import SERVICE_SLICES, RoleNames, drop_roles, migrate_up
 from mhv_cli.pgcluster import PrivateCluster, free_port
 from mhv_common.auth import Role, TokenIssuer, generate_signing_key
 from mhv_common.errors import GRPC_DETAILS_METADATA_KEY
+from mhv_common.revocation import Revocation
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -169,6 +170,9 @@ class Keys:
     signing_key: Path
     jwks: Path
     issuer: TokenIssuer
+    # Users standing for each role when a token names no subject (`register_people`): every
+    # service refuses a person's token whose user does not exist (mhv_common.revocation).
+    people: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def create(cls, folder: Path, key_id: str = KEY_ID) -> Keys:
@@ -183,11 +187,15 @@ class Keys:
         return cls(folder, signing, jwks, TokenIssuer(pem, key_id=key_id))
 
     def token(self, role: Role | str, subject: str = "", **kwargs: object) -> str:
-        """A token for `subject` (default: a random user id) with one role."""
+        """A token for `subject` with one role.
+
+        Without a subject: the registered user of that role (`register_people`), else a random
+        user id, which no service accepts for a person.
+        """
         import uuid
 
         return self.issuer.issue(
-            subject=subject or str(uuid.uuid4()),
+            subject=subject or self.people.get(str(Role(role))) or str(uuid.uuid4()),
             roles=[role],
             **kwargs,  # type: ignore[arg-type]
         )
@@ -199,6 +207,47 @@ class Keys:
             "MHV_AUTH_SIGNING_KEY_FILE": str(self.signing_key),
             "MHV_AUTH_SIGNING_KEY_ID": KEY_ID,
         }
+
+
+async def make_user(deployment: Deployment, username: str) -> str:
+    """A new active user of `deployment` named `username` (its id)."""
+    conn = await asyncpg.connect(deployment.admin_url)
+    try:
+        return str(
+            await conn.fetchval(
+                "INSERT INTO task.users (username, email) VALUES ($1, $2) RETURNING id",
+                username,
+                f"{username}@example.test",
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def make_person(deployment: Deployment, name: str) -> str:
+    """A new active user of `deployment` with a unique name after `name` (its id)."""
+    return await make_user(deployment, f"{name}-{secrets.token_hex(4)}")
+
+
+async def register_people(deployment: Deployment, keys: Keys) -> None:
+    """One user per person's role in `deployment`, standing for that role in `keys.token`."""
+    for role in (Role.ADMIN, Role.MEMBER, Role.VIEWER, Role.AUDITOR):
+        if str(role) not in keys.people:
+            keys.people[str(role)] = await make_person(deployment, f"{role}-of-the-suite")
+
+
+async def _anyone_is_active(_user: object) -> bool:
+    return True
+
+
+def anyone_active() -> Revocation:
+    """Revocation for a probe service without users: every person counts as active."""
+    return Revocation(_anyone_is_active)
+
+
+def task_users_env(task_target: str, ca_file: Path) -> dict[str, str]:
+    """Settings for a process that checks people against the task service at `task_target`."""
+    return {"MHV_TASK_TARGET": task_target, "MHV_GRPC_TLS_CA_FILE": str(ca_file)}
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

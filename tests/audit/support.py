@@ -174,12 +174,18 @@ class PrivateAudit:
 
 @asynccontextmanager
 async def private_audit(
-    cluster: Cluster, keys: Keys, logs: Path, *, verify_interval: float = 0
+    cluster: Cluster,
+    keys: Keys,
+    logs: Path,
+    *,
+    task_users: dict[str, str],
+    verify_interval: float = 0,
 ) -> AsyncIterator[PrivateAudit]:
     """Start an audit service process on a database of its own; drop both afterwards.
 
     Its scheduled chain verification is off unless `verify_interval` is given, so that tests
-    counting verifications count only their own.
+    counting verifications count only their own. People's tokens are checked against the
+    task service `task_users` names (`tests.harness.task_users_env`).
     """
     deployment = await Deployment.create(cluster)
     grpc_port, metrics_port = free_port(), free_port()
@@ -190,6 +196,7 @@ async def private_audit(
             "MHV_AUDIT_GRPC_PORT": str(grpc_port),
             "MHV_AUDIT_METRICS_PORT": str(metrics_port),
             "MHV_AUDIT_VERIFY_INTERVAL_SECONDS": str(verify_interval),
+            **task_users,
         },
     )
     process = ServiceProcess("mhv_audit", env, grpc_port, metrics_port, logs / "audit.log")

@@ -11,7 +11,8 @@ import pytest
 from grpc import aio
 
 from tests.audit.support import events, metric, private_audit, random_task_id, record, stub
-from tests.harness import Cluster, Keys
+from tests.conftest import Services
+from tests.harness import Cluster, Keys, task_users_env
 
 
 async def _eventually(predicate: Callable[[], Awaitable[bool]], *, seconds: float = 20.0) -> None:
@@ -23,10 +24,11 @@ async def _eventually(predicate: Callable[[], Awaitable[bool]], *, seconds: floa
 
 
 async def test_scheduled_verification_counts_runs_and_reports_a_break(
-    cluster: Cluster, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+    cluster: Cluster, keys: Keys, services: Services, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     logs = Path(tmp_path_factory.mktemp("scheduled"))
-    async with private_audit(cluster, keys, logs, verify_interval=0.2) as audit:
+    users = task_users_env(services.task.target, services.ca_file)
+    async with private_audit(cluster, keys, logs, task_users=users, verify_interval=0.2) as audit:
         port = audit.process.metrics_port
         async with aio.insecure_channel(audit.target) as channel:
             await record(stub(channel), keys, events(random_task_id(), 5))

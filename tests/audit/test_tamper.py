@@ -35,7 +35,8 @@ from tests.audit.support import (
     stub,
     verify,
 )
-from tests.harness import Cluster, Keys
+from tests.conftest import Services
+from tests.harness import Cluster, Keys, task_users_env
 
 ROWS = 10
 MODIFIED = audit_pb2.BREAK_KIND_MODIFIED
@@ -49,9 +50,14 @@ _FIELDS = [f.name for f in dataclasses.fields(StoredRow)][:12]
 
 @pytest.fixture(scope="module")
 async def audit(
-    cluster: Cluster, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+    cluster: Cluster, keys: Keys, services: Services, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[PrivateAudit]:
-    async with private_audit(cluster, keys, Path(tmp_path_factory.mktemp("tamper"))) as running:
+    async with private_audit(
+        cluster,
+        keys,
+        Path(tmp_path_factory.mktemp("tamper")),
+        task_users=task_users_env(services.task.target, services.ca_file),
+    ) as running:
         yield running
 
 

@@ -258,6 +258,8 @@ class System:
                 "MHV_AUDIT_GRPC_PORT": str(replica.grpc_port),
                 "MHV_AUDIT_METRICS_PORT": str(replica.metrics_port),
                 "MHV_AUDIT_VERIFY_INTERVAL_SECONDS": "0",
+                # People's tokens are checked against the task service's users.
+                "MHV_TASK_TARGET": self.internal_target("task"),
             }
         else:
             own |= {

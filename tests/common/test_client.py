@@ -20,7 +20,7 @@ from mhv_common.errors import ConfigurationError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import RunningService, ServiceDefinition
 from mhv_common.tls import channel_credentials, peer
-from tests.harness import Keys
+from tests.harness import Keys, anyone_active
 
 # Two replicas on two loopback addresses, as two hosts would be.
 ADDRESSES = ("127.0.0.1", "127.0.0.2")
@@ -173,6 +173,7 @@ async def _serve_peer_probe(keys: Keys, *, max_age: float) -> RunningService:
         metrics_port=None,
         register=register,
         policies={"/probe.Probe/Caller": MethodPolicy(frozenset({Role.ADMIN}))},
+        revocation=anyone_active(),
     )
     settings = CommonSettings(
         auth_jwks_file=keys.jwks,

@@ -35,7 +35,7 @@ from mhv_common.edge import classify
 from mhv_common.errors import FieldViolation, MahavishnuError, ValidationError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import RunningService, ServiceDefinition
-from tests.harness import Deployment, Keys, bearer, detail, rich_status
+from tests.harness import Deployment, Keys, anyone_active, bearer, detail, rich_status
 from tests.waiting import wait_until
 
 PROBE = "mhvtest.Probe"
@@ -159,6 +159,7 @@ async def _start(
             metrics_port=None,
             register=probe.register,
             policies=POLICIES,
+            revocation=anyone_active(),
             startup=db.open,
             cleanup=db.close,
         ),
@@ -454,8 +455,8 @@ async def test_rate_limit_is_resource_exhausted_with_retry_info(
     running, _db = await _start(deployment, keys, limits={"general": "2/minute"})
     try:
         async with aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as ch:
-            token = bearer(keys.token(Role.MEMBER, subject="limited-user"))
-            other = bearer(keys.token(Role.MEMBER, subject="another-user"))
+            token = bearer(keys.token(Role.MEMBER, subject=str(uuid.uuid4())))
+            other = bearer(keys.token(Role.MEMBER, subject=str(uuid.uuid4())))
             assert await _method(ch, "Echo")(b"1", metadata=token) == b"1"
             assert await _method(ch, "Echo")(b"2", metadata=token) == b"2"
             error = await _call_error(_method(ch, "Echo")(b"3", metadata=token))

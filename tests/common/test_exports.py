@@ -27,6 +27,7 @@ EXPECTED = {
     "outbox",
     "ratelimit",
     "redaction",
+    "revocation",
     "security",
     "server",
     "structs",

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mhv_common.config import CommonSettings
 from mhv_common.probes import LIVENESS
 from mhv_common.server import RunningService, ServiceDefinition
-from tests.harness import Keys
+from tests.harness import Keys, anyone_active
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -57,6 +57,7 @@ async def start(keys: Keys, worker: CrashOnDemand) -> RunningService:
         metrics_port=None,
         register=lambda server: [],
         policies={},
+        revocation=anyone_active(),
         workers=[worker],
     )
     running = RunningService(definition, settings)

@@ -28,6 +28,7 @@ from prometheus_client.registry import REGISTRY
 from mahavishnu.audit.v1 import audit_pb2, audit_pb2_grpc
 from mhv_cli.pgcluster import free_port
 from mhv_common.auth import Role
+from tests.conftest import Services
 from tests.harness import (
     Deployment,
     Keys,
@@ -35,6 +36,7 @@ from tests.harness import (
     bearer,
     grpc_channel,
     service_env,
+    task_users_env,
     webhook_env,
 )
 from tests.webhook.signing import github_headers
@@ -145,7 +147,10 @@ def _stale_counts(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 async def audit(
-    deployment: Deployment, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+    deployment: Deployment,
+    keys: Keys,
+    services: Services,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Supervised]:
     """The audit service as two processes on one port."""
     folder = Path(tmp_path_factory.mktemp("audit-processes"))
@@ -164,6 +169,7 @@ async def audit(
             "MHV_DB_POOL_MIN_SIZE": "1",
             "MHV_DB_POOL_MAX_SIZE": str(POOL_SIZE),
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            **task_users_env(services.task.target, services.ca_file),
         },
     )
     service = ServiceProcess("mhv_audit", env, port, metrics_port, folder / "audit.log")

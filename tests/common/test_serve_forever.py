@@ -15,7 +15,11 @@ SCRIPT = textwrap.dedent(
     import asyncio, sys
     from pathlib import Path
     from mhv_common.config import CommonSettings
+    from mhv_common.revocation import Revocation
     from mhv_common.server import ServiceDefinition, serve_forever
+
+    async def active(user):
+        return True
 
     async def listener(stop):
         if sys.argv[2] == "crash":
@@ -27,7 +31,7 @@ SCRIPT = textwrap.dedent(
         settings = CommonSettings(auth_jwks_file=Path(sys.argv[1]), shutdown_grace_seconds=1)
         definition = ServiceDefinition(
             name="probe", grpc_port=0, metrics_port=None, register=lambda server: [], policies={},
-            listeners=[listener],
+            revocation=Revocation(active), listeners=[listener],
         )
         if sys.argv[2] == "signal":
             asyncio.get_running_loop().call_later(0.5, lambda: __import__("os").kill(

@@ -17,7 +17,7 @@ from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import load_repositories
 from tests.conftest import Services
-from tests.harness import ROOT, Deployment, Keys, bearer, grpc_channel
+from tests.harness import ROOT, Deployment, Keys, bearer, grpc_channel, make_user
 
 # The repositories the test services are configured with.
 REPOSITORIES = load_repositories(ROOT / "settings" / "repos.yaml")
@@ -55,20 +55,6 @@ class People:
 
     def for_service(self, on_behalf_of: str) -> tuple[tuple[str, str], ...]:
         return self.service.md(("x-mhv-on-behalf-of", on_behalf_of))
-
-
-async def make_user(deployment: Deployment, username: str) -> str:
-    conn = await asyncpg.connect(deployment.admin_url)
-    try:
-        return str(
-            await conn.fetchval(
-                "INSERT INTO task.users (username, email) VALUES ($1, $2) RETURNING id",
-                username,
-                f"{username}@example.test",
-            )
-        )
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")

@@ -47,8 +47,11 @@ class System:
     env: dict[str, str]
     logs: Path
     audit: ServiceProcess
+    # The task service the audit service asks about people (mhv_common.revocation).
+    directory: ServiceProcess
     tasks: list[ServiceProcess] = field(default_factory=list)
     user_id: str = ""
+    auditor_id: str = ""
 
     def task_process(self, index: int) -> ServiceProcess:
         grpc_port, metrics_port = free_port(), free_port()
@@ -73,10 +76,12 @@ class System:
 async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[System]:
     deployment = await Deployment.create(cluster)
     user_id = await make_user(deployment, "relay")
+    auditor_id = await make_user(deployment, "auditor")
     audit_port, audit_metrics = free_port(), free_port()
+    directory_port, directory_metrics = free_port(), free_port()
     # The relay reaches the audit service as in production: over TLS, checking its certificate.
     grpc_tls = DevState(tmp_path / "grpc-tls")
-    grpc_tls.ensure_grpc_tls(("audit",))
+    grpc_tls.ensure_grpc_tls(("audit", "task"))
     env = service_env(
         deployment,
         keys,
@@ -93,7 +98,25 @@ async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[
         **env,
         "MHV_GRPC_TLS_CERT_FILE": str(grpc_tls.grpc_cert("audit")),
         "MHV_GRPC_TLS_KEY_FILE": str(grpc_tls.grpc_key("audit")),
+        "MHV_TASK_TARGET": f"127.0.0.1:{directory_port}",
     }
+    # A task service that relays nothing, answering the audit service's questions about people
+    # whatever happens to the relaying processes under test.
+    directory = ServiceProcess(
+        "mhv_task",
+        {
+            **env,
+            "MHV_TASK_GRPC_PORT": str(directory_port),
+            "MHV_TASK_METRICS_PORT": str(directory_metrics),
+            "MHV_RELAY_ENABLED": "false",
+            "MHV_GRPC_TLS_CERT_FILE": str(grpc_tls.grpc_cert("task")),
+            "MHV_GRPC_TLS_KEY_FILE": str(grpc_tls.grpc_key("task")),
+        },
+        directory_port,
+        directory_metrics,
+        tmp_path / "directory.log",
+        ca_file=grpc_tls.grpc_ca,
+    )
     audit = ServiceProcess(
         "mhv_audit",
         audit_env,
@@ -102,11 +125,14 @@ async def system(cluster: Cluster, keys: Keys, tmp_path: Path) -> AsyncIterator[
         tmp_path / "audit.log",
         ca_file=grpc_tls.grpc_ca,
     )
-    running = System(deployment, keys, env, tmp_path, audit, user_id=user_id)
+    running = System(
+        deployment, keys, env, tmp_path, audit, directory, user_id=user_id, auditor_id=auditor_id
+    )
+    await directory.start()
     await audit.start()
     yield running
     try:
-        stop_all([*running.tasks, audit])
+        stop_all([*running.tasks, audit, directory])
     finally:
         await deployment.drop()
 
@@ -187,7 +213,7 @@ async def assert_exactly_once_in_order(system: System) -> None:
     async with grpc_channel(system.audit.target, system.audit.ca_file) as channel:
         verdict = await audit_pb2_grpc.AuditServiceStub(channel).VerifyAuditChain(
             audit_pb2.VerifyAuditChainRequest(),
-            metadata=bearer(system.keys.token(Role.AUDITOR)),
+            metadata=bearer(system.keys.token(Role.AUDITOR, subject=system.auditor_id)),
         )
     assert verdict.ok
     assert verdict.rows_checked == len(outbox)

@@ -21,7 +21,8 @@ from mhv_cli.devstate import DevState
 from mhv_cli.pgcluster import free_port
 from mhv_common.config import WebhookSettings
 from mhv_webhook.app import Gateway, build
-from tests.harness import Deployment, Keys, ServiceProcess, service_env
+from tests.conftest import Services
+from tests.harness import Deployment, Keys, ServiceProcess, service_env, task_users_env
 from tests.webhook.signing import new_github_secret, new_signing_key
 
 T = TypeVar("T")
@@ -320,11 +321,13 @@ def _lost_a_port(log: Path) -> bool:
 async def gateway(
     deployment: Deployment,
     keys: Keys,
+    services: Services,
     tls: Tls,
     hook_secrets: Secrets,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[GatewayProcess]:
     folder = Path(tmp_path_factory.mktemp("gateway"))
+    # Its admin API checks people against the suite's task service (no saga workers here).
     env = gateway_env(
         deployment,
         keys,
@@ -333,6 +336,7 @@ async def gateway(
         folder,
         MHV_WEBHOOK_GAUGE_INTERVAL_SECONDS="0.5",
         MHV_WEBHOOK_DEDUP_PURGE_INTERVAL_SECONDS="0.5",
+        **task_users_env(services.task.target, services.ca_file),
     )
     async with running_gateway(env, folder / "gateway.log") as running:
         yield running

@@ -37,6 +37,7 @@ from tests.harness import (
     ServiceProcess,
     bearer,
     grpc_channel,
+    make_person,
     service_env,
 )
 from tests.webhook.conftest import (
@@ -413,7 +414,11 @@ async def test_dead_letter_then_operator_retry(system: SagaSystem) -> None:
             admin = webhook_pb2_grpc.WebhookAdminServiceStub(channel)
             await admin.RetryDelivery(
                 webhook_pb2.RetryDeliveryRequest(id=str(row["id"])),
-                metadata=bearer(system.keys.token(Role.ADMIN)),
+                metadata=bearer(
+                    system.keys.token(
+                        Role.ADMIN, subject=await make_person(system.deployment, "admin")
+                    )
+                ),
             )
         await wait_state(system, delivery, "completed", timeout=30)
         assert len(await tasks_titled(system, title)) == 1

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_PRIVATE_PG_PORT = 55432
 DEFAULT_WEBHOOK_SOURCES = ("github", "gitlab", "generic")
 # Services that call others, and the key id of each one's own signing key.
-SERVICE_KEY_IDS = {"task": "task-1", "webhook": "webhook-1"}
+SERVICE_KEY_IDS = {"task": "task-1", "audit": "audit-1", "webhook": "webhook-1"}
 
 
 def home() -> Path:
@@ -173,9 +173,9 @@ class DevState:
     def ensure_keys(self, admin_key_id: str) -> None:
         """Create missing signing keys and write the JWKS of all of them.
 
-        Three keys: the administrators' (`mhv token`; signs any token) and one per calling
-        service (task, webhook), each bound in the JWKS to that service's own subject, so that a
-        service that is compromised cannot mint tokens for anyone else.
+        Four keys: the administrators' (`mhv token`; signs any token) and one per calling
+        service (task, audit, webhook), each bound in the JWKS to that service's own subject,
+        so that a service that is compromised cannot mint tokens for anyone else.
         """
         keys: list[tuple[Path, str, str | None]] = [
             (self.signing_key, admin_key_id, None),

@@ -16,6 +16,7 @@ config          settings from the ``MHV_*`` environment and the files in setting
 context         per-request state across awaits: request id, caller, deadline
 auth            bearer tokens (EdDSA JWTs), principals and roles, service credentials
 ratelimit       rate limits per caller, method class and role
+revocation      a person's token works only while its user is active: one check, every service
 db              the asyncpg pool: deadline-aware connections and transactions, `schema_size`
 paging          the page-token codec and page sizes of every listing
 ids             UUIDs a caller sends: `parse_uuid`, `canonical_uuid`, `uuid_or_none`
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
         processes,
         ratelimit,
         redaction,
+        revocation,
         security,
         server,
         structs,
@@ -88,6 +90,7 @@ __all__ = [
     "processes",
     "ratelimit",
     "redaction",
+    "revocation",
     "security",
     "server",
     "structs",

@@ -152,6 +152,9 @@ class AuditSettings(CommonSettings):
     audit_processes: int = Field(default=1, ge=1, le=64)
     # The audit service verifies its whole hash chain this often by itself (0: never).
     audit_verify_interval_seconds: float = Field(default=3600.0, ge=0)
+    # Where it asks whether a person's user is still active (mhv_common.revocation).
+    task_target: str = "127.0.0.1:50051"
+    task_tls_name: str = "mahavishnu-task"
 
 
 class WebhookSettings(OutboxRelaySettings):

@@ -59,6 +59,7 @@ from mhv_common.errors import (
     ValidationError,
 )
 from mhv_common.ratelimit import RateLimiter
+from mhv_common.revocation import Revocation
 
 logger = logging.getLogger("mhv.access")
 
@@ -371,16 +372,18 @@ class DeadlineInterceptor(_Interceptor):
 
 
 class AuthInterceptor(_Interceptor):
-    """Authenticates the bearer token and applies the method's role gate."""
+    """Authenticates the bearer token, applies the method's role gate, checks revocation."""
 
     def __init__(
         self,
         verifier: TokenVerifier,
         policies: Mapping[str, MethodPolicy],
+        revocation: Revocation,
     ) -> None:
         super().__init__()
         self._verifier = verifier
         self._policies = policies
+        self._revocation = revocation
 
     async def intercept(
         self, method: Callable[..., Any], request: Any, ctx: aio.ServicerContext, name: str
@@ -411,6 +414,8 @@ class AuthInterceptor(_Interceptor):
         on_behalf_of = meta.get(ON_BEHALF_OF_KEY)
         if on_behalf_of is not None and not principal.is_service:
             raise AuthorizationError(f"Only service callers may send '{ON_BEHALF_OF_KEY}'.")
+        # A person's token outlives a deactivation or deletion of its user; this does not.
+        await self._revocation.ensure_active(principal)
         if req is not None:
             req.principal = principal
             if on_behalf_of:
@@ -496,6 +501,7 @@ def build_interceptors(
     limiter: RateLimiter,
     policies: Mapping[str, MethodPolicy],
     admission: Admission,
+    revocation: Revocation,
     default_policy: MethodPolicy | None = None,
 ) -> list[aio.ServerInterceptor]:
     """The ordered interceptor list every service installs (first = outermost)."""
@@ -507,7 +513,7 @@ def build_interceptors(
         EdgeInterceptor(),
         TelemetryInterceptor(),
         DeadlineInterceptor(policies, default),
-        AuthInterceptor(verifier, policies),
+        AuthInterceptor(verifier, policies, revocation),
         RateLimitInterceptor(limiter, policies, default),
         DecodeInterceptor(),
     ]

@@ -40,6 +40,7 @@ from mhv_common.errors import MahavishnuError
 from mhv_common.interceptors import MethodPolicy, build_interceptors
 from mhv_common.probes import start_probe_listener
 from mhv_common.ratelimit import RateLimiter
+from mhv_common.revocation import Revocation
 from mhv_common.tls import server_credentials
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class ServiceDefinition:
             by `run_service` under a supervisor (`mhv_common.processes`).
         databases: Pools the service cannot serve without: while one cannot reach its
             database, health (readiness) says NOT_SERVING, and SERVING again once it can.
+        revocation: How the edge learns that a person's user is still active
+            (`mhv_common.revocation`); every service has one.
     """
 
     name: str
@@ -105,6 +108,7 @@ class ServiceDefinition:
     metrics_port: int | None
     register: Callable[[aio.Server], Sequence[str]]
     policies: Mapping[str, MethodPolicy]
+    revocation: Revocation
     startup: Callable[[], Awaitable[None]] | None = None
     cleanup: Callable[[], Awaitable[None]] | None = None
     workers: list[Worker] = field(default_factory=list)
@@ -169,7 +173,11 @@ class RunningService:
         if d.startup is not None:
             await d.startup()
         self.interceptors = build_interceptors(
-            verifier=verifier, limiter=limiter, policies=d.policies, admission=self.admission
+            verifier=verifier,
+            limiter=limiter,
+            policies=d.policies,
+            admission=self.admission,
+            revocation=d.revocation,
         )
         options: list[tuple[str, int]] = [
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),

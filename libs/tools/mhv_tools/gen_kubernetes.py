@@ -166,7 +166,16 @@ SERVICES = (
         calls=(("audit", "audit_target", "audit_tls_name"),),
         signs_tokens=True,
     ),
-    Service("audit", AuditSettings, "audit_grpc_port", "audit_metrics_port", max_replicas=4),
+    Service(
+        "audit",
+        AuditSettings,
+        "audit_grpc_port",
+        "audit_metrics_port",
+        max_replicas=4,
+        # Asks the task service whether a person's user is still active.
+        calls=(("task", "task_target", "task_tls_name"),),
+        signs_tokens=True,
+    ),
     Service(
         "webhook",
         WebhookSettings,

@@ -12,11 +12,13 @@ from mhv_audit._log import AuditLog
 from mhv_audit._metrics import SchemaSizeSampler
 from mhv_audit._schedule import ScheduledVerification
 from mhv_audit._store import AuditStore
-from mhv_common.auth import Role
+from mhv_common.auth import Role, ServiceCredentials
 from mhv_common.config import AuditSettings
 from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
+from mhv_common.revocation import Revocation, TaskUserDirectory
 from mhv_common.server import ServiceDefinition, Worker, run_service
+from mhv_common.tls import peer
 
 SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 _READERS = frozenset({Role.ADMIN, Role.AUDITOR})
@@ -38,12 +40,21 @@ POLICIES: dict[str, MethodPolicy] = {
 def build(settings: AuditSettings) -> ServiceDefinition:
     """Assemble the audit service."""
     db = Database.for_service(settings, dsn=settings.audit_database_url, name="audit")
+    # People's tokens are checked against the task service's users, as the "audit" service.
+    users = TaskUserDirectory(
+        peer(settings, settings.task_target, settings.task_tls_name),
+        ServiceCredentials.from_settings(settings, service_name="audit"),
+    )
     store = AuditStore(db)
     log = AuditLog(store)
 
     workers: list[Worker] = [SchemaSizeSampler(store)]
     if settings.audit_verify_interval_seconds > 0:
         workers.append(ScheduledVerification(log, interval=settings.audit_verify_interval_seconds))
+
+    async def cleanup() -> None:
+        await users.close()
+        await db.close()
 
     def register(server: aio.Server) -> Sequence[str]:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(
@@ -57,8 +68,9 @@ def build(settings: AuditSettings) -> ServiceDefinition:
         metrics_port=settings.audit_metrics_port,
         register=register,
         policies=POLICIES,
+        revocation=Revocation(users.state),
         startup=db.open,
-        cleanup=db.close,
+        cleanup=cleanup,
         workers=workers,
         processes=settings.audit_processes,
         databases=[db],

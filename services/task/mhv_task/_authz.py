@@ -12,7 +12,6 @@ that may never call a method; this module adds the per-task rules.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from mhv_common.errors import (
     UserNotFoundError,
 )
 from mhv_common.ids import parse_uuid, uuid_or_none
+from mhv_common.revocation import REVOCATION_SECONDS, Revocation
 from mhv_task import _store as store
 
 
@@ -99,39 +99,28 @@ def ensure_can_change(
 
 
 class ActiveUsers:
-    """Whether a person's token still belongs to an active user, cached for a few seconds.
+    """The task service's side of `mhv_common.revocation`: users' state from its database.
 
-    Tokens outlive deactivation (they expire on their own, within a day at most); reads check
-    the user here so that a deactivated user loses access within `ttl` seconds. Service
+    Every call of a person is checked by the edge (`revocation`, answers cached for
+    `REVOCATION_SECONDS`); user management asks afresh, so it takes effect at once. Service
     principals act for users named per call and are checked there.
     """
 
-    def __init__(self, db: Database, *, ttl: float = 5.0) -> None:
+    def __init__(self, db: Database, *, ttl: float = REVOCATION_SECONDS) -> None:
         self._db = db
-        self._ttl = ttl
-        self._seen: dict[uuid.UUID, float] = {}
+        self.revocation = Revocation(self.state, ttl=ttl)
+
+    async def state(self, user: uuid.UUID) -> bool | None:
+        """True for an active user, False for a deactivated one, None for no such user."""
+        async with self._db.connection() as conn:
+            return await store.user_state(conn, user, timeout=context.time_left())
 
     async def ensure_caller_active(self, *, fresh: bool = False) -> None:
-        """Refuse a caller whose user is gone or deactivated (MHV-004 / MHV-112).
+        """Refuse a caller whose user is gone (MHV-004) or deactivated (MHV-112).
 
         `fresh` skips the cache: user management takes effect at once, not within seconds.
         """
-        principal = current_principal()
-        if principal.is_service:
-            return
-        user = _subject_id(principal)
-        now = time.monotonic()
-        if not fresh and self._seen.get(user, 0.0) > now:
-            return
-        async with self._db.connection() as conn:
-            state = await store.user_state(conn, user, timeout=context.time_left())
-        if state is None:
-            raise AuthenticationError("The token's user no longer exists.")
-        if not state:
-            raise UserInactiveError("Your user is deactivated.")
-        if len(self._seen) > 10_000:
-            self._seen.clear()
-        self._seen[user] = now + self._ttl
+        await self.revocation.ensure_active(current_principal(), fresh=fresh)
 
 
 async def ensure_user_active(

@@ -113,6 +113,7 @@ def build(settings: TaskSettings) -> ServiceDefinition:
         metrics_port=settings.task_metrics_port,
         register=register,
         policies=POLICIES,
+        revocation=active.revocation,
         startup=partial(_start, db, semantic),
         cleanup=partial(_stop, db, semantic),
         workers=workers,

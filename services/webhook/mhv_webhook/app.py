@@ -23,6 +23,7 @@ from mhv_common.db import Database
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.outbox import AuditClient, OutboxRelay
 from mhv_common.ratelimit import RateLimiter
+from mhv_common.revocation import Revocation, TaskUserDirectory
 from mhv_common.server import ServiceDefinition, Worker, run_service
 from mhv_common.tls import peer
 from mhv_webhook import _metrics as metrics
@@ -147,14 +148,15 @@ def build(
         return [SERVICE]
 
     sagas = Sagas(db)
-    # Saga workers call the task service as the "webhook" service principal.
+    # Saga workers call the task service as the "webhook" service principal; the admin edge
+    # asks it whether a person's user is still active (mhv_common.revocation).
+    task = peer(settings, settings.task_target, settings.task_tls_name)
+    credentials = ServiceCredentials.from_settings(settings, service_name="webhook")
+    users = TaskUserDirectory(task, credentials)
     client: TaskClient | None = None
     saga_workers: list[SagaWorker] = []
     if settings.webhook_workers > 0:
-        client = TaskClient(
-            peer(settings, settings.task_target, settings.task_tls_name),
-            ServiceCredentials.from_settings(settings, service_name="webhook"),
-        )
+        client = TaskClient(task, credentials)
         schemes = {name: source.scheme for name, source in sources.items()}
         saga_workers = [
             SagaWorker(
@@ -183,6 +185,7 @@ def build(
     async def cleanup() -> None:
         if client is not None:
             await client.close()
+        await users.close()
         await db.close()
 
     return Gateway(
@@ -192,6 +195,7 @@ def build(
             metrics_port=settings.webhook_metrics_port,
             register=register,
             policies=POLICIES,
+            revocation=Revocation(users.state),
             startup=startup,
             cleanup=cleanup,
             workers=[
