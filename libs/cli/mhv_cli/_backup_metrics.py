@@ -116,7 +116,7 @@ class BackupCollector(Collector):
         with contextlib.suppress(Exception):
             row = _query(
                 repo.primary(),
-                "SELECT coalesce(max(CASE WHEN sync_state = 'sync' AND state = 'streaming'"  # noqa: S608
+                "SELECT coalesce(max(CASE WHEN sync_state = 'sync' AND state = 'streaming'"  # noqa: S608  # nosec B608: a constant statement
                 " THEN 1 ELSE 0 END), 0) || ' ' || coalesce(max(pg_wal_lsn_diff("
                 "pg_current_wal_lsn(), flush_lsn)), -1)"
                 f" FROM pg_stat_replication WHERE application_name = '{RECEIVER_NAME}'",

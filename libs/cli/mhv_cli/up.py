@@ -397,7 +397,7 @@ class Backups:
 
 def _reachable_host(bind_host: str) -> str:
     """Where a client on this machine reaches a listener bound to `bind_host`."""
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host  # noqa: S104
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host  # noqa: S104  # nosec B104: compares an address; binds nothing
 
 
 def _shown(path: Path) -> str:

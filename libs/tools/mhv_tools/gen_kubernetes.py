@@ -333,8 +333,8 @@ def service_env(service: Service) -> list[dict[str, Any]]:
     """The container environment: every MHV_* name comes from the settings class."""
     s = service.name
     env: list[dict[str, Any]] = [
-        {"name": env_name("bind_host"), "value": "0.0.0.0"},  # noqa: S104 - in its own pod
-        {"name": env_name("metrics_host"), "value": "0.0.0.0"},  # noqa: S104
+        {"name": env_name("bind_host"), "value": "0.0.0.0"},  # noqa: S104 - in its own pod  # nosec B104: listens on all addresses of its own pod
+        {"name": env_name("metrics_host"), "value": "0.0.0.0"},  # noqa: S104  # nosec B104: listens on all addresses of its own pod
         {"name": env_name("health_port"), "value": str(HEALTH_PORT)},
         {"name": env_name("log_format"), "value": "json"},
         {"name": env_name("grpc_tls_cert_file"), "value": f"{CONFIG_DIR}/grpc-tls/tls.crt"},
@@ -390,7 +390,7 @@ def service_volumes(service: Service) -> tuple[list[dict[str, Any]], list[dict[s
         secret_volume("pg-ca", DB_CA_SECRET, ["ca.crt"]),
     ]
     mounts = [
-        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own emptyDir
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own emptyDir  # nosec B108: the pod's own emptyDir mount point
         volume_mount("grpc-tls", f"{CONFIG_DIR}/grpc-tls"),
         volume_mount("settings", f"{CONFIG_DIR}/settings"),
         volume_mount("jwks", f"{CONFIG_DIR}/jwks"),
@@ -637,7 +637,7 @@ def migrate_job() -> list[dict[str, Any]]:
                             },
                             "securityContext": container_security(),
                             "volumeMounts": [
-                                {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108
+                                {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108  # nosec B108: the pod's own emptyDir mount point
                                 volume_mount("pg-ca", f"{CONFIG_DIR}/pg-ca"),
                             ],
                         }

@@ -198,7 +198,7 @@ class AuditStore:
         # Only fixed fragments and numbered parameters go into the text; each combination of
         # filters is its own prepared statement with its own plan.
         sql = (
-            f"SELECT {ROW_COLUMNS} FROM task_audit_log"
+            f"SELECT {ROW_COLUMNS} FROM task_audit_log"  # nosec B608: column lists and bounds are this module's constants; values are bound
             f" WHERE {' AND '.join(conditions) or 'true'}"
             f" ORDER BY id {order} LIMIT {param(limit)}"
         )
@@ -262,14 +262,14 @@ class ChainSnapshot:
         """
         columns = CHAIN_COLUMNS if compare_details else _CHAIN_COLUMNS_GENERATED
         bound = "" if until_id is None else " AND id <= $3"
-        sql = f"SELECT {columns} FROM task_audit_log WHERE id > $1{bound} ORDER BY id LIMIT $2"
+        sql = f"SELECT {columns} FROM task_audit_log WHERE id > $1{bound} ORDER BY id LIMIT $2"  # nosec B608: column lists and bounds are this module's constants; values are bound
         args = (after_id, limit) if until_id is None else (after_id, limit, until_id)
         found: list[asyncpg.Record] = await self._conn.fetch(sql, *args, timeout=timeout)
         return found
 
     async def row(self, row_id: int, *, timeout: float | None = None) -> asyncpg.Record | None:
         """The row with id `row_id`, if present (`CHAIN_COLUMNS`)."""
-        sql = f"SELECT {CHAIN_COLUMNS} FROM task_audit_log WHERE id = $1"
+        sql = f"SELECT {CHAIN_COLUMNS} FROM task_audit_log WHERE id = $1"  # nosec B608: column lists and bounds are this module's constants; values are bound
         found: asyncpg.Record | None = await self._conn.fetchrow(sql, row_id, timeout=timeout)
         return found
 

@@ -100,7 +100,7 @@ WITH creator AS (
     SELECT t.id, $14, $1, $11::jsonb, $12, $13 FROM t
 )
 SELECT {TASK_COLUMNS} FROM t
-"""
+"""  # nosec B608: constant columns and clauses; values are bound
 
 
 async def insert_task(
@@ -144,7 +144,9 @@ async def task_by_request_key(
 ) -> tuple[Task, str | None] | None:
     """The task created under an idempotency key, and the fingerprint of its request."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE request_key = $1", key, timeout=timeout
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE request_key = $1",  # nosec B608: constant columns and clauses; values are bound
+        key,
+        timeout=timeout,
     )
     return None if row is None else (task_from_row(row), row["request_fingerprint"])
 
@@ -155,7 +157,9 @@ async def get_task(
     """One task, optionally locked until the end of the transaction."""
     lock = " FOR UPDATE" if for_update else ""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1{lock}", task_id, timeout=timeout
+        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1{lock}",  # nosec B608: constant columns and clauses; values are bound
+        task_id,
+        timeout=timeout,
     )
     return None if row is None else task_from_row(row)
 
@@ -197,7 +201,7 @@ async def update_task(
         SELECT t.id, ${n - 4}, ${n - 3}, ${n - 2}::jsonb, ${n - 1}, ${n} FROM t
     )
     SELECT {TASK_COLUMNS} FROM t
-    """
+    """  # nosec B608: constant columns and clauses; values are bound
     row: asyncpg.Record = await conn.fetchrow(sql, *args, timeout=timeout)
     return task_from_row(row)
 
@@ -253,7 +257,7 @@ async def list_tasks(
     args.append(limit)
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"SELECT {TASK_COLUMNS} FROM tasks {clause} ORDER BY id DESC LIMIT ${len(args)}",
+        f"SELECT {TASK_COLUMNS} FROM tasks {clause} ORDER BY id DESC LIMIT ${len(args)}",  # nosec B608: constant columns and clauses; values are bound
         *args,
         timeout=timeout,
     )
@@ -300,7 +304,7 @@ async def search_tasks(
         WHERE {" AND ".join(where)}
         ORDER BY rank DESC, id DESC
         LIMIT ${len(args)}
-        """,
+        """,  # nosec B608: constant columns and clauses; values are bound
         *args,
         timeout=timeout,
     )
@@ -319,7 +323,7 @@ async def user_state(
     a concurrent deactivation or deletion waits for it (and then sees what it committed).
     """
     value: bool | None = await conn.fetchval(
-        "SELECT is_active FROM users WHERE id = $1" + (" FOR SHARE" if lock else ""),
+        "SELECT is_active FROM users WHERE id = $1" + (" FOR SHARE" if lock else ""),  # nosec B608: constant columns and clauses; values are bound
         user_id,
         timeout=timeout,
     )
@@ -356,7 +360,7 @@ async def insert_user(
     try:
         row: asyncpg.Record = await conn.fetchrow(
             "INSERT INTO users (id, username, email, display_name, metadata)"
-            f" VALUES ($5, $1, $2, $3, $4) RETURNING {USER_COLUMNS}",
+            f" VALUES ($5, $1, $2, $3, $4) RETURNING {USER_COLUMNS}",  # nosec B608: constant columns and clauses; values are bound
             username,
             email,
             display_name,
@@ -381,11 +385,15 @@ async def get_user(
     if user_id is not None:
         lock = " FOR UPDATE" if for_update else ""
         row: asyncpg.Record | None = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1{lock}", user_id, timeout=timeout
+            f"SELECT {USER_COLUMNS} FROM users WHERE id = $1{lock}",  # nosec B608: constant columns and clauses; values are bound
+            user_id,
+            timeout=timeout,
         )
     else:
         row = await conn.fetchrow(
-            f"SELECT {USER_COLUMNS} FROM users WHERE username = $1", username, timeout=timeout
+            f"SELECT {USER_COLUMNS} FROM users WHERE username = $1",  # nosec B608: constant columns and clauses; values are bound
+            username,
+            timeout=timeout,
         )
     return None if row is None else _user(row)
 
@@ -404,7 +412,7 @@ async def list_users(
         SELECT {USER_COLUMNS} FROM users
         WHERE ($1::text IS NULL OR username > $1) AND ($2 OR is_active)
         ORDER BY username LIMIT $3
-        """,
+        """,  # nosec B608: constant columns and clauses; values are bound
         after_username,
         include_inactive,
         limit,
@@ -418,7 +426,7 @@ async def deactivate_user(
 ) -> User | None:
     """Mark a user inactive."""
     row: asyncpg.Record | None = await conn.fetchrow(
-        f"UPDATE users SET is_active = false, updated_at = now() WHERE id = $1"
+        f"UPDATE users SET is_active = false, updated_at = now() WHERE id = $1"  # nosec B608: constant columns and clauses; values are bound
         f" RETURNING {USER_COLUMNS}",
         user_id,
         timeout=timeout,

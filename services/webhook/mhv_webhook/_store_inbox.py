@@ -212,7 +212,7 @@ class Inbox:
             clauses.append(f"(d.received_at, d.id) < (${len(args) - 1}, ${len(args)})")
         args.append(limit)
         sql = (
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 - fixed fragments only
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 - fixed fragments only  # nosec B608: fixed column list and clauses; values are bound
             " LEFT JOIN saga_log s ON s.delivery_id = d.id"
             f" WHERE {' AND '.join(clauses)}"
             f" ORDER BY d.received_at DESC, d.id DESC LIMIT ${len(args)}"
@@ -227,7 +227,7 @@ class Inbox:
         """One delivery with its saga progress, or None."""
         async with self._db.connection(timeout=timeout) as conn:
             row = await conn.fetchrow(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 - fixed fragment
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d"  # noqa: S608 - fixed fragment  # nosec B608: fixed column list and clauses; values are bound
                 " LEFT JOIN saga_log s ON s.delivery_id = d.id WHERE d.id = $1",
                 delivery,
                 timeout=timeout,
