@@ -51,6 +51,7 @@ async def test_webhook_task_and_audit_share_one_trace(
     }
     audit_settings = AuditSettings(
         audit_database_url=deployment.role_url("audit"),
+        task_target=f"127.0.0.1:{ports['task']}",
         audit_grpc_port=ports["audit"],
         audit_metrics_port=free_port(),
         **common,

@@ -196,8 +196,11 @@ class EdgeServer:
         self._thread.join(30)
 
 
-def edge_settings(deployment: Deployment, tls: Tls, folder: Path) -> WebhookSettings:
-    """Settings of an in-process edge declaring `EDGE_SOURCES` (written into `folder`)."""
+def edge_settings(deployment: Deployment, tls: Tls, folder: Path, keys: Keys) -> WebhookSettings:
+    """Settings of an in-process edge declaring `EDGE_SOURCES` (written into `folder`).
+
+    The gateway signs its own service tokens (saga, revocation checks) with the suite's key.
+    """
     sources_file = folder / "webhooks.yaml"
     sources_file.write_text(EDGE_SOURCES)
     return WebhookSettings(
@@ -212,18 +215,20 @@ def edge_settings(deployment: Deployment, tls: Tls, folder: Path) -> WebhookSett
         db_pool_max_size=4,
         # Every test request comes from 127.0.0.1: the address budget must not interfere.
         rate_limits={"webhook_unverified": "100000/minute"},
+        auth_signing_key_file=keys.signing_key,
     )
 
 
 @pytest.fixture(scope="package")
 def edge(
     deployment: Deployment,
+    keys: Keys,
     tls: Tls,
     hook_secrets: Secrets,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[EdgeServer]:
     server = EdgeServer(
-        edge_settings(deployment, tls, Path(tmp_path_factory.mktemp("edge"))),
+        edge_settings(deployment, tls, Path(tmp_path_factory.mktemp("edge")), keys),
         hook_secrets.edge_environ(),
         deployment.role_url("webhook"),
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Deployment
+from tests.harness import Deployment, Keys
 from tests.webhook.conftest import EdgeServer, Secrets, Tls, edge_settings
 from tests.webhook.signing import standard_headers
 from tests.webhook.support import metric
@@ -58,11 +58,11 @@ async def test_unparseable_http_gets_the_json_400(
 
 @pytest.fixture
 def guarded_edge(
-    deployment: Deployment, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+    deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
 ) -> Iterator[EdgeServer]:
     """A gateway with tight connection guards: 3 per address, 0.5 s for a TLS handshake and
     0.5 s for a request head."""
-    settings = edge_settings(deployment, tls, tmp_path).model_copy(
+    settings = edge_settings(deployment, tls, tmp_path, keys).model_copy(
         update={
             "webhook_tls_handshake_timeout_seconds": 0.5,
             "webhook_head_timeout_seconds": 0.5,

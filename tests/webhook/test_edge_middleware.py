@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Deployment
+from tests.harness import Deployment, Keys
 from tests.webhook.conftest import EdgeServer, Secrets, Tls, edge_settings
 from tests.webhook.signing import standard_headers
 from tests.webhook.support import assert_error, metric
@@ -152,9 +152,9 @@ def test_every_refusal_is_named_and_counted_with_the_status_sent(
 
 
 def test_requests_per_client_address_are_limited_before_verification(
-    deployment: Deployment, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+    deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
 ) -> None:
-    settings = edge_settings(deployment, tls, tmp_path).model_copy(
+    settings = edge_settings(deployment, tls, tmp_path, keys).model_copy(
         update={"rate_limits": {"webhook_unverified": "3/minute"}}
     )
     server = EdgeServer(settings, hook_secrets.edge_environ(), deployment.role_url("webhook"))
