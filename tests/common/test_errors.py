@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2
 import mhv_common.errors as errors
 from mhv_common._catalog import CATALOG, ErrorSpec
 from mhv_tools import gen_error_docs
+from tests.harness import ROOT
 
 PLAN_CODES = {
     f"MHV-{n:03d}" for n in (*range(1, 7), *range(100, 106), 200, 201, 202, 300, 301, 302, 303)
@@ -65,7 +66,25 @@ def test_every_code_has_an_exception_and_a_full_rpc_status(spec: ErrorSpec) -> N
     body = exc.to_dict()
     assert body["error_code"] == spec.code
     assert body["recovery"] == list(spec.recovery)
-    assert body["documentation"].endswith(f"/errors/{spec.code.lower()}")
+    assert body["documentation"] == spec.doc_url
+
+
+@pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.code)
+def test_every_help_link_opens_a_page_of_this_repository(spec: ErrorSpec) -> None:
+    # MHV_DOCS_BASE_URL unset (the tests' environment has no MHV_ variables): the link is the
+    # page's repository path, and the page is there.
+    link = errors.error_class(spec.code)().to_dict()["documentation"]
+    assert isinstance(link, str) and (ROOT / link).is_file(), link
+
+
+def test_help_links_follow_the_configured_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MHV_DOCS_BASE_URL", "https://code.example.test/mahavishnu/blob/main")
+    error = errors.ValidationError()
+    expected = "https://code.example.test/mahavishnu/blob/main/docs/errors/mhv-003.md"
+    assert error.to_dict()["documentation"] == expected
+    help_ = error_details_pb2.Help()
+    next(d for d in error.to_rpc_status().details if d.Is(help_.DESCRIPTOR)).Unpack(help_)
+    assert help_.links[0].url == expected
 
 
 @pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.code)

@@ -130,8 +130,7 @@ def _alert(name: str, severity: str, summary: str, **labels: str) -> dict[str, A
         "annotations": {
             "summary": summary,
             "description": f"{summary} (end-to-end delivery test)",
-            "runbook_url": "https://git.mahavishnu.example/mahavishnu/mahavishnu/-/blob/main/"
-            f"docs/runbooks/{name.lower()}.md",
+            "runbook_url": f"docs/runbooks/{name.lower()}.md",
         },
     }
 

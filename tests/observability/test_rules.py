@@ -189,6 +189,31 @@ def test_every_alert_carries_severity_annotations_and_a_runbook_that_exists() ->
     assert not problems, "\n".join(problems)
 
 
+def _runbook_links(document: Any) -> list[str]:
+    if isinstance(document, dict):
+        found = [str(v) for k, v in document.items() if k == "runbook_url"]
+        return found + [link for v in document.values() for link in _runbook_links(v)]
+    if isinstance(document, list):
+        return [link for item in document for link in _runbook_links(item)]
+    return []
+
+
+def test_every_runbook_link_opens_a_file_of_this_repository() -> None:
+    # With the spec's default base, what an alert links to is a path of this repository, in
+    # the rule files Prometheus loads and in the Kubernetes PrometheusRule alike.
+    assert gen_rules.load_spec().runbook_base_url == ""
+    files = [*RULES_DIR.glob("*.yml"), DEPLOY / "kubernetes" / "base" / "monitoring.yaml"]
+    links = [
+        link
+        for path in files
+        for document in yaml.safe_load_all(path.read_text())
+        for link in _runbook_links(document)
+    ]
+    assert len(links) >= len(alert_rules())
+    missing = sorted({link for link in links if not (ROOT / link).is_file()})
+    assert not missing, missing
+
+
 def test_the_spec_holds_the_plans_objectives() -> None:
     spec = gen_rules.load_spec()
     assert {s.name: s.objective for s in spec.slos} == {

@@ -16,7 +16,7 @@ from google.rpc import error_details_pb2
 
 from mahavishnu.task.v1 import task_pb2
 from tests.conftest import Services
-from tests.harness import detail, grpc_channel, metric, mhv_code, rich_status, rpc_error
+from tests.harness import ROOT, detail, grpc_channel, metric, mhv_code, rich_status, rpc_error
 from tests.task.conftest import People
 
 CREATE = "/mahavishnu.task.v1.TaskService/CreateTask"
@@ -87,7 +87,9 @@ async def test_an_undecodable_request_is_a_counted_validation_error(
     bad = detail(status, error_details_pb2.BadRequest)
     assert [v.field for v in bad.field_violations] == ["request"]
     assert "mahavishnu.task.v1.CreateTaskRequest" in bad.field_violations[0].description
-    assert detail(status, error_details_pb2.Help) is not None
+    # The help link opens a page of this repository (MHV_DOCS_BASE_URL unset).
+    link = detail(status, error_details_pb2.Help).links[0].url
+    assert link == "docs/errors/mhv-003.md" and (ROOT / link).is_file()
     for leaked in ("DecodeError", "Error parsing", "Traceback", "Unexpected"):
         assert leaked not in error.details()
     after = await metric(services.task.metrics_port, "grpc_server_handled_total", labels)

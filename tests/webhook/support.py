@@ -32,7 +32,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     body = response.json()
     assert body["error_code"] == code
     assert ERROR_KEYS <= set(body) <= ERROR_KEYS | OPTIONAL_ERROR_KEYS
-    assert body["documentation"].endswith(code.lower())
+    assert body["documentation"].endswith(f"{code.lower()}.md")
     assert "Traceback" not in response.text
     return body
 

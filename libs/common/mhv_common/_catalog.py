@@ -15,12 +15,24 @@ Ranges follow the plan:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import grpc
 
-DOCS_BASE_URL = "https://docs.mahavishnu.org/errors"
+DOCS_BASE_URL_VARIABLE = "MHV_DOCS_BASE_URL"
+"""Where the repository's files are published (``https://host/org/repo/blob/main/``).
+
+Error help links are this base plus the page's repository path (``docs/errors/mhv-003.md``).
+Unset, the link is that repository path itself, which a user of this repository can open.
+"""
 ERROR_DOMAIN = "mahavishnu"
+
+
+def docs_base_url() -> str:
+    """The configured base of documentation links, ending in ``/`` (empty: repository paths)."""
+    base = os.environ.get(DOCS_BASE_URL_VARIABLE, "").strip()
+    return base if not base or base.endswith("/") else f"{base}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +65,8 @@ class ErrorSpec:
 
     @property
     def doc_url(self) -> str:
-        """Public URL of the documentation page."""
-        return f"{DOCS_BASE_URL}/{self.code.lower()}"
+        """Link to the documentation page: `docs_base_url` plus `doc_path`."""
+        return f"{docs_base_url()}{self.doc_path}"
 
 
 _S = grpc.StatusCode

@@ -217,7 +217,9 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1]
-    runbook_base_url: str = Field(pattern=r"^https://.+/$")
+    # Empty: runbook links are repository paths (docs/runbooks/...), which open in a checkout
+    # or on the repository's own web view; else the https:// base they are published under.
+    runbook_base_url: str = Field(pattern=r"^(https://.+/)?$")
     slos: list[Slo]
     backups: Backups
 
