@@ -95,6 +95,8 @@ class Probe:
         handlers = {
             "Echo": self.echo,
             "Lifetime": self.echo,
+            # Served, but left out of POLICIES on purpose: the edge must refuse it.
+            "Unlisted": self.echo,
             "Boom": self.boom,
             "Invalid": self.invalid,
             "SlowWrite": self.slow_write,
@@ -309,10 +311,12 @@ async def test_role_gate_is_permission_denied_mhv005(channel: aio.Channel, keys:
 
 async def test_method_without_policy_is_refused(channel: aio.Channel, keys: Keys) -> None:
     # Registered, but nobody wrote a policy for it: fail closed.
+    # The probe serves Unlisted (it echoes), so only the missing policy can refuse it.
     error = await _call_error(
-        channel.unary_unary("/mhvtest.Probe/Unlisted")(b"x", metadata=bearer(keys.token("admin")))
+        _method(channel, "Unlisted")(b"x", metadata=bearer(keys.token(Role.ADMIN)))
     )
-    assert error.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == "[MHV-005] No access policy covers this method."
 
 
 async def test_on_behalf_of_only_for_services(channel: aio.Channel, keys: Keys) -> None:

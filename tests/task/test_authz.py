@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
@@ -138,12 +139,21 @@ def test_matrix_covers_every_rpc() -> None:
     }
 
 
+async def _state(db: asyncpg.Connection, task_id: int) -> tuple[object, ...]:
+    """What a refused call must leave as it was: the task, the outbox, the users."""
+    task = await db.fetchrow("SELECT * FROM task.tasks WHERE id = $1", task_id)
+    outbox = await db.fetchval("SELECT coalesce(max(id), 0) FROM task.outbox")
+    user_rows = await db.fetch("SELECT id, is_active, updated_at FROM task.users ORDER BY id")
+    return (dict(task) if task else None, outbox, [tuple(r) for r in user_rows])
+
+
 @pytest.mark.parametrize("rpc", ALL_RPCS)
 async def test_every_rpc_for_every_principal(
     rpc: str,
     tasks: task_pb2_grpc.TaskServiceStub,
     users: task_pb2_grpc.UserServiceStub,
     people: People,
+    db: asyncpg.Connection,
 ) -> None:
     for who in PRINCIPALS:
         task = await prepare(rpc, tasks, people)
@@ -156,7 +166,10 @@ async def test_every_rpc_for_every_principal(
         elif want == ALLOW:
             await invoke(metadata(people, who))
         else:
+            before = await _state(db, task.id)
             error = await rpc_error(invoke(metadata(people, who)))
+            # Refused means nothing happened: the task, its events and the users unchanged.
+            assert await _state(db, task.id) == before, (rpc, who)
             if want == "unauthenticated":
                 assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (rpc, who)
                 assert mhv_code(error) == "MHV-004"

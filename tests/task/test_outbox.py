@@ -8,6 +8,7 @@ import json
 import asyncpg
 import grpc
 from google.protobuf import field_mask_pb2
+from grpc import aio
 
 from mahavishnu.task.v1 import task_pb2, task_pb2_grpc
 from tests.harness import Deployment, mhv_code, rpc_error
@@ -145,7 +146,12 @@ async def test_many_concurrent_mutations_each_leave_exactly_one_event(
         return_exceptions=True,
     )
     ok = [r for r in results if isinstance(r, task_pb2.Task)]
-    assert len(ok) == 30  # each task started once; the two duplicates were refused
+    assert len(ok) == 30  # each task started once; the two duplicates were refused...
+    refused = [r for r in results if not isinstance(r, task_pb2.Task)]
+    # ...as what they are, a start of a started task, not by any failure at all.
+    assert [
+        (r.code(), mhv_code(r)) if isinstance(r, aio.AioRpcError) else repr(r) for r in refused
+    ] == [(grpc.StatusCode.FAILED_PRECONDITION, "MHV-106")] * 60
     rows = await db.fetch(
         "SELECT task_id, count(*) AS n FROM task.outbox WHERE task_id = ANY($1::bigint[])"
         " AND event_type = 'task_started' GROUP BY task_id",

@@ -107,12 +107,28 @@ async def test_query_length_rules(
 async def test_hostile_looking_but_legal_queries_are_plain_text(
     tasks: task_pb2_grpc.TaskServiceStub, people: People, services: Services
 ) -> None:
+    # Every query is words to match, all of them (AND), never SQL or markup: each finds
+    # exactly the tasks holding its words.
+    marker = f"gnu{uuid.uuid4().hex[:8]}"
+    union = await new_task(tasks, people.alice, title=f"{marker} union select users")
+    plain = await new_task(tasks, people.alice, title=f"{marker} only")
+    drop = await new_task(tasks, people.alice, title=f"{marker} drop table")
+    script = await new_task(tasks, people.alice, title=f"{marker} script loader")
+    should_match = {
+        # "from" is a stop word and "*" no word: marker, union, select and users remain.
+        f"{marker}' UNION SELECT * FROM users": {union.id},
+        # A tag's name is a word like any other.
+        f"<script> {marker}": {script.id},
+        f"{marker}": {union.id, plain.id, drop.id, script.id},
+        f"{marker} \x00drop": {drop.id},
+        f"{marker} select drop": set(),
+    }
     before = await _search_count(services, "success")
-    for query in ("' OR '1'='1", "1' UNION SELECT * FROM users", "<script>", "\x00drop"):
+    for query, expected in should_match.items():
         reply = await tasks.SearchTasks(
             task_pb2.SearchTasksRequest(query=query, mode=KEYWORD), metadata=people.viewer.md()
         )
-        assert isinstance(reply, task_pb2.SearchTasksResponse)
         assert reply.mode == KEYWORD
+        assert {r.task.id for r in reply.results} == expected, query
     # semantic_search_total counts semantic and hybrid searches only.
     assert await _search_count(services, "success") == before
