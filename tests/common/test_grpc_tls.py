@@ -27,7 +27,7 @@ from mhv_common.config import CommonSettings
 from mhv_common.server import RunningService, ServiceDefinition
 from mhv_common.tls import channel_credentials, is_loopback
 from tests.conftest import Services
-from tests.harness import Deployment, Keys, bearer, grpc_channel, service_env
+from tests.harness import Deployment, Keys, anyone_active, bearer, grpc_channel, service_env
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 
@@ -287,7 +287,12 @@ async def test_a_connection_that_never_says_hello_is_closed(keys: Keys, tmp_path
 
     service = RunningService(
         ServiceDefinition(
-            name="probe", grpc_port=0, metrics_port=None, register=register, policies={}
+            name="probe",
+            grpc_port=0,
+            metrics_port=None,
+            register=register,
+            policies={},
+            revocation=anyone_active(),
         ),
         CommonSettings(
             auth_jwks_file=keys.jwks,
