@@ -33,13 +33,11 @@ SERVICES: list[tuple[str, descriptor.ServiceDescriptor, Role]] = [
 
 
 # What each RPC answers an administrator sending an empty request: an answer ("OK") or the one
-# catalog code it must refuse with. Empty ids, titles and queries are invalid (MHV-003), so
-# that is every RPC's outcome but these: listings answer, and recording audit events is for
-# the task service's relay only (MHV-005).
+# catalog code it must refuse with. Empty ids, titles, queries and batches are invalid
+# (MHV-003), so that is every RPC's outcome but the listings', which answer.
 EMPTY_REQUEST_EXCEPTIONS: dict[str, str] = {
     "mahavishnu.task.v1.TaskService/ListTasks": "OK",
     "mahavishnu.task.v1.UserService/ListUsers": "OK",
-    "mahavishnu.audit.v1.AuditService/RecordEvents": "MHV-005",
     "mahavishnu.audit.v1.AuditService/ListAuditEvents": "OK",
     "mahavishnu.audit.v1.AuditService/VerifyAuditChain": "OK",
     "mahavishnu.webhook.v1.WebhookAdminService/ListDeliveries": "OK",

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from mhv_webhook._secrets import parse_secrets
 from tests.audit.support import list_all, verify
 from tests.audit.support import stub as audit_stub
 from tests.conftest import Services
-from tests.harness import Cluster, Keys, grpc_channel
+from tests.harness import Cluster, Deployment, Keys, grpc_channel, make_person
 from tests.seed import scratch_database
 
 
@@ -57,8 +56,9 @@ class Operator:
 
 
 @pytest.fixture
-def operator(services: Services, keys: Keys) -> Operator:
-    user_id = str(uuid.uuid4())
+async def operator(services: Services, keys: Keys, deployment: Deployment) -> Operator:
+    # An existing user: the audit service refuses a person whose user does not exist.
+    user_id = await make_person(deployment, "operator")
     return Operator(
         user_id,
         {

@@ -19,7 +19,7 @@ from mhv_common.errors import from_rpc_error
 from tests.audit.support import audited, verify
 from tests.audit.support import stub as audit_stub
 from tests.conftest import Services
-from tests.harness import Keys, bearer, grpc_channel, metric, rpc_error
+from tests.harness import Deployment, Keys, bearer, grpc_channel, make_person, metric, rpc_error
 from tests.webhook.conftest import GatewayProcess
 
 pytestmark = pytest.mark.slow
@@ -235,10 +235,10 @@ async def test_retry_requeues_only_dead_letters_keeping_the_dedup_key(
 
 
 async def test_a_retry_is_audited_once_as_the_operator_through_the_gateway_outbox(
-    services: Services, keys: Keys, webhook_db: asyncpg.Connection
+    services: Services, keys: Keys, webhook_db: asyncpg.Connection, deployment: Deployment
 ) -> None:
     """RetryDelivery's change and its audit event commit together; the relay records it once."""
-    operator = str(uuid.uuid4())
+    operator = await make_person(deployment, "operator")
     dead = await _insert(
         webhook_db, "github", state="dead_letter", received=dt.datetime.now(dt.UTC)
     )
