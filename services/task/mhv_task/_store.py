@@ -290,7 +290,7 @@ async def search_tasks(
         where.append(
             "(EXISTS (SELECT 1 FROM embedding_backlog b WHERE b.task_id = tasks.id)"
             " OR NOT EXISTS (SELECT 1 FROM task_embeddings e"
-            f" WHERE e.task_id = tasks.id AND e.model = ${len(args)}))"
+            f" WHERE e.task_id = tasks.id AND e.model = ${len(args)}))"  # nosec B608: values are bound
         )
     rank = "ts_rank_cd(search_vector, q)"
     if after is not None:

@@ -104,7 +104,7 @@ def semantic_statement(
         WHERE {" AND ".join(where)}
         ORDER BY {distance}
         LIMIT ${len(args)}
-        """
+        """  # nosec B608: constant columns, a dimension count; values are bound
     return sql, args, int(ef_search)
 
 
