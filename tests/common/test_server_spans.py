@@ -21,7 +21,7 @@ from mhv_common.config import CommonSettings
 from mhv_common.errors import TaskNotFoundError
 from mhv_common.interceptors import MethodPolicy
 from mhv_common.server import RunningService, ServiceDefinition
-from tests.harness import Keys, bearer
+from tests.harness import Keys, anyone_active, bearer
 
 SERVICE = "mhvtest.Spans"
 ANYONE = frozenset({Role.ADMIN, Role.MEMBER})
@@ -60,6 +60,7 @@ async def spans(keys: Keys) -> AsyncIterator[tuple[RunningService, InMemorySpanE
             metrics_port=None,
             register=_register,
             policies={f"/{SERVICE}/{m}": MethodPolicy(ANYONE) for m in ("Echo", "Missing", "Boom")},
+            revocation=anyone_active(),
         ),
         CommonSettings(auth_jwks_file=keys.jwks, shutdown_grace_seconds=1),
     )

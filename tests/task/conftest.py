@@ -34,11 +34,11 @@ class Person:
     id: str
     username: str
     role: Role
-    credentials: Callable[[], str]
+    credentials: str | Callable[[], str]
 
     @property
     def token(self) -> str:
-        return self.credentials()
+        return self.credentials if isinstance(self.credentials, str) else self.credentials()
 
     def md(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         return (*bearer(self.token), *extra)
