@@ -94,6 +94,16 @@ async def record_call_floor(target: str, token: str, n: int = 200) -> list[float
     return out
 
 
+def _peak_memory_mb(service: ServiceProcess) -> float:
+    """Peak resident memory of a service process so far (VmHWM), in MB."""
+    assert service.process is not None
+    status = Path(f"/proc/{service.process.pid}/status").read_text()
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 async def run(args: argparse.Namespace) -> None:
     cluster = await Cluster.find()
     deployment = await Deployment.create(cluster)
@@ -140,6 +150,7 @@ async def run(args: argparse.Namespace) -> None:
         try:
             since = await conn.fetchval("SELECT max(id) FROM task.outbox")
             made = await drive(task.target, token, rate=args.rate, seconds=args.seconds)
+            peak = {s.module: _peak_memory_mb(s) for s in (task, audit)}
             deadline = time.monotonic() + 60
             while (
                 await conn.fetchval("SELECT count(*) FROM task.outbox WHERE delivered_at IS NULL")
@@ -178,6 +189,11 @@ async def run(args: argparse.Namespace) -> None:
         print(
             f"  ratio                 : lag p99 is {lag['p99'] / reference_p99:.2f}x the "
             "reference p99"
+        )
+        print(
+            "  peak memory           : "
+            + ", ".join(f"{m} {mb:.0f} MB" for m, mb in peak.items())
+            + " (VmHWM; goal <= 150 MB each)"
         )
     finally:
         task.stop()
