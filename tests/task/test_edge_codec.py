@@ -15,7 +15,7 @@ from mhv_common.errors import MahavishnuError
 from mhv_common.structs import NOT_FINITE, plain_struct
 from mhv_task import _edge_codec as codec
 from mhv_task._lifecycle import Status
-from mhv_task._models import QualityCheck, QualityGate, Task
+from mhv_task._models import Page, QualityCheck, QualityGate, Task
 from tests.task.conftest import REPOSITORIES
 
 
@@ -127,6 +127,21 @@ def test_a_task_encodes_every_field() -> None:
     assert not bare.HasField("deadline")
     # Metadata is always present, as the API always sent it.
     assert bare.HasField("metadata")
+
+
+def test_a_page_encodes_each_task_as_a_task_alone_does() -> None:
+    tasks = [
+        _task(),
+        _task(id=10, quality_gate=None, metadata={}, deadline=None, started_at=None),
+        _task(id=11, completed_at=None, assigned_to=None, description="d"),
+    ]
+    response = codec.list_response(Page(items=tasks, next_page_token="next"))
+    assert list(response.tasks) == [codec.task_message(t) for t in tasks]
+    assert response.next_page_token == "next"
+    assert response.tasks[1].HasField("metadata")
+    assert not response.tasks[1].HasField("start_time")
+    assert response.tasks[0].HasField("complete_time")
+    assert not response.tasks[2].HasField("complete_time")
 
 
 @pytest.mark.parametrize(

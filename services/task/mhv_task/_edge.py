@@ -68,11 +68,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         self, request: task_pb2.ListTasksRequest, context: aio.ServicerContext
     ) -> task_pb2.ListTasksResponse:
         """List tasks, newest first."""
-        page = await self._tasks.list(codec.list_tasks(request))
-        return task_pb2.ListTasksResponse(
-            tasks=[codec.task_message(t) for t in page.items],
-            next_page_token=page.next_page_token,
-        )
+        return codec.list_response(await self._tasks.list(codec.list_tasks(request)))
 
     async def UpdateTask(
         self, request: task_pb2.UpdateTaskRequest, context: aio.ServicerContext

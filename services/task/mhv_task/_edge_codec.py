@@ -10,7 +10,7 @@ objects into the API's messages.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -22,6 +22,7 @@ from mhv_common.timestamps import set_micros, to_micros
 from mhv_task._lifecycle import Status
 from mhv_task._models import (
     FTSSearchQuery,
+    Page,
     SearchHit,
     SearchMode,
     SearchPage,
@@ -276,8 +277,46 @@ def list_users(request: task_pb2.ListUsersRequest) -> UserListRequest:
 
 def task_message(task: Task) -> task_pb2.Task:
     """A task as the API's Task message."""
+    return _fill_task(_scalars(task_pb2.Task, task), task)
+
+
+def list_response(page: Page[Task]) -> task_pb2.ListTasksResponse:
+    """A page of tasks as the ListTasks response."""
+    response = task_pb2.ListTasksResponse(next_page_token=page.next_page_token)
+    # Each task is built inside the response's own list: a message built apart and then
+    # appended would be copied.
+    add = response.tasks.add
+    for task in page.items:
+        _fill_task(_scalars(add, task), task)
+    return response
+
+
+def _fill_task(message: task_pb2.Task, task: Task) -> task_pb2.Task:
     # Sub-messages are filled in place: passing them to the constructor would copy them.
-    message = task_pb2.Task(
+    _set_struct(message.metadata, task.metadata)
+    set_micros(message.create_time, to_micros(task.created_at))
+    set_micros(message.update_time, to_micros(task.updated_at))
+    if task.deadline is not None:
+        set_micros(message.deadline, to_micros(task.deadline))
+    if task.started_at is not None:
+        set_micros(message.start_time, to_micros(task.started_at))
+    if task.completed_at is not None:
+        set_micros(message.complete_time, to_micros(task.completed_at))
+    gate = task.quality_gate
+    if gate is not None:
+        result = message.quality_gate
+        result.passed = gate.passed
+        result.checks_run = gate.checks_run
+        result.not_run = gate.not_run
+        for check in gate.checks:
+            result.checks.add(name=check.name, passed=check.passed, detail=check.detail)
+        result.SetInParent()
+    return message
+
+
+def _scalars(make: Callable[..., task_pb2.Task], task: Task) -> task_pb2.Task:
+    # `make` is the Task constructor or the `add` of a repeated Task field.
+    return make(
         id=task.id,
         title=task.title,
         description=task.description or "",
@@ -290,22 +329,6 @@ def task_message(task: Task) -> task_pb2.Task:
         cancel_reason=task.cancel_reason or "",
         etag=task.etag,
     )
-    _set_struct(message.metadata, task.metadata)
-    _set_time(message.create_time, task.created_at)
-    _set_time(message.update_time, task.updated_at)
-    _set_time(message.deadline, task.deadline)
-    _set_time(message.start_time, task.started_at)
-    _set_time(message.complete_time, task.completed_at)
-    gate = task.quality_gate
-    if gate is not None:
-        result = message.quality_gate
-        result.passed = gate.passed
-        result.checks_run = gate.checks_run
-        result.not_run = gate.not_run
-        for check in gate.checks:
-            result.checks.add(name=check.name, passed=check.passed, detail=check.detail)
-        result.SetInParent()
-    return message
 
 
 def search_response(page: SearchPage) -> task_pb2.SearchTasksResponse:
