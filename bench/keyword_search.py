@@ -120,7 +120,12 @@ async def rpc_latencies(target: str, token: str, queries: list[str]) -> list[flo
         for q in queries:
             t0 = time.perf_counter()
             await stub.SearchTasks(
-                task_pb2.SearchTasksRequest(query=q, page_size=PAGE), metadata=metadata
+                # Keyword mode by name: unspecified means hybrid where semantic search is on.
+                # Revisions from before search modes ignore the field and search by keyword.
+                task_pb2.SearchTasksRequest(
+                    query=q, page_size=PAGE, mode=task_pb2.SEARCH_MODE_KEYWORD
+                ),
+                metadata=metadata,
             )
             out.append(time.perf_counter() - t0)
     return out
