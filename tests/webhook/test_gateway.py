@@ -25,8 +25,18 @@ from grpc_health.v1 import health_pb2
 from mahavishnu.webhook.v1 import webhook_pb2, webhook_pb2_grpc
 from mhv_common.auth import Role
 from tests import retrying
+from tests.conftest import Services
 from tests.draining import assert_draining, health_status, locked, waiting_on_lock
-from tests.harness import ROOT, Deployment, Keys, bearer, metric, rpc_error, scrape
+from tests.harness import (
+    ROOT,
+    Deployment,
+    Keys,
+    bearer,
+    metric,
+    rpc_error,
+    scrape,
+    task_users_env,
+)
 from tests.waiting import wait_until
 from tests.webhook.conftest import (
     GatewayProcess,
@@ -273,9 +283,22 @@ async def test_sigterm_stops_cleanly(process_env: dict[str, str], tls: Tls, tmp_
 
 
 async def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones_retryably(
-    deployment: Deployment, keys: Keys, tls: Tls, hook_secrets: Secrets, tmp_path: Path
+    deployment: Deployment,
+    keys: Keys,
+    services: Services,
+    tls: Tls,
+    hook_secrets: Secrets,
+    tmp_path: Path,
 ) -> None:
-    env = {**gateway_env(deployment, keys, tls, hook_secrets, tmp_path)}
+    # The admin API checks the person behind the token against the suite's task service.
+    env = gateway_env(
+        deployment,
+        keys,
+        tls,
+        hook_secrets,
+        tmp_path,
+        **task_users_env(services.task.target, services.ca_file),
+    )
     # Long enough that the drain never cuts the held request short, however busy the machine.
     env["MHV_SHUTDOWN_GRACE_SECONDS"] = "20"
     held, refused = str(uuid.uuid4()), str(uuid.uuid4())
