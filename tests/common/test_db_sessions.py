@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from mhv_common.db import Database
+from mhv_common.errors import DatabaseConnectionError, DeadlineExceededError
 from tests.harness import Deployment
 
 
@@ -72,5 +73,26 @@ async def test_connections_go_back_to_the_pool_after_success_failure_and_cancell
         async with db.transaction(timeout=30) as conn:
             assert await conn.fetchval("SELECT 3") == 3
         assert db.pool.get_idle_size() == 1
+    finally:
+        await db.close()
+
+
+async def test_a_statement_past_its_timeout_is_a_missed_deadline_not_a_lost_connection(
+    deployment: Deployment,
+) -> None:
+    db = Database(deployment.role_url("webhook"), name="timeouts", min_size=1, max_size=1)
+    await db.open()
+    try:
+        # The connection is checked out first, so it is the statement that runs out of time.
+        with pytest.raises(TimeoutError) as raised:
+            async with db.connection(timeout=30) as conn:
+                await conn.execute("SELECT pg_sleep(60)", timeout=0.2)
+        assert not isinstance(raised.value, DatabaseConnectionError)
+        with pytest.raises(DeadlineExceededError):
+            async with db.transaction(timeout=30) as conn:
+                await conn.execute("SELECT pg_sleep(60)", timeout=0.2)
+        # The timed-out statements were cancelled in the server: the connection is usable.
+        async with db.connection(timeout=30) as conn:
+            assert await conn.fetchval("SELECT 1") == 1
     finally:
         await db.close()

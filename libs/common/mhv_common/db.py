@@ -334,10 +334,14 @@ def _lost(conn: asyncpg.Connection, exc: Exception) -> bool:
 
     Decided by the connection's state as well as the exception's class: whatever asyncpg raises
     from a statement on a connection that is gone (a restart, a terminated backend), the caller
-    gets MHV-002 and retries, never an INTERNAL. Our own errors keep their code.
+    gets MHV-002 and retries, never an INTERNAL. Our own errors keep their code, and a statement
+    that ran out of its timeout on a live connection is a missed deadline, not a lost
+    connection (asyncpg raises the builtin TimeoutError, which Python makes an OSError).
     """
     if isinstance(exc, MahavishnuError):
         return False
+    if isinstance(exc, TimeoutError):
+        return _gone(conn)
     return isinstance(exc, _CONNECTION_ERRORS) or _gone(conn)
 
 
