@@ -325,8 +325,8 @@ class ServiceProcess:
         """host:port of its gRPC listener."""
         return f"127.0.0.1:{self.grpc_port}"
 
-    async def start(self, *, timeout: float = 30.0) -> None:
-        """Start the process and wait for it to report healthy."""
+    def launch(self) -> None:
+        """Start the process without waiting for it (`start` waits until it is healthy)."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module],
@@ -336,6 +336,10 @@ class ServiceProcess:
             preexec_fn=_die_with_parent,  # prctl only: safe between fork and exec
         )
         log.close()
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        """Start the process and wait for it to report healthy."""
+        self.launch()
         try:
             await wait_healthy(self.target, timeout=timeout, ca_file=self.ca_file)
         except TimeoutError:

@@ -74,14 +74,31 @@ class SagaSystem:
     gateway_env: dict[str, str]
 
     def gateway(self, **extra: str) -> Any:
-        env = {
+        env = self._env(extra)
+        return running_gateway(env, self._log())
+
+    def gateway_process(self, **extra: str) -> ServiceProcess:
+        """A gateway process not yet started, for a test that starts it itself."""
+        env = self._env(extra)
+        return ServiceProcess(
+            "mhv_webhook",
+            env,
+            int(env["MHV_WEBHOOK_ADMIN_GRPC_PORT"]),
+            int(env["MHV_WEBHOOK_METRICS_PORT"]),
+            self._log(),
+        )
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        return {
             **self.gateway_env,
             **extra,
             "MHV_WEBHOOK_ADMIN_GRPC_PORT": str(free_port()),
             "MHV_WEBHOOK_METRICS_PORT": str(free_port()),
             "MHV_WEBHOOK_HTTPS_PORT": str(free_port()),
         }
-        return running_gateway(env, self.folder / f"gateway-{uuid.uuid4().hex[:6]}.log")
+
+    def _log(self) -> Path:
+        return self.folder / f"gateway-{uuid.uuid4().hex[:6]}.log"
 
 
 @pytest.fixture(scope="module")
@@ -526,8 +543,9 @@ async def test_permanent_failure_is_compensated(
     assert (await task(system, task_id)).status == task_pb2.TASK_STATUS_CANCELLED
 
 
-async def killed_by_failpoint(gateway: GatewayProcess) -> None:
-    process = gateway.process.process
+async def killed_by_failpoint(gateway: GatewayProcess | ServiceProcess) -> None:
+    service = gateway.process if isinstance(gateway, GatewayProcess) else gateway
+    process = service.process
     assert process is not None
     deadline = time.monotonic() + 30
     while process.poll() is None:
@@ -605,8 +623,13 @@ async def test_a_delivery_that_stops_every_worker_is_parked_at_its_last_attempt(
     async with system.gateway(**doomed) as first:
         delivery = await send_github(system, first, issue_event("opened", number))
         await killed_by_failpoint(first)
-    async with system.gateway(**doomed) as second:
+    # The second may claim it (and die) before it reports healthy: its workers start first.
+    second = system.gateway_process(**doomed)
+    second.launch()
+    try:
         await killed_by_failpoint(second)
+    finally:
+        second.kill()
     assert (await delivery_state(system, delivery))["attempts"] == 2
     # The next worker parks it instead of making a third attempt, and frees the issue.
     async with system.gateway(MHV_WEBHOOK_SAGA_MAX_ATTEMPTS="2") as gateway:
