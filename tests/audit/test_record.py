@@ -31,6 +31,7 @@ from tests.audit.support import (
 )
 from tests.conftest import Services
 from tests.harness import Keys, grpc_channel
+from tests.loglines import has_record
 from tests.waiting import wait_until
 
 
@@ -306,7 +307,9 @@ async def test_details_are_redacted_before_storage_and_no_secret_reaches_a_log_l
     def both_calls_logged() -> bool:
         # The log captured these calls (so the check below can fail)...
         ours = services.audit.logs()[logged_before:]
-        return '"msg": "audit events recorded"' in ours and '"error_code": "MHV-003"' in ours
+        return has_record(ours, msg="audit events recorded") and has_record(
+            ours, error_code="MHV-003"
+        )
 
     # (a call's lines are written after its answer)
     await wait_until(both_calls_logged, what="both calls are logged")

@@ -13,6 +13,7 @@ from grpc import aio
 from tests.audit.support import events, metric, private_audit, random_task_id, record, stub
 from tests.conftest import Services
 from tests.harness import Cluster, Keys, task_users_env
+from tests.loglines import log_records, matches
 
 
 async def _eventually(predicate: Callable[[], Awaitable[bool]], *, seconds: float = 20.0) -> None:
@@ -55,5 +56,5 @@ async def test_scheduled_verification_counts_runs_and_reports_a_break(
         runs = await metric(port, "audit_chain_verifications_total", {"result": "broken"})
         await _eventually(broken_runs(runs + 2))
         assert await metric(port, "audit_chain_last_verified_timestamp_seconds", {}) == stuck
-        lines = [line for line in audit.process.logs().splitlines() if "chain broken" in line]
-        assert lines and '"error_code": "MHV-400"' in lines[0] and '"kind": "missing"' in lines[0]
+        lines = [r for r in log_records(audit.process.logs()) if "chain broken" in r.get("msg", "")]
+        assert lines and matches(lines[0], error_code="MHV-400", kind="missing"), lines

@@ -37,6 +37,7 @@ from tests.audit.support import (
 )
 from tests.conftest import Services
 from tests.harness import Cluster, Keys, task_users_env
+from tests.loglines import log_records, matches
 
 ROWS = 10
 MODIFIED = audit_pb2.BREAK_KIND_MODIFIED
@@ -407,8 +408,8 @@ async def test_a_broken_chain_is_counted_and_logged_with_mhv400(
         await metric(port, "audit_chain_verifications_total", {"result": "broken"})
         == broken_before + 1
     )
-    lines = [line for line in audit.process.logs().splitlines() if "audit chain broken" in line]
-    assert lines and '"error_code": "MHV-400"' in lines[-1] and '"row_id": 2' in lines[-1]
+    lines = [r for r in log_records(audit.process.logs()) if r.get("msg") == "audit chain broken"]
+    assert lines and matches(lines[-1], error_code="MHV-400", row_id=2), lines
 
 
 def test_forger_hash_matches_the_service_hash() -> None:

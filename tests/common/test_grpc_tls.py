@@ -28,6 +28,7 @@ from mhv_common.server import RunningService, ServiceDefinition
 from mhv_common.tls import channel_credentials, is_loopback
 from tests.conftest import Services
 from tests.harness import Deployment, Keys, anyone_active, bearer, grpc_channel, service_env
+from tests.loglines import has_record
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 
@@ -265,11 +266,11 @@ async def test_plaintext_elsewhere_only_when_allowed(deployment: Deployment, key
         async def started() -> bytes:
             assert process.stdout is not None
             async for line in process.stdout:
-                if b'"service started"' in line:
+                if has_record(line, msg="service started"):
                     return line
             return b""
 
-        assert b'"grpc_tls": false' in await asyncio.wait_for(started(), timeout=60)
+        assert has_record(await asyncio.wait_for(started(), timeout=60), grpc_tls=False)
     finally:
         if process.returncode is None:
             process.terminate()

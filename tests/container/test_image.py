@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mhv_cli import entrypoint
+from tests.loglines import has_record
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
@@ -149,8 +150,7 @@ def test_a_service_name_runs_that_service(service: str) -> None:
     # refuses to start: proof that its own main() ran, with its own configuration checks.
     result = run_entrypoint(service)
     assert result.returncode == 1, result.stderr
-    assert f'"service": "mahavishnu-{service}"' in result.stderr
-    assert '"error_code": "MHV-001"' in result.stderr
+    assert has_record(result.stderr, service=f"mahavishnu-{service}", error_code="MHV-001")
     assert "Traceback" not in result.stderr
 
 
