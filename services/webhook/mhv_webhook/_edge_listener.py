@@ -222,6 +222,8 @@ class _GatewayH11Protocol(H11Protocol):
             self._handshake_failed(raw)
             return
         if self._lost or secured is None:
+            if secured is not None:
+                secured.abort()
             return
         self._secured = True
         super().connection_made(_GatewayTransport(secured, self))  # type: ignore[arg-type]
@@ -469,5 +471,9 @@ class HttpsListener:
             for handshake in handshakes:
                 handshake.cancel()
             await asyncio.gather(*handshakes, return_exceptions=True)
+            # A request cut off by the graceful-shutdown timeout leaves its connection open.
+            for connection in list(server.server_state.connections):
+                connection.transport.abort()
+            await asyncio.sleep(0)
         if not stop.is_set():
             raise RuntimeError("the HTTPS listener stopped on its own")

@@ -107,3 +107,7 @@ async def remote_embeddings_stub(model: LocalEmbedder) -> AsyncIterator[RemoteEm
     finally:
         server.should_exit = True
         await task
+        # A request cut off by the graceful-shutdown timeout leaves its connection open.
+        for connection in list(server.server_state.connections):
+            connection.transport.abort()
+        await asyncio.sleep(0)
